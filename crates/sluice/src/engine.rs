@@ -1,0 +1,973 @@
+//! The scheduler: one task owns every request's state and the limiter (invariant 2).
+//!
+//! Each request is a small state machine:
+//!
+//! ```text
+//!            admit                  limiter allows        2xx / permanent / quota
+//! input ───────────► Ready ─────────────────────► InFlight ──────────────────────► outcome
+//!                      ▲                              │
+//!                      │  429: shared cooldown        │
+//!                      ├──────────────────────────────┤
+//!                      │  transient: backoff timer    │
+//!                      └──── Waiting ◄────────────────┘
+//! ```
+//!
+//! A request holds one concurrency slot from admission to its outcome, retries included,
+//! so a retry never takes a second slot. Input is pulled only while a slot is free, so
+//! memory is bounded by the concurrency (plus the reorder window in input order), never by
+//! the input's length. HTTP attempts run as spawned tasks that classify their own response
+//! and report back over a channel; the scheduler reacts to reports, input, timers and a stop
+//! signal, and sleeps until the next of them, never polling (invariant 6). The run ends when
+//! the input is exhausted and no request is live (invariant 1): a state, not a counter.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::limiter::Limiter;
+use crate::outcome::{ErrorInfo, ErrorKind, Outcome, Status};
+use crate::provider::{classify, Transport, TransportError, Verdict};
+use crate::request::Request;
+use crate::retry::RetryPolicy;
+
+/// In which order outcomes come out of a run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Order {
+    /// As soon as each request ends: lowest memory.
+    #[default]
+    Completion,
+    /// In input order, through a bounded reordering buffer.
+    Input,
+}
+
+/// Everything that shapes a run. Build it with [`EngineConfig::builder`].
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Requests per minute, or no limit.
+    pub rpm: Option<f64>,
+    /// Tokens per minute (input estimate + max output, settled to usage), or no limit.
+    pub tpm: Option<f64>,
+    /// Requests live at once (in flight or waiting to retry).
+    pub concurrency: usize,
+    /// Retry budgets and waits.
+    pub retry: RetryPolicy,
+    /// How long one attempt may take, response body included.
+    pub attempt_timeout: Duration,
+    /// How long a request may take from admission to outcome, waiting included.
+    pub deadline: Option<Duration>,
+    /// How much of the RPM/TPM rate may go out at once: the buckets' capacity in time.
+    pub burst: Duration,
+    /// Outcome order.
+    pub order: Order,
+    /// In [`Order::Input`], the most requests admitted ahead of the oldest one not yet
+    /// emitted.
+    pub reorder_window: usize,
+    /// Seed of the backoff jitter.
+    pub seed: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            rpm: None,
+            tpm: None,
+            concurrency: 64,
+            retry: RetryPolicy::default(),
+            attempt_timeout: Duration::from_secs(120),
+            deadline: None,
+            burst: Duration::from_millis(500),
+            order: Order::Completion,
+            reorder_window: 4096,
+            seed: 0,
+        }
+    }
+}
+
+/// A setting that cannot work.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid setting `{field}`: {reason}")]
+pub struct ConfigError {
+    /// The setting.
+    pub field: &'static str,
+    /// Why.
+    pub reason: String,
+}
+
+impl EngineConfig {
+    /// A builder starting from the defaults.
+    pub fn builder() -> EngineConfigBuilder {
+        EngineConfigBuilder {
+            config: EngineConfig::default(),
+        }
+    }
+
+    /// Checks that the settings can work together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |field, reason: &str| {
+            Err(ConfigError {
+                field,
+                reason: reason.into(),
+            })
+        };
+        for (field, v) in [("rpm", self.rpm), ("tpm", self.tpm)] {
+            if let Some(v) = v {
+                if !(v.is_finite() && v > 0.0) {
+                    return err(field, "must be a positive number");
+                }
+            }
+        }
+        if self.concurrency == 0 {
+            return err("concurrency", "must be at least 1");
+        }
+        if self.retry.max_attempts == 0 {
+            return err("max_attempts", "must be at least 1");
+        }
+        if self.attempt_timeout.is_zero() {
+            return err("timeout", "must be more than zero");
+        }
+        if self.deadline.is_some_and(|d| d.is_zero()) {
+            return err("deadline", "must be more than zero");
+        }
+        if self.burst.is_zero() {
+            return err("burst", "must be more than zero");
+        }
+        if self.reorder_window == 0 {
+            return err("reorder_window", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// Builds an [`EngineConfig`].
+#[derive(Clone, Debug)]
+pub struct EngineConfigBuilder {
+    config: EngineConfig,
+}
+
+impl EngineConfigBuilder {
+    /// Requests per minute.
+    pub fn rpm(mut self, rpm: f64) -> Self {
+        self.config.rpm = Some(rpm);
+        self
+    }
+    /// Tokens per minute.
+    pub fn tpm(mut self, tpm: f64) -> Self {
+        self.config.tpm = Some(tpm);
+        self
+    }
+    /// Requests live at once.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.config.concurrency = n;
+        self
+    }
+    /// Transient failures a request may have before it fails.
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.config.retry.max_attempts = n;
+        self
+    }
+    /// 429s a request may wait out before it fails.
+    pub fn max_rate_limit_waits(mut self, n: u32) -> Self {
+        self.config.retry.max_rate_limit_waits = n;
+        self
+    }
+    /// The whole retry policy.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.config.retry = policy;
+        self
+    }
+    /// Timeout of one attempt.
+    pub fn attempt_timeout(mut self, d: Duration) -> Self {
+        self.config.attempt_timeout = d;
+        self
+    }
+    /// Deadline of one request, waiting included.
+    pub fn deadline(mut self, d: Duration) -> Self {
+        self.config.deadline = Some(d);
+        self
+    }
+    /// Bucket capacity, in time at the limit's rate.
+    pub fn burst(mut self, d: Duration) -> Self {
+        self.config.burst = d;
+        self
+    }
+    /// Outcome order.
+    pub fn order(mut self, order: Order) -> Self {
+        self.config.order = order;
+        self
+    }
+    /// Reordering window for [`Order::Input`].
+    pub fn reorder_window(mut self, n: usize) -> Self {
+        self.config.reorder_window = n;
+        self
+    }
+    /// Jitter seed.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.config.seed = seed;
+        self
+    }
+    /// The checked settings.
+    pub fn build(self) -> Result<EngineConfig, ConfigError> {
+        self.config.validate()?;
+        Ok(self.config)
+    }
+}
+
+/// Why a run stopped before its input was done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The provider said the quota or spend limit is exhausted.
+    QuotaExhausted,
+    /// [`Run::stop`] was called (Ctrl-C).
+    Interrupted,
+}
+
+/// Live counters of a run, written only by the scheduler and readable at any time (for a
+/// progress bar).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Requests taken from the input.
+    pub admitted: AtomicU64,
+    /// Outcomes `succeeded`.
+    pub succeeded: AtomicU64,
+    /// Outcomes `failed`.
+    pub failed: AtomicU64,
+    /// Attempts on the wire now.
+    pub in_flight: AtomicU64,
+    /// Live requests not on the wire: queued for the limiter or backing off.
+    pub waiting: AtomicU64,
+    /// HTTP attempts sent.
+    pub attempts: AtomicU64,
+    /// Attempts that were retries.
+    pub retries: AtomicU64,
+    /// 429 rate-limit responses received.
+    pub rate_limited: AtomicU64,
+    /// Cooldowns started.
+    pub cooldowns: AtomicU64,
+    /// Input tokens reported by the provider.
+    pub prompt_tokens: AtomicU64,
+    /// Output tokens reported by the provider.
+    pub completion_tokens: AtomicU64,
+}
+
+/// A copy of [`Progress`] at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[allow(missing_docs)]
+pub struct ProgressSnapshot {
+    pub admitted: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub in_flight: u64,
+    pub waiting: u64,
+    pub attempts: u64,
+    pub retries: u64,
+    pub rate_limited: u64,
+    pub cooldowns: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl Progress {
+    /// The counters now.
+    pub fn snapshot(&self) -> ProgressSnapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ProgressSnapshot {
+            admitted: g(&self.admitted),
+            succeeded: g(&self.succeeded),
+            failed: g(&self.failed),
+            in_flight: g(&self.in_flight),
+            waiting: g(&self.waiting),
+            attempts: g(&self.attempts),
+            retries: g(&self.retries),
+            rate_limited: g(&self.rate_limited),
+            cooldowns: g(&self.cooldowns),
+            prompt_tokens: g(&self.prompt_tokens),
+            completion_tokens: g(&self.completion_tokens),
+        }
+    }
+
+    fn add(a: &AtomicU64, n: u64) {
+        a.fetch_add(n, Ordering::Relaxed);
+    }
+    fn sub(a: &AtomicU64, n: u64) {
+        a.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// What the scheduler did, for tests and tracing. Delivered synchronously to the observer.
+#[derive(Clone, Debug)]
+pub enum EngineEvent {
+    /// An attempt went on the wire.
+    Sent {
+        /// The request.
+        custom_id: String,
+        /// 1-based attempt number.
+        attempt: u32,
+        /// The cooldown generation it was sent in.
+        generation: u64,
+        /// When.
+        at: Instant,
+    },
+    /// A 429 started a cooldown.
+    Cooldown {
+        /// Generation of the attempt whose 429 started it.
+        trigger_generation: u64,
+        /// When it started.
+        at: Instant,
+        /// When it ends.
+        until: Instant,
+    },
+    /// The run began stopping.
+    Stopping {
+        /// Why.
+        reason: StopReason,
+        /// When.
+        at: Instant,
+    },
+}
+
+/// Receives [`EngineEvent`]s.
+pub type Observer = Arc<dyn Fn(EngineEvent) + Send + Sync>;
+
+/// How a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct RunEnd {
+    /// Why it stopped early, if it did.
+    pub stopped: Option<StopReason>,
+    /// Whether input was left unread (after an interrupt).
+    pub input_left: bool,
+}
+
+/// Runs requests against one provider.
+pub struct Engine {
+    config: EngineConfig,
+    transport: Arc<dyn Transport>,
+    observer: Option<Observer>,
+}
+
+impl Engine {
+    /// An engine with these settings, sending through `transport`.
+    pub fn new(config: EngineConfig, transport: Arc<dyn Transport>) -> Self {
+        Engine {
+            config,
+            transport,
+            observer: None,
+        }
+    }
+
+    /// Calls `observer` with every [`EngineEvent`].
+    pub fn with_observer(mut self, observer: Observer) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Starts running `requests` and returns the stream of their outcomes.
+    ///
+    /// Must be called inside a tokio runtime. Every request taken from `requests` comes out
+    /// as exactly one [`Outcome`]; the stream ends when the input is exhausted (or the run
+    /// stopped) and every taken request has its outcome. `custom_id`s should be unique.
+    pub fn run<S>(&self, requests: S) -> Run
+    where
+        S: Stream<Item = Request> + Send + 'static,
+    {
+        let (out_tx, out_rx) = mpsc::channel(256);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (report_tx, report_rx) = mpsc::unbounded_channel();
+        let progress = Arc::new(Progress::default());
+        let now = Instant::now();
+        let scheduler = Scheduler {
+            limiter: Limiter::new(self.config.rpm, self.config.tpm, self.config.burst, now),
+            config: self.config.clone(),
+            transport: self.transport.clone(),
+            observer: self.observer.clone(),
+            progress: progress.clone(),
+            rng: SmallRng::seed_from_u64(self.config.seed),
+            live: HashMap::new(),
+            ready: VecDeque::new(),
+            retries: BinaryHeap::new(),
+            deadlines: BTreeSet::new(),
+            next_seq: 0,
+            next_emit: 0,
+            reorder: BTreeMap::new(),
+            outbox: VecDeque::new(),
+            report_tx,
+            report_rx,
+            cooldown_streak: 0,
+            halted: false,
+            interrupted: false,
+        };
+        let task = tokio::spawn(scheduler.run(Box::pin(requests), out_tx, stop_rx));
+        Run {
+            outcomes: out_rx,
+            progress,
+            stop_tx,
+            task,
+        }
+    }
+}
+
+/// A running job: a [`Stream`] of [`Outcome`]s, plus its progress and a stop switch.
+pub struct Run {
+    outcomes: mpsc::Receiver<Outcome>,
+    progress: Arc<Progress>,
+    stop_tx: watch::Sender<bool>,
+    task: JoinHandle<RunEnd>,
+}
+
+impl Run {
+    /// Live counters.
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+
+    /// A handle that stops the run gracefully: no more input is taken, live requests finish.
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.stop_tx.clone())
+    }
+
+    /// Waits for the scheduler after the outcome stream has ended, and says how the run
+    /// ended. Outcomes not yet read are dropped.
+    pub async fn finish(self) -> RunEnd {
+        drop(self.outcomes);
+        self.task.await.expect("the scheduler task does not panic")
+    }
+}
+
+/// Stops a [`Run`] gracefully. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Stopper(watch::Sender<bool>);
+
+impl Stopper {
+    /// Take no more input; let live requests finish.
+    pub fn stop(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
+impl Stream for Run {
+    type Item = Outcome;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Outcome>> {
+        self.outcomes.poll_recv(cx)
+    }
+}
+
+/// One live request.
+struct Live {
+    request: Request,
+    admitted_at: Instant,
+    deadline: Option<Instant>,
+    /// HTTP attempts sent.
+    attempts: u32,
+    /// Transient failures (counted against `max_attempts`).
+    failures: u32,
+    /// 429s waited out.
+    rate_limit_waits: u32,
+    /// Tokens reserved by the attempt in flight.
+    reserved: u64,
+    in_flight: bool,
+}
+
+/// What a finished attempt reports to the scheduler.
+struct Report {
+    seq: u64,
+    generation: u64,
+    verdict: Verdict,
+}
+
+struct Scheduler {
+    config: EngineConfig,
+    transport: Arc<dyn Transport>,
+    observer: Option<Observer>,
+    progress: Arc<Progress>,
+    limiter: Limiter,
+    rng: SmallRng,
+    /// Every admitted request without an outcome, by sequence number.
+    live: HashMap<u64, Live>,
+    /// Requests waiting for the limiter, oldest (or retried) first.
+    ready: VecDeque<u64>,
+    /// Backoffs in progress: when each request goes back to the queue.
+    retries: BinaryHeap<Reverse<(Instant, u64)>>,
+    /// Deadlines of live requests (removed when they end, so this stays bounded).
+    deadlines: BTreeSet<(Instant, u64)>,
+    next_seq: u64,
+    /// In input order: the next sequence number to emit.
+    next_emit: u64,
+    /// In input order: outcomes waiting for earlier ones.
+    reorder: BTreeMap<u64, Outcome>,
+    /// Outcomes ready to hand to the consumer.
+    outbox: VecDeque<Outcome>,
+    report_tx: mpsc::UnboundedSender<Report>,
+    report_rx: mpsc::UnboundedReceiver<Report>,
+    /// Cooldowns since the last success, for the default cooldown's doubling.
+    cooldown_streak: u32,
+    /// Quota exhausted: nothing more is sent; the rest of the input is reported.
+    halted: bool,
+    /// Interrupted: no more input is taken; live requests finish.
+    interrupted: bool,
+}
+
+impl Scheduler {
+    async fn run(
+        mut self,
+        mut input: Pin<Box<dyn Stream<Item = Request> + Send>>,
+        out_tx: mpsc::Sender<Outcome>,
+        mut stop_rx: watch::Receiver<bool>,
+    ) -> RunEnd {
+        let mut input_done = false;
+        let mut stop_seen = false;
+        loop {
+            let now = Instant::now();
+            self.fire_timers(now);
+            let next_send = self.dispatch(now);
+            while let Some(outcome) = self.outbox.pop_front() {
+                if out_tx.send(outcome).await.is_err() {
+                    // The consumer is gone: nobody can see further outcomes.
+                    return RunEnd {
+                        stopped: Some(StopReason::Interrupted),
+                        input_left: !input_done,
+                    };
+                }
+            }
+            if self.live.is_empty() && (input_done || self.interrupted) {
+                debug_assert!(self.reorder.is_empty() && self.ready.is_empty());
+                return RunEnd {
+                    stopped: self.stop_reason(),
+                    input_left: !input_done,
+                };
+            }
+            // After a quota stop the rest of the input is read and reported not attempted.
+            let can_pull = !input_done
+                && !self.interrupted
+                && (self.halted
+                    || (self.live.len() < self.config.concurrency && self.window_open()));
+            let wake = [
+                next_send,
+                self.retries.peek().map(|Reverse((t, _))| *t),
+                self.deadlines.first().map(|(t, _)| *t),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+
+            tokio::select! {
+                biased;
+                Some(report) = self.report_rx.recv() => self.on_report(report),
+                changed = stop_rx.changed(), if !stop_seen => {
+                    stop_seen = true;
+                    if changed.is_ok() && *stop_rx.borrow() {
+                        self.interrupted = true;
+                        self.observe(|| EngineEvent::Stopping {
+                            reason: StopReason::Interrupted,
+                            at: Instant::now(),
+                        });
+                    }
+                }
+                item = input.next(), if can_pull => match item {
+                    Some(request) => self.admit(request),
+                    None => input_done = true,
+                },
+                _ = tokio::time::sleep_until(wake.unwrap_or(now)), if wake.is_some() => {}
+            }
+        }
+    }
+
+    fn stop_reason(&self) -> Option<StopReason> {
+        if self.halted {
+            Some(StopReason::QuotaExhausted)
+        } else if self.interrupted {
+            Some(StopReason::Interrupted)
+        } else {
+            None
+        }
+    }
+
+    fn observe(&self, event: impl FnOnce() -> EngineEvent) {
+        if let Some(obs) = &self.observer {
+            obs(event());
+        }
+    }
+
+    /// In input order, admission stops when the oldest unemitted request is too far behind.
+    fn window_open(&self) -> bool {
+        match self.config.order {
+            Order::Completion => true,
+            Order::Input => self.next_seq - self.next_emit < self.config.reorder_window as u64,
+        }
+    }
+
+    fn admit(&mut self, request: Request) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        Progress::add(&self.progress.admitted, 1);
+        let now = Instant::now();
+        if self.halted {
+            let outcome = failed_outcome(
+                request,
+                ErrorInfo {
+                    kind: ErrorKind::NotAttempted,
+                    status: None,
+                    message: "not sent: the run stopped (quota exhausted)".into(),
+                },
+                0,
+                Duration::ZERO,
+            );
+            self.emit(seq, outcome);
+            return;
+        }
+        let deadline = self.config.deadline.map(|d| now + d);
+        if let Some(d) = deadline {
+            self.deadlines.insert((d, seq));
+        }
+        self.live.insert(
+            seq,
+            Live {
+                request,
+                admitted_at: now,
+                deadline,
+                attempts: 0,
+                failures: 0,
+                rate_limit_waits: 0,
+                reserved: 0,
+                in_flight: false,
+            },
+        );
+        self.ready.push_back(seq);
+        Progress::add(&self.progress.waiting, 1);
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(Reverse((at, seq))) = self.retries.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.retries.pop();
+            if self.live.contains_key(&seq) {
+                self.ready.push_front(seq);
+            }
+        }
+        while let Some((at, seq)) = self.deadlines.first().copied() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            if self.live[&seq].in_flight {
+                // Its attempt's timeout ends at the deadline; the report fails it.
+                continue;
+            }
+            self.ready.retain(|s| *s != seq);
+            self.retries.retain(|Reverse((_, s))| *s != seq);
+            Progress::sub(&self.progress.waiting, 1);
+            let error = self.deadline_error(seq);
+            self.fail(seq, error);
+        }
+    }
+
+    /// Sends what the limiter allows; returns when the head of the queue may go next.
+    fn dispatch(&mut self, now: Instant) -> Option<Instant> {
+        if self.halted {
+            return None;
+        }
+        while let Some(&seq) = self.ready.front() {
+            let tokens = self.live[&seq].request.reserved_tokens();
+            let at = self.limiter.ready_at(tokens, now);
+            if at > now {
+                return Some(at);
+            }
+            self.ready.pop_front();
+            self.limiter.acquire(tokens, now);
+            self.send(seq, tokens, now);
+        }
+        None
+    }
+
+    fn send(&mut self, seq: u64, tokens: u64, now: Instant) {
+        let generation = self.limiter.generation();
+        let live = self.live.get_mut(&seq).expect("queued requests are live");
+        live.attempts += 1;
+        live.in_flight = true;
+        live.reserved = tokens;
+        let timeout = match live.deadline {
+            Some(d) => self
+                .config
+                .attempt_timeout
+                .min(d.saturating_duration_since(now)),
+            None => self.config.attempt_timeout,
+        };
+        Progress::sub(&self.progress.waiting, 1);
+        Progress::add(&self.progress.in_flight, 1);
+        Progress::add(&self.progress.attempts, 1);
+        if live.attempts > 1 {
+            Progress::add(&self.progress.retries, 1);
+        }
+        if let Some(obs) = &self.observer {
+            obs(EngineEvent::Sent {
+                custom_id: live.request.custom_id.clone(),
+                attempt: live.attempts,
+                generation,
+                at: now,
+            });
+        }
+        let attempt = self.transport.send(&live.request);
+        let tx = self.report_tx.clone();
+        tokio::spawn(async move {
+            let result = match tokio::time::timeout(timeout, attempt).await {
+                Ok(result) => result,
+                Err(_) => Err(TransportError::Timeout(timeout)),
+            };
+            let verdict = classify(result);
+            // The scheduler outlives every attempt it spawned, except when the consumer
+            // dropped the run; then nobody is listening and the report can go.
+            let _ = tx.send(Report {
+                seq,
+                generation,
+                verdict,
+            });
+        });
+    }
+
+    fn on_report(&mut self, report: Report) {
+        let now = Instant::now();
+        let seq = report.seq;
+        let live = self
+            .live
+            .get_mut(&seq)
+            .expect("an attempt's request stays live");
+        debug_assert!(live.in_flight);
+        live.in_flight = false;
+        Progress::sub(&self.progress.in_flight, 1);
+        match report.verdict {
+            Verdict::Success { response, usage } => {
+                let actual = usage.map_or(live.reserved, |u| u.total());
+                self.limiter.settle(live.reserved, actual, now);
+                self.cooldown_streak = 0;
+                if let Some(u) = usage {
+                    Progress::add(&self.progress.prompt_tokens, u.prompt_tokens);
+                    Progress::add(&self.progress.completion_tokens, u.completion_tokens);
+                }
+                let live = self.end(seq);
+                let outcome = Outcome {
+                    custom_id: live.request.custom_id,
+                    status: Status::Succeeded,
+                    model: live.request.model,
+                    response: Some(response),
+                    error: None,
+                    attempts: live.attempts,
+                    usage,
+                    latency_ms: millis(now - live.admitted_at),
+                    metadata: live.request.metadata,
+                    line: live.request.line,
+                };
+                self.emit(seq, outcome);
+            }
+            Verdict::Permanent { error } => self.fail(seq, error),
+            Verdict::QuotaExhausted { error } => {
+                self.fail(seq, error);
+                self.halt();
+            }
+            Verdict::RateLimited { retry_after, error } => {
+                Progress::add(&self.progress.rate_limited, 1);
+                let wait = match retry_after {
+                    Some(w) => self.config.retry.bound_retry_after(w),
+                    None => self.config.retry.default_cooldown(self.cooldown_streak),
+                };
+                if let Some(c) = self.limiter.on_rate_limited(report.generation, wait, now) {
+                    self.cooldown_streak += 1;
+                    Progress::add(&self.progress.cooldowns, 1);
+                    self.observe(|| EngineEvent::Cooldown {
+                        trigger_generation: c.trigger_generation,
+                        at: now,
+                        until: c.until,
+                    });
+                }
+                let live = self.live.get_mut(&seq).expect("live");
+                live.rate_limit_waits += 1;
+                let waits = live.rate_limit_waits;
+                if self.halted {
+                    self.fail_stopped(seq, error);
+                } else if waits > self.config.retry.max_rate_limit_waits {
+                    let error = ErrorInfo {
+                        message: format!(
+                            "gave up after {} rate-limit waits: {}",
+                            waits - 1,
+                            error.message
+                        ),
+                        ..error
+                    };
+                    self.fail(seq, error);
+                } else if live
+                    .deadline
+                    .is_some_and(|d| self.limiter.paused_until(now).unwrap_or(now) >= d)
+                {
+                    let error = self.deadline_error(seq);
+                    self.fail(seq, error);
+                } else {
+                    // Straight back to the front of the queue; the cooldown holds it.
+                    self.ready.push_front(seq);
+                    Progress::add(&self.progress.waiting, 1);
+                }
+            }
+            Verdict::Retry { retry_after, error } => {
+                live.failures += 1;
+                let failures = live.failures;
+                if self.halted {
+                    self.fail_stopped(seq, error);
+                    return;
+                }
+                if failures >= self.config.retry.max_attempts {
+                    let error = ErrorInfo {
+                        message: format!(
+                            "gave up after {failures} failed attempts: {}",
+                            error.message
+                        ),
+                        ..error
+                    };
+                    self.fail(seq, error);
+                    return;
+                }
+                let delay = match retry_after {
+                    Some(w) => self.config.retry.bound_retry_after(w),
+                    None => self.config.retry.backoff(failures, &mut self.rng),
+                };
+                let at = now + delay;
+                if live.deadline.is_some_and(|d| at >= d) {
+                    let error = self.deadline_error(seq);
+                    self.fail(seq, error);
+                    return;
+                }
+                self.retries.push(Reverse((at, seq)));
+                Progress::add(&self.progress.waiting, 1);
+            }
+        }
+    }
+
+    fn deadline_error(&self, seq: u64) -> ErrorInfo {
+        let live = &self.live[&seq];
+        let deadline = self.config.deadline.unwrap_or_default();
+        ErrorInfo {
+            kind: ErrorKind::DeadlineExceeded,
+            status: None,
+            message: format!(
+                "no success within the {deadline:?} deadline after {} attempts",
+                live.attempts
+            ),
+        }
+    }
+
+    /// Removes a request from the live set (and its deadline).
+    fn end(&mut self, seq: u64) -> Live {
+        let live = self.live.remove(&seq).expect("ending a live request");
+        if let Some(d) = live.deadline {
+            self.deadlines.remove(&(d, seq));
+        }
+        live
+    }
+
+    /// Ends a live request as failed.
+    fn fail(&mut self, seq: u64, error: ErrorInfo) {
+        let live = self.end(seq);
+        let latency = Instant::now() - live.admitted_at;
+        let outcome = failed_outcome(live.request, error, live.attempts, latency);
+        self.emit(seq, outcome);
+    }
+
+    /// Ends a live request that cannot be retried because the run is stopping.
+    fn fail_stopped(&mut self, seq: u64, last: ErrorInfo) {
+        let error = ErrorInfo {
+            kind: ErrorKind::Stopped,
+            status: last.status,
+            message: format!(
+                "run stopped (quota exhausted) before a retry; last error: {}",
+                last.message
+            ),
+        };
+        self.fail(seq, error);
+    }
+
+    /// Quota exhausted: nothing more is sent; everything not on the wire ends now.
+    fn halt(&mut self) {
+        if self.halted {
+            return;
+        }
+        self.halted = true;
+        self.observe(|| EngineEvent::Stopping {
+            reason: StopReason::QuotaExhausted,
+            at: Instant::now(),
+        });
+        let mut waiting: Vec<u64> = self
+            .live
+            .iter()
+            .filter(|(_, l)| !l.in_flight)
+            .map(|(s, _)| *s)
+            .collect();
+        waiting.sort_unstable();
+        self.ready.clear();
+        self.retries.clear();
+        for seq in waiting {
+            Progress::sub(&self.progress.waiting, 1);
+            let attempts = self.live[&seq].attempts;
+            let error = if attempts == 0 {
+                ErrorInfo {
+                    kind: ErrorKind::NotAttempted,
+                    status: None,
+                    message: "not sent: the run stopped (quota exhausted)".into(),
+                }
+            } else {
+                ErrorInfo {
+                    kind: ErrorKind::Stopped,
+                    status: None,
+                    message: format!("run stopped (quota exhausted) after {attempts} attempts"),
+                }
+            };
+            self.fail(seq, error);
+        }
+    }
+
+    /// Hands an outcome to the output, in the configured order.
+    fn emit(&mut self, seq: u64, outcome: Outcome) {
+        match outcome.status {
+            Status::Succeeded => Progress::add(&self.progress.succeeded, 1),
+            Status::Failed => Progress::add(&self.progress.failed, 1),
+        }
+        match self.config.order {
+            Order::Completion => self.outbox.push_back(outcome),
+            Order::Input => {
+                self.reorder.insert(seq, outcome);
+                while let Some(o) = self.reorder.remove(&self.next_emit) {
+                    self.outbox.push_back(o);
+                    self.next_emit += 1;
+                }
+            }
+        }
+    }
+}
+
+fn failed_outcome(request: Request, error: ErrorInfo, attempts: u32, latency: Duration) -> Outcome {
+    Outcome {
+        custom_id: request.custom_id,
+        status: Status::Failed,
+        model: request.model,
+        response: None,
+        error: Some(error),
+        attempts,
+        usage: None,
+        latency_ms: millis(latency),
+        metadata: request.metadata,
+        line: request.line,
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
+}

@@ -1,0 +1,260 @@
+//! Admission control: requests per minute, tokens per minute, and the coordinated
+//! cooldown after a 429 (invariants 3 and 4 of DESIGN.md).
+//!
+//! The limiter is plain state owned by the scheduler task; it never sleeps. The scheduler
+//! asks [`Limiter::ready_at`] when the head of its queue may go, sleeps until then, and
+//! calls [`Limiter::acquire`] when it sends. Time comes in as a [`tokio::time::Instant`], so
+//! the whole thing runs under `tokio::time::pause()`.
+
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Slack for float rounding when a bucket is checked exactly at its computed ready time.
+const EPSILON: f64 = 1e-6;
+
+/// A continuously refilled bucket: `rate` units a second, holding at most `capacity`.
+///
+/// It starts full. A request that costs more than the whole capacity is admitted when the
+/// bucket is full and leaves it in debt, so no request can wait forever.
+#[derive(Clone, Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    capacity: f64,
+    level: f64,
+    updated: Instant,
+}
+
+impl TokenBucket {
+    /// A bucket for `per_minute` units a minute, with `burst` worth of them available at
+    /// once (at least one unit).
+    pub fn per_minute(per_minute: f64, burst: Duration, now: Instant) -> Self {
+        let rate = per_minute / 60.0;
+        let capacity = (rate * burst.as_secs_f64()).max(1.0);
+        TokenBucket {
+            rate,
+            capacity,
+            level: capacity,
+            updated: now,
+        }
+    }
+
+    /// Units a second.
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+
+    /// The most units available at once.
+    pub fn capacity(&self) -> f64 {
+        self.capacity
+    }
+
+    /// Units available now.
+    pub fn level(&mut self, now: Instant) -> f64 {
+        self.refill(now);
+        self.level
+    }
+
+    fn refill(&mut self, now: Instant) {
+        if now > self.updated {
+            let elapsed = (now - self.updated).as_secs_f64();
+            self.level = (self.level + elapsed * self.rate).min(self.capacity);
+            self.updated = now;
+        }
+    }
+
+    /// When `cost` units will be available (now, if they are).
+    pub fn available_at(&mut self, cost: f64, now: Instant) -> Instant {
+        self.refill(now);
+        let need = cost.min(self.capacity);
+        if self.level + EPSILON >= need {
+            now
+        } else {
+            now + Duration::from_secs_f64((need - self.level) / self.rate)
+        }
+    }
+
+    /// Takes `cost` units (the caller checked [`available_at`](Self::available_at)).
+    pub fn take(&mut self, cost: f64, now: Instant) {
+        self.refill(now);
+        self.level -= cost;
+    }
+
+    /// Gives back `reserved - actual` when a request turned out cheaper than reserved (or
+    /// takes the difference when it was dearer).
+    pub fn settle(&mut self, reserved: f64, actual: f64, now: Instant) {
+        self.refill(now);
+        self.level = (self.level + reserved - actual).min(self.capacity);
+    }
+}
+
+/// A cooldown the limiter started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cooldown {
+    /// The generation of the attempt whose 429 started it.
+    pub trigger_generation: u64,
+    /// The generation it starts (attempts sent after it carry this).
+    pub generation: u64,
+    /// Nothing is sent before this instant.
+    pub until: Instant,
+}
+
+/// Requests-per-minute and tokens-per-minute buckets, and the shared cooldown.
+#[derive(Clone, Debug)]
+pub struct Limiter {
+    rpm: Option<TokenBucket>,
+    tpm: Option<TokenBucket>,
+    pause_until: Option<Instant>,
+    generation: u64,
+}
+
+impl Limiter {
+    /// A limiter for the given limits (either may be absent), with buckets of `burst`.
+    pub fn new(rpm: Option<f64>, tpm: Option<f64>, burst: Duration, now: Instant) -> Self {
+        Limiter {
+            rpm: rpm.map(|r| TokenBucket::per_minute(r, burst, now)),
+            tpm: tpm.map(|t| TokenBucket::per_minute(t, burst, now)),
+            pause_until: None,
+            generation: 0,
+        }
+    }
+
+    /// The cooldown generation: bumped by every cooldown. Attempts record it when sent.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The end of the current cooldown, if one is running at `now`.
+    pub fn paused_until(&self, now: Instant) -> Option<Instant> {
+        self.pause_until.filter(|p| *p > now)
+    }
+
+    /// When a request reserving `tokens` may be sent: after any cooldown, and when both
+    /// buckets hold enough.
+    pub fn ready_at(&mut self, tokens: u64, now: Instant) -> Instant {
+        let mut at = now;
+        if let Some(p) = self.pause_until {
+            at = at.max(p);
+        }
+        if let Some(b) = &mut self.rpm {
+            at = at.max(b.available_at(1.0, now));
+        }
+        if let Some(b) = &mut self.tpm {
+            at = at.max(b.available_at(tokens as f64, now));
+        }
+        at
+    }
+
+    /// Takes one request and `tokens` from the buckets.
+    pub fn acquire(&mut self, tokens: u64, now: Instant) {
+        debug_assert!(self.ready_at(tokens, now) <= now, "acquire before ready");
+        if let Some(b) = &mut self.rpm {
+            b.take(1.0, now);
+        }
+        if let Some(b) = &mut self.tpm {
+            b.take(tokens as f64, now);
+        }
+    }
+
+    /// Settles a reservation of `reserved` tokens to the `actual` usage the provider reported.
+    pub fn settle(&mut self, reserved: u64, actual: u64, now: Instant) {
+        if let Some(b) = &mut self.tpm {
+            b.settle(reserved as f64, actual as f64, now);
+        }
+    }
+
+    /// A 429 arrived for an attempt sent in `sent_generation`, asking to wait `wait`.
+    ///
+    /// If that attempt was sent in the current generation, this is the first 429 of a
+    /// burst: pause until `now + wait` (never shortening a running pause) and start a new
+    /// generation. A 429 from an older generation belongs to a burst that already has its
+    /// cooldown, so it changes nothing: it can never restart an expired cooldown.
+    pub fn on_rate_limited(
+        &mut self,
+        sent_generation: u64,
+        wait: Duration,
+        now: Instant,
+    ) -> Option<Cooldown> {
+        if sent_generation != self.generation {
+            return None;
+        }
+        let until = self.pause_until.map_or(now + wait, |p| p.max(now + wait));
+        self.pause_until = Some(until);
+        self.generation += 1;
+        Some(Cooldown {
+            trigger_generation: sent_generation,
+            generation: self.generation,
+            until,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn bucket_paces_after_its_burst() {
+        let t0 = Instant::now();
+        // 600/min = 10/s, burst 0.5 s = 5.
+        let mut b = TokenBucket::per_minute(600.0, Duration::from_millis(500), t0);
+        assert_eq!(b.capacity(), 5.0);
+        for _ in 0..5 {
+            assert_eq!(b.available_at(1.0, t0), t0);
+            b.take(1.0, t0);
+        }
+        let next = b.available_at(1.0, t0);
+        assert_eq!(next - t0, Duration::from_millis(100));
+        // Refills continuously, capped at capacity.
+        assert!((b.level(t0 + Duration::from_secs(60)) - 5.0).abs() < 1e-9);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn oversized_request_waits_for_a_full_bucket_then_goes_into_debt() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::per_minute(600.0, Duration::from_secs(1), t0); // cap 10
+        b.take(10.0, t0);
+        let at = b.available_at(50.0, t0);
+        assert_eq!(at - t0, Duration::from_secs(1), "needs only a full bucket");
+        b.take(50.0, at);
+        assert!(b.level(at) < 0.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn settle_refunds_unused_reservation_up_to_capacity() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::per_minute(6000.0, Duration::from_secs(1), t0); // cap 100
+        b.take(80.0, t0);
+        b.settle(80.0, 30.0, t0);
+        assert!((b.level(t0) - 70.0).abs() < 1e-9);
+        b.settle(80.0, 0.0, t0);
+        assert!((b.level(t0) - 100.0).abs() < 1e-9, "capped");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_cooldown_per_generation_and_late_429s_do_nothing() {
+        let t0 = Instant::now();
+        let mut l = Limiter::new(None, None, Duration::from_secs(1), t0);
+        let g = l.generation();
+        let c = l
+            .on_rate_limited(g, Duration::from_secs(2), t0)
+            .expect("first 429 cools down");
+        assert_eq!(c.until, t0 + Duration::from_secs(2));
+        // The other in-flight requests of the same burst report their 429s.
+        for _ in 0..10 {
+            assert!(l.on_rate_limited(g, Duration::from_secs(30), t0).is_none());
+        }
+        assert_eq!(l.ready_at(0, t0), t0 + Duration::from_secs(2));
+        // After it expired, a late 429 from the old generation does not restart it.
+        let later = t0 + Duration::from_secs(5);
+        assert!(l
+            .on_rate_limited(g, Duration::from_secs(2), later)
+            .is_none());
+        assert_eq!(l.ready_at(0, later), later);
+        assert_eq!(l.paused_until(later), None);
+        // A 429 from the new generation starts the next cooldown.
+        assert!(l
+            .on_rate_limited(l.generation(), Duration::from_secs(1), later)
+            .is_some());
+        assert_eq!(l.paused_until(later), Some(later + Duration::from_secs(1)));
+    }
+}

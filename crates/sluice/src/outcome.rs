@@ -1,0 +1,185 @@
+//! The terminal outcome of a request: what `sluice run` writes, one JSON line each.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// `succeeded` or `failed`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// The provider answered with a usable response.
+    Succeeded,
+    /// The request ended without one; `error` says why.
+    Failed,
+}
+
+/// Token usage as the provider reported it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Input tokens (`prompt_tokens`; Anthropic's `input_tokens`).
+    #[serde(default, alias = "input_tokens")]
+    pub prompt_tokens: u64,
+    /// Output tokens (`completion_tokens`; Anthropic's `output_tokens`).
+    #[serde(default, alias = "output_tokens")]
+    pub completion_tokens: u64,
+    /// Their sum.
+    #[serde(default)]
+    pub total_tokens: u64,
+}
+
+impl Usage {
+    /// Input plus output tokens, whatever the provider put in `total_tokens`.
+    pub fn total(&self) -> u64 {
+        self.total_tokens
+            .max(self.prompt_tokens + self.completion_tokens)
+    }
+}
+
+/// The kinds of failure, stable strings in the output and the summary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// 429 rate limit, after the rate-limit wait budget ran out.
+    RateLimited,
+    /// 500, 502, 503 or another 5xx.
+    ServerError,
+    /// 529 or an `overloaded_error`: the provider is overloaded.
+    Overloaded,
+    /// 408 from the provider.
+    RequestTimeout,
+    /// 409 from the provider.
+    Conflict,
+    /// The attempt timed out on our side.
+    Timeout,
+    /// Connection refused, reset, or the body was cut off.
+    Connection,
+    /// A 2xx whose body is not the JSON it should be.
+    InvalidResponse,
+    /// 400 and other permanent request errors.
+    BadRequest,
+    /// The input does not fit the model's context window.
+    ContextLengthExceeded,
+    /// The provider refused the content.
+    ContentPolicy,
+    /// 401.
+    Authentication,
+    /// 403.
+    PermissionDenied,
+    /// 404: usually an unknown model.
+    NotFound,
+    /// 422.
+    Unprocessable,
+    /// Quota or spend limit exhausted: the run stops.
+    QuotaExhausted,
+    /// The request's deadline passed.
+    DeadlineExceeded,
+    /// The run stopped (quota exhausted or interrupted) after this request had been tried.
+    Stopped,
+    /// The run stopped before this request was sent.
+    NotAttempted,
+    /// The input line could not be read as a request.
+    InvalidInput,
+}
+
+impl ErrorKind {
+    /// The snake_case name used in output and summaries.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::ServerError => "server_error",
+            ErrorKind::Overloaded => "overloaded",
+            ErrorKind::RequestTimeout => "request_timeout",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Connection => "connection",
+            ErrorKind::InvalidResponse => "invalid_response",
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::ContextLengthExceeded => "context_length_exceeded",
+            ErrorKind::ContentPolicy => "content_policy",
+            ErrorKind::Authentication => "authentication",
+            ErrorKind::PermissionDenied => "permission_denied",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Unprocessable => "unprocessable",
+            ErrorKind::QuotaExhausted => "quota_exhausted",
+            ErrorKind::DeadlineExceeded => "deadline_exceeded",
+            ErrorKind::Stopped => "stopped",
+            ErrorKind::NotAttempted => "not_attempted",
+            ErrorKind::InvalidInput => "invalid_input",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a request failed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    /// What kind of failure.
+    pub kind: ErrorKind,
+    /// The HTTP status of the last attempt, when there was a response.
+    pub status: Option<u16>,
+    /// The provider's message, or ours.
+    pub message: String,
+}
+
+/// One request's terminal outcome.
+#[derive(Clone, Debug, Serialize)]
+pub struct Outcome {
+    /// The request's `custom_id`.
+    pub custom_id: String,
+    /// `succeeded` or `failed`.
+    pub status: Status,
+    /// The model the request named.
+    pub model: String,
+    /// The provider's response body, on success.
+    pub response: Option<Box<RawValue>>,
+    /// Why it failed, on failure.
+    pub error: Option<ErrorInfo>,
+    /// HTTP attempts made, rate-limited ones included.
+    pub attempts: u32,
+    /// Token usage of the successful attempt.
+    pub usage: Option<Usage>,
+    /// From the request's admission to its outcome, waiting included.
+    pub latency_ms: u64,
+    /// The input's `metadata`, passed through.
+    pub metadata: Option<Box<RawValue>>,
+    /// 1-based input line (0 when not from a file). Not written to the output.
+    #[serde(skip)]
+    pub line: u64,
+}
+
+impl Outcome {
+    /// The outcome of an input line that could not be read as a request.
+    pub fn invalid_input(bad: &crate::BadLine) -> Outcome {
+        Outcome {
+            custom_id: bad
+                .custom_id
+                .clone()
+                .unwrap_or_else(|| crate::LineParser::derived_custom_id(bad.line)),
+            status: Status::Failed,
+            model: String::new(),
+            response: None,
+            error: Some(ErrorInfo {
+                kind: ErrorKind::InvalidInput,
+                status: None,
+                message: bad.to_string(),
+            }),
+            attempts: 0,
+            usage: None,
+            latency_ms: 0,
+            metadata: None,
+            line: bad.line,
+        }
+    }
+
+    /// The outcome as one JSON line, newline included.
+    pub fn to_json_line(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec(self).expect("outcomes serialise");
+        v.push(b'\n');
+        v
+    }
+}

@@ -1,0 +1,183 @@
+//! The end-of-run summary, added up from the outcomes themselves (never from counters
+//! that several code paths bump), plus the engine's retry and 429 counters.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::engine::{ProgressSnapshot, RunEnd, StopReason};
+use crate::outcome::{ErrorKind, Outcome, Status};
+
+/// Failures of one kind.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FailureGroup {
+    /// How many.
+    pub count: u64,
+    /// One of them.
+    pub example_custom_id: String,
+    /// Its message.
+    pub example_message: String,
+}
+
+/// Everything a user wants to know when a run ends. Serialises to the `--report` JSON.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    /// Outcomes written.
+    pub total: u64,
+    /// Outcomes `succeeded`.
+    pub succeeded: u64,
+    /// Outcomes `failed`.
+    pub failed: u64,
+    /// Failures by kind, with an example each.
+    pub failures: BTreeMap<ErrorKind, FailureGroup>,
+    /// HTTP attempts made.
+    pub attempts: u64,
+    /// Attempts that were retries.
+    pub retries: u64,
+    /// 429 responses.
+    pub rate_limited: u64,
+    /// Cooldowns started by 429 bursts.
+    pub cooldowns: u64,
+    /// Input tokens of successful requests.
+    pub prompt_tokens: u64,
+    /// Output tokens of successful requests.
+    pub completion_tokens: u64,
+    /// Wall time of the run, seconds.
+    pub wall_secs: f64,
+    /// The least time the rate limits allowed for the requests that were sent, seconds
+    /// (absent without limits).
+    pub ideal_secs: Option<f64>,
+    /// Why the run stopped early, if it did.
+    pub stopped: Option<StopReason>,
+    /// Whether input was left unread.
+    pub input_left: bool,
+}
+
+/// Adds outcomes up into a [`Summary`].
+#[derive(Clone, Debug, Default)]
+pub struct SummaryBuilder {
+    total: u64,
+    succeeded: u64,
+    failed: u64,
+    sent: u64,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    failures: BTreeMap<ErrorKind, FailureGroup>,
+}
+
+impl SummaryBuilder {
+    /// A builder with nothing counted.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Counts one outcome.
+    pub fn add(&mut self, outcome: &Outcome) {
+        self.total += 1;
+        if outcome.attempts > 0 {
+            self.sent += 1;
+        }
+        match outcome.status {
+            Status::Succeeded => self.succeeded += 1,
+            Status::Failed => self.failed += 1,
+        }
+        if let Some(u) = outcome.usage {
+            self.prompt_tokens += u.prompt_tokens;
+            self.completion_tokens += u.completion_tokens;
+        }
+        if let Some(e) = &outcome.error {
+            self.failures
+                .entry(e.kind)
+                .and_modify(|g| g.count += 1)
+                .or_insert_with(|| FailureGroup {
+                    count: 1,
+                    example_custom_id: outcome.custom_id.clone(),
+                    example_message: e.message.clone(),
+                });
+        }
+    }
+
+    /// The summary, with the engine's counters, the wall time and the limits it ran under.
+    pub fn finish(
+        self,
+        progress: &ProgressSnapshot,
+        end: Option<&RunEnd>,
+        wall: Duration,
+        rpm: Option<f64>,
+        tpm: Option<f64>,
+    ) -> Summary {
+        let by_requests = rpm.map(|r| self.sent as f64 * 60.0 / r);
+        let tokens = (self.prompt_tokens + self.completion_tokens) as f64;
+        let by_tokens = tpm.map(|t| tokens * 60.0 / t);
+        let ideal_secs = match (by_requests, by_tokens) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        Summary {
+            total: self.total,
+            succeeded: self.succeeded,
+            failed: self.failed,
+            failures: self.failures,
+            attempts: progress.attempts,
+            retries: progress.retries,
+            rate_limited: progress.rate_limited,
+            cooldowns: progress.cooldowns,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            wall_secs: wall.as_secs_f64(),
+            ideal_secs,
+            stopped: end.and_then(|e| e.stopped),
+            input_left: end.is_some_and(|e| e.input_left),
+        }
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} requests: {} succeeded, {} failed",
+            self.total, self.succeeded, self.failed
+        )?;
+        for (kind, g) in &self.failures {
+            writeln!(
+                f,
+                "  {kind}: {} (e.g. {}: {})",
+                g.count, g.example_custom_id, g.example_message
+            )?;
+        }
+        writeln!(
+            f,
+            "attempts {}, retries {}, 429s {}, cooldowns {}",
+            self.attempts, self.retries, self.rate_limited, self.cooldowns
+        )?;
+        writeln!(
+            f,
+            "tokens: {} in, {} out",
+            self.prompt_tokens, self.completion_tokens
+        )?;
+        write!(f, "wall time {:.2}s", self.wall_secs)?;
+        if let Some(ideal) = self.ideal_secs {
+            write!(f, ", ideal {ideal:.2}s under the limits")?;
+            if ideal > 0.0 {
+                write!(f, " ({:.1}% of ideal)", 100.0 * self.wall_secs / ideal)?;
+            }
+        }
+        writeln!(f)?;
+        match self.stopped {
+            Some(StopReason::QuotaExhausted) => writeln!(
+                f,
+                "stopped: the provider reports the quota or spend limit exhausted; requests not sent are marked not_attempted"
+            )?,
+            Some(StopReason::Interrupted) => writeln!(
+                f,
+                "stopped: interrupted{}",
+                if self.input_left { "; input left unread" } else { "" }
+            )?,
+            None => {}
+        }
+        Ok(())
+    }
+}
