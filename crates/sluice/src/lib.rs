@@ -30,6 +30,7 @@
 #![warn(missing_docs)]
 
 pub mod engine;
+pub mod input;
 pub mod limiter;
 pub mod outcome;
 pub mod provider;

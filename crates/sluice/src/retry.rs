@@ -35,7 +35,7 @@ impl Default for RetryPolicy {
             max_rate_limit_waits: 30,
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
-            cooldown_base: Duration::from_secs(1),
+            cooldown_base: Duration::from_millis(250),
             cooldown_max: Duration::from_secs(60),
             max_retry_after: Duration::from_secs(300),
         }
@@ -95,8 +95,8 @@ mod tests {
     #[test]
     fn cooldown_doubles_and_caps() {
         let p = RetryPolicy::default();
-        assert_eq!(p.default_cooldown(0), Duration::from_secs(1));
-        assert_eq!(p.default_cooldown(3), Duration::from_secs(8));
+        assert_eq!(p.default_cooldown(0), Duration::from_millis(250));
+        assert_eq!(p.default_cooldown(3), Duration::from_secs(2));
         assert_eq!(p.default_cooldown(20), Duration::from_secs(60));
         assert_eq!(
             p.bound_retry_after(Duration::from_secs(9999)),

@@ -1,0 +1,78 @@
+//! `sluice`: run a JSONL file of LLM requests at exactly the provider's rate limits, or
+//! serve the provider simulator.
+//!
+//! The binary is a thin layer over the `sluice` library (the engine) and `sluice-sim`
+//! (the simulator): argument parsing, input and output files, progress, the summary and
+//! exit codes.
+
+mod progress;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit codes, distinct per situation so scripts can tell them apart.
+pub mod exit {
+    /// Every request succeeded.
+    pub const OK: u8 = 0;
+    /// The run finished, and some requests failed.
+    pub const SOME_FAILED: u8 = 1;
+    /// Bad usage or bad input: nothing was sent.
+    pub const BAD_INPUT: u8 = 2;
+    /// The run stopped early (quota exhausted, interrupted): some requests were not sent.
+    pub const STOPPED: u8 = 3;
+    /// The run could not go on (an I/O error, say).
+    pub const ERROR: u8 = 4;
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Run large volumes of LLM API requests as fast as the provider's rate limits allow",
+    long_about = None
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Send every request of a JSONL file and write one outcome line per request.
+    Run(Box<run::RunArgs>),
+    /// Serve a local OpenAI- and Anthropic-compatible simulator with rate limits and faults.
+    Sim(sluice_sim::cli::SimArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: could not start the async runtime: {e}");
+            return ExitCode::from(exit::ERROR);
+        }
+    };
+    match cli.command {
+        Command::Run(args) => ExitCode::from(runtime.block_on(run::run(*args))),
+        Command::Sim(args) => match runtime.block_on(sluice_sim::cli::run(args)) {
+            Ok(()) => ExitCode::from(exit::OK),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(exit::BAD_INPUT)
+            }
+        },
+    }
+}

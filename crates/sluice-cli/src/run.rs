@@ -1,0 +1,473 @@
+//! `sluice run`: input file → engine → output file, with progress and a summary.
+
+use std::fs::File;
+use std::io::{self, BufWriter, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use futures::StreamExt;
+use sluice::engine::{EngineConfig, Order};
+use sluice::input;
+use sluice::provider::http::HttpTransport;
+use sluice::summary::{Summary, SummaryBuilder};
+use sluice::{Engine, LineParser, Outcome, Request};
+use tokio::sync::mpsc;
+
+use crate::exit;
+use crate::progress::ProgressView;
+
+/// Arguments of `sluice run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Input JSONL: OpenAI Batch lines, chat bodies, or {"prompt": ...} lines. `-` reads stdin.
+    pub input: String,
+
+    /// Where outcome lines go (default: stdout).
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+
+    /// Output order: `completion` (lowest memory) or `input` (bounded reordering buffer).
+    #[arg(long, value_enum, default_value_t = OrderArg::Completion)]
+    pub order: OrderArg,
+
+    /// What to do with unreadable lines: `abort` before sending anything (after listing every
+    /// bad line), or `skip` them (each gets a failed outcome line) and run the rest.
+    #[arg(long, value_enum, default_value_t = OnBadLine::Abort)]
+    pub on_bad_line: OnBadLine,
+
+    /// API base URL, including `/v1`.
+    #[arg(long, default_value = "https://api.openai.com/v1")]
+    pub base_url: String,
+
+    /// Model for lines that name none.
+    #[arg(long)]
+    pub model: Option<String>,
+
+    /// Environment variable holding the API key.
+    #[arg(long, default_value = "OPENAI_API_KEY")]
+    pub api_key_env: String,
+
+    /// Start an in-process simulator on 127.0.0.1 and run against it (no API key needed).
+    #[arg(long)]
+    pub sim: bool,
+
+    /// Simulator: base latency per request, in milliseconds.
+    #[arg(long, default_value_t = 200, requires = "sim")]
+    pub sim_latency_ms: u64,
+
+    /// Simulator: inject a fault, KIND=RATE (kinds: 500 502 503 529 429 quota hang reset
+    /// truncated html drip). Repeatable.
+    #[arg(long = "sim-fault", value_name = "KIND=RATE", requires = "sim")]
+    pub sim_faults: Vec<String>,
+
+    /// Simulator: its own requests-per-minute limit (default: --rpm).
+    #[arg(long, requires = "sim")]
+    pub sim_rpm: Option<u32>,
+
+    /// Simulator: its own tokens-per-minute limit (default: --tpm).
+    #[arg(long, requires = "sim")]
+    pub sim_tpm: Option<u32>,
+
+    /// Requests per minute to pace at.
+    #[arg(long)]
+    pub rpm: Option<f64>,
+
+    /// Tokens per minute to pace at (input estimate + max output tokens, settled to usage).
+    #[arg(long)]
+    pub tpm: Option<f64>,
+
+    /// Requests live at once (in flight or waiting to retry).
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+
+    /// Transient failures (5xx, 529, timeouts, resets) a request may have before it fails.
+    #[arg(long, default_value_t = 6)]
+    pub max_attempts: u32,
+
+    /// 429 rate limits a request may wait out before it fails.
+    #[arg(long, default_value_t = 30)]
+    pub max_rate_limit_waits: u32,
+
+    /// Timeout of one attempt (e.g. 90s, 2m, 500ms).
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// Deadline of one request from its admission, waiting and retries included.
+    #[arg(long, value_parser = parse_duration)]
+    pub deadline: Option<Duration>,
+
+    /// Output tokens reserved for chat requests that set no max_tokens.
+    #[arg(long, default_value_t = sluice::request::DEFAULT_ASSUMED_OUTPUT_TOKENS)]
+    pub assume_output_tokens: u32,
+
+    /// No progress bar (it is off anyway when stderr is not a terminal).
+    #[arg(long)]
+    pub no_progress: bool,
+
+    /// Also write the summary as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+
+    /// Seed of the retry jitter (and of the simulator with --sim).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// `--order`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum OrderArg {
+    /// As each request ends.
+    Completion,
+    /// In input order.
+    Input,
+}
+
+/// `--on-bad-line`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OnBadLine {
+    /// List every bad line and send nothing.
+    Abort,
+    /// Report bad lines as failed outcomes and run the rest.
+    Skip,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    if let Ok(secs) = s.parse::<f64>() {
+        if secs.is_finite() && secs > 0.0 {
+            return Ok(Duration::from_secs_f64(secs));
+        }
+        return Err("must be more than zero".into());
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{e} (try 30s, 2m, 500ms)"))
+}
+
+/// Runs `sluice run` and returns the exit code.
+pub async fn run(args: RunArgs) -> u8 {
+    match run_inner(args).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            exit::ERROR
+        }
+    }
+}
+
+/// A usage error: printed, and the run exits with [`exit::BAD_INPUT`].
+struct Usage(String);
+
+async fn run_inner(args: RunArgs) -> anyhow::Result<u8> {
+    match prepare(&args) {
+        Ok(Some(prepared)) => execute(args, prepared).await,
+        Ok(None) => Ok(exit::BAD_INPUT),
+        Err(Usage(msg)) => {
+            eprintln!("error: {msg}");
+            Ok(exit::BAD_INPUT)
+        }
+    }
+}
+
+struct Prepared {
+    config: EngineConfig,
+    parser: LineParser,
+    input: InputFile,
+    scan: input::ScanReport,
+}
+
+/// The input as a file: stdin is spooled to a temporary file first, so every bad line can
+/// be found before anything is sent, and memory stays flat.
+enum InputFile {
+    Path(PathBuf),
+    Spooled(tempfile::NamedTempFile),
+}
+
+impl InputFile {
+    fn path(&self) -> &Path {
+        match self {
+            InputFile::Path(p) => p,
+            InputFile::Spooled(f) => f.path(),
+        }
+    }
+}
+
+/// Checks settings and input. `Ok(None)`: bad lines were listed and the run must not start.
+fn prepare(args: &RunArgs) -> Result<Option<Prepared>, Usage> {
+    let mut builder = EngineConfig::builder()
+        .concurrency(args.concurrency)
+        .max_attempts(args.max_attempts)
+        .max_rate_limit_waits(args.max_rate_limit_waits)
+        .attempt_timeout(args.timeout)
+        .order(match args.order {
+            OrderArg::Completion => Order::Completion,
+            OrderArg::Input => Order::Input,
+        })
+        .seed(args.seed);
+    if let Some(r) = args.rpm {
+        builder = builder.rpm(r);
+    }
+    if let Some(t) = args.tpm {
+        builder = builder.tpm(t);
+    }
+    if let Some(d) = args.deadline {
+        builder = builder.deadline(d);
+    }
+    let config = builder.build().map_err(|e| Usage(e.to_string()))?;
+
+    let input = if args.input == "-" {
+        let mut spool = tempfile::NamedTempFile::new()
+            .map_err(|e| Usage(format!("cannot create a temporary file for stdin: {e}")))?;
+        io::copy(&mut io::stdin().lock(), &mut spool)
+            .map_err(|e| Usage(format!("cannot read stdin: {e}")))?;
+        InputFile::Spooled(spool)
+    } else {
+        let p = PathBuf::from(&args.input);
+        if !p.is_file() {
+            return Err(Usage(format!("input file {} does not exist", p.display())));
+        }
+        InputFile::Path(p)
+    };
+
+    let mut parser = LineParser::new(args.model.clone());
+    parser.assumed_output_tokens = args.assume_output_tokens;
+    let scan = input::scan(input.path(), &parser)
+        .map_err(|e| Usage(format!("cannot read {}: {e}", args.input)))?;
+    if !scan.bad.is_empty() {
+        for bad in &scan.bad {
+            eprintln!("bad input: {bad}");
+        }
+        if args.on_bad_line == OnBadLine::Abort {
+            eprintln!(
+                "error: {} of {} lines are bad; nothing was sent. Fix them, or pass --on-bad-line skip to run the rest.",
+                scan.bad.len(),
+                scan.requests
+            );
+            return Ok(None);
+        }
+        eprintln!(
+            "warning: skipping {} bad lines (each gets a failed outcome line)",
+            scan.bad.len()
+        );
+    }
+    Ok(Some(Prepared {
+        config,
+        parser,
+        input,
+        scan,
+    }))
+}
+
+/// The in-process simulator of `--sim`.
+async fn start_sim(args: &RunArgs) -> anyhow::Result<sluice_sim::SimHandle> {
+    let mut faults = Vec::new();
+    for f in &args.sim_faults {
+        let (kind, rate) = f
+            .split_once('=')
+            .with_context(|| format!("--sim-fault {f:?}: expected KIND=RATE"))?;
+        let kind: sluice_sim::FaultKind = kind
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--sim-fault {f:?}: {e}"))?;
+        let rate: f64 = rate
+            .parse()
+            .ok()
+            .filter(|r| (0.0..=1.0).contains(r))
+            .with_context(|| format!("--sim-fault {f:?}: RATE must be a number in [0, 1]"))?;
+        faults.push((kind, rate));
+    }
+    let config = sluice_sim::SimConfig {
+        rpm: args.sim_rpm.or(args.rpm.map(|r| r.ceil() as u32)),
+        tpm: args.sim_tpm.or(args.tpm.map(|t| t.ceil() as u32)),
+        latency: Duration::from_millis(args.sim_latency_ms),
+        seed: args.seed,
+        faults,
+        ..sluice_sim::SimConfig::default()
+    };
+    let handle = sluice_sim::start(config, ([127, 0, 0, 1], 0).into())
+        .await
+        .context("starting the simulator")?;
+    Ok(handle)
+}
+
+async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
+    let Prepared {
+        config,
+        parser,
+        input,
+        scan,
+    } = prepared;
+
+    let sim = if args.sim {
+        let handle = match start_sim(&args).await {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return Ok(exit::BAD_INPUT);
+            }
+        };
+        eprintln!("simulator listening on {}", handle.base_url());
+        Some(handle)
+    } else {
+        None
+    };
+    let (base_url, key) = match &sim {
+        Some(h) => (h.base_url(), None),
+        None => match std::env::var(&args.api_key_env) {
+            Ok(k) if !k.trim().is_empty() => (args.base_url.clone(), Some(k)),
+            _ => {
+                eprintln!(
+                    "error: no API key: set {} (or name another variable with --api-key-env), or use --sim to run against the built-in simulator",
+                    args.api_key_env
+                );
+                return Ok(exit::BAD_INPUT);
+            }
+        },
+    };
+    let transport = match HttpTransport::new(&base_url, key.as_deref(), config.concurrency) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(exit::BAD_INPUT);
+        }
+    };
+
+    let writer: Box<dyn Write + Send> = match &args.output {
+        Some(path) => Box::new(BufWriter::with_capacity(
+            1 << 16,
+            File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
+        )),
+        None => Box::new(BufWriter::with_capacity(1 << 16, io::stdout())),
+    };
+
+    let (bad_tx, mut bad_rx) = mpsc::unbounded_channel();
+    let requests = input::stream(input.path().to_path_buf(), parser, scan.bad, 1024, bad_tx);
+    let read_error: Arc<Mutex<Option<io::Error>>> = Arc::default();
+    let requests = request_stream(requests, read_error.clone());
+
+    let engine = Engine::new(config.clone(), Arc::new(transport));
+    let started = Instant::now();
+    let mut run = engine.run(requests);
+    let show = !args.no_progress && io::stderr().is_terminal();
+    let view = ProgressView::start(scan.requests, run.progress(), config.rpm, config.tpm, show);
+    let stopper = run.stopper();
+    let mut sink = Sink {
+        writer,
+        summary: SummaryBuilder::new(),
+        error: None,
+    };
+    let mut interrupts = 0u32;
+    let mut flush_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut bad_open = true;
+
+    loop {
+        tokio::select! {
+            outcome = run.next() => match outcome {
+                Some(o) => sink.write(&o),
+                None => break,
+            },
+            bad = bad_rx.recv(), if bad_open => match bad {
+                Some(b) => sink.write(&Outcome::invalid_input(&b)),
+                None => bad_open = false,
+            },
+            _ = tokio::signal::ctrl_c() => {
+                interrupts += 1;
+                if interrupts == 1 {
+                    stopper.stop();
+                    view.println("interrupted: taking no more input; waiting for live requests to finish (Ctrl-C again to abandon them)");
+                } else {
+                    view.finish();
+                    eprintln!("abandoned the requests still live; outcomes written so far are in the output");
+                    return Ok(exit::STOPPED);
+                }
+            }
+            _ = flush_tick.tick() => sink.flush(),
+        }
+        if sink.error.is_some() {
+            stopper.stop();
+        }
+    }
+    while let Ok(b) = bad_rx.try_recv() {
+        sink.write(&Outcome::invalid_input(&b));
+    }
+    let progress = run.progress().snapshot();
+    let end = run.finish().await;
+    sink.flush();
+    view.finish();
+    let summary: Summary = sink.summary.finish(
+        &progress,
+        Some(&end),
+        started.elapsed(),
+        config.rpm,
+        config.tpm,
+    );
+    eprint!("{summary}");
+    if let Some(path) = &args.output {
+        eprintln!("outcomes: {}", path.display());
+    }
+    if let Some(path) = &args.report {
+        let json = serde_json::to_vec_pretty(&summary).expect("summaries serialise");
+        std::fs::write(path, json)
+            .with_context(|| format!("cannot write the report to {}", path.display()))?;
+    }
+    if let Some(h) = sim {
+        h.shutdown().await;
+    }
+    if let Some(e) = sink.error {
+        bail!("writing outcomes failed: {e}");
+    }
+    if let Some(e) = read_error.lock().expect("not poisoned").take() {
+        bail!("reading the input failed part-way: {e}");
+    }
+    Ok(if end.stopped.is_some() {
+        exit::STOPPED
+    } else if summary.failed > 0 {
+        exit::SOME_FAILED
+    } else {
+        exit::OK
+    })
+}
+
+/// Requests from the input thread as a stream; a read error ends it and is kept for the
+/// end of the run.
+fn request_stream(
+    rx: mpsc::Receiver<io::Result<Request>>,
+    error: Arc<Mutex<Option<io::Error>>>,
+) -> impl futures::Stream<Item = Request> + Send + 'static {
+    futures::stream::unfold((rx, error), |(mut rx, error)| async move {
+        match rx.recv().await {
+            Some(Ok(r)) => Some((r, (rx, error))),
+            Some(Err(e)) => {
+                *error.lock().expect("not poisoned") = Some(e);
+                None
+            }
+            None => None,
+        }
+    })
+}
+
+/// Where outcomes go: the output file and the summary. A write error is kept (and stops
+/// the run); later outcomes are still counted.
+struct Sink {
+    writer: Box<dyn Write + Send>,
+    summary: SummaryBuilder,
+    error: Option<io::Error>,
+}
+
+impl Sink {
+    fn write(&mut self, outcome: &Outcome) {
+        self.summary.add(outcome);
+        if self.error.is_none() {
+            if let Err(e) = self.writer.write_all(&outcome.to_json_line()) {
+                self.error = Some(e);
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.error.is_none() {
+            if let Err(e) = self.writer.flush() {
+                self.error = Some(e);
+            }
+        }
+    }
+}
