@@ -30,10 +30,25 @@ pub(crate) fn hash_bytes(seed: u64, data: &[u8]) -> u64 {
     mix(h ^ P0, P1)
 }
 
+/// splitmix64's finaliser: a bijection on u64 in which every input bit flips about half of
+/// the output bits.
+#[inline]
+fn finalize(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// Combine two 64-bit values into one.
+///
+/// Decisions drawn from `combine(key, n)` for n = 0, 1, 2, ... must be independent of each
+/// other (a fault on one attempt says nothing about the next), so both inputs go through a
+/// full-avalanche finaliser. A multiply-fold alone is not enough: for some keys it yields
+/// small values whatever `n` is, which made a few requests fault on every attempt.
 #[inline]
 pub(crate) fn combine(a: u64, b: u64) -> u64 {
-    mix(a ^ P0, b ^ P1) ^ mix(b ^ P2, a ^ P0)
+    finalize(finalize(a) ^ b.rotate_left(32) ^ b)
 }
 
 /// A uniform number in `[0, 1)` from a hash.
@@ -74,5 +89,32 @@ mod tests {
         assert_ne!(hash_bytes(1, b""), hash_bytes(1, b"\0"));
         let u = unit(hash_bytes(0, b"x"));
         assert!((0.0..1.0).contains(&u));
+    }
+}
+
+#[cfg(test)]
+mod independence_tests {
+    use super::*;
+
+    /// With a 10% fault rate, three faulted attempts in a row should happen to about 0.1% of
+    /// requests (20 of 20,000), not to a fixed set of unlucky ones.
+    #[test]
+    fn consecutive_draws_for_one_key_are_independent() {
+        let seed = 11;
+        let mut all_three = 0;
+        let mut first = 0;
+        for fp in 0..20_000u64 {
+            let key = combine(seed, hash_bytes(seed, format!("request {fp}").as_bytes()));
+            let draws: Vec<bool> = (0..3u64)
+                .map(|n| unit(combine(key, n ^ 0xfa17)) < 0.1)
+                .collect();
+            first += draws[0] as u32;
+            all_three += draws.iter().all(|d| *d) as u32;
+        }
+        assert!((1_700..2_300).contains(&first), "first draws: {first}");
+        assert!(
+            all_three < 60,
+            "{all_three} keys faulted three times in a row"
+        );
     }
 }
