@@ -19,6 +19,9 @@ use tokio::sync::mpsc;
 use crate::exit;
 use crate::progress::ProgressView;
 
+/// OpenAI's API, the default target.
+const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
+
 /// Arguments of `sluice run`.
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -38,8 +41,8 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = OnBadLine::Abort)]
     pub on_bad_line: OnBadLine,
 
-    /// API base URL, including `/v1`.
-    #[arg(long, default_value = "https://api.openai.com/v1")]
+    /// API base URL, including `/v1`. A URL other than OpenAI's may be used without a key.
+    #[arg(long, default_value = DEFAULT_BASE_URL)]
     pub base_url: String,
 
     /// Model for lines that name none.
@@ -314,6 +317,8 @@ async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
         Some(h) => (h.base_url(), None),
         None => match std::env::var(&args.api_key_env) {
             Ok(k) if !k.trim().is_empty() => (args.base_url.clone(), Some(k)),
+            // A local OpenAI-compatible server (Ollama, vLLM, llama.cpp) may need no key.
+            _ if args.base_url != DEFAULT_BASE_URL => (args.base_url.clone(), None),
             _ => {
                 eprintln!(
                     "error: no API key: set {} (or name another variable with --api-key-env), or use --sim to run against the built-in simulator",

@@ -1,0 +1,442 @@
+//! `sluice run` end to end: the real binary over real HTTP against `sluice sim` started
+//! in-process on 127.0.0.1 port 0.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use sluice_sim::{FaultKind, SimConfig, SimHandle};
+
+fn sluice() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    c.env_remove("OPENAI_API_KEY").env("NO_COLOR", "1");
+    c
+}
+
+async fn sim(config: SimConfig) -> SimHandle {
+    sluice_sim::start(config, ([127, 0, 0, 1], 0).into())
+        .await
+        .expect("the simulator starts")
+}
+
+/// Runs the binary off the async runtime (the simulator lives on it).
+async fn run(mut cmd: Command) -> Output {
+    tokio::task::spawn_blocking(move || cmd.output().expect("sluice runs"))
+        .await
+        .unwrap()
+}
+
+fn write_input(dir: &Path, lines: &[String]) -> PathBuf {
+    let path = dir.join("input.jsonl");
+    let mut f = std::fs::File::create(&path).unwrap();
+    for l in lines {
+        writeln!(f, "{l}").unwrap();
+    }
+    path
+}
+
+fn prompts(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!(r#"{{"custom_id":"q{i}","model":"gpt-4.1-mini","prompt":"question {i}: what is {i} squared?","max_tokens":32}}"#))
+        .collect()
+}
+
+fn read_output(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every output line is JSON"))
+        .collect()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn run_against(sim: &SimHandle, input: &Path, output: &Path) -> Command {
+    let mut c = sluice();
+    c.arg("run")
+        .arg(input)
+        .arg("-o")
+        .arg(output)
+        .arg("--base-url")
+        .arg(sim.base_url())
+        .arg("--no-progress")
+        .env("OPENAI_API_KEY", "sk-test-not-a-real-key");
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_requests_through_transient_faults_all_succeed_once() {
+    let faults = vec![
+        (FaultKind::Http500, 0.01),
+        (FaultKind::Http502, 0.01),
+        (FaultKind::Http503, 0.01),
+        (FaultKind::Overloaded529, 0.01),
+        (FaultKind::RateLimitNoRetryAfter, 0.003),
+        (FaultKind::Reset, 0.01),
+        (FaultKind::Truncated, 0.01),
+        (FaultKind::Html502, 0.01),
+        (FaultKind::Hang, 0.002),
+        (FaultKind::Drip, 0.005),
+    ];
+    let sim = sim(SimConfig {
+        faults,
+        seed: 11,
+        hang: Duration::from_secs(30),
+        drip: Duration::from_millis(200),
+        ..SimConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let n = 10_000;
+    let input = write_input(dir.path(), &prompts(n));
+    let output = dir.path().join("out.jsonl");
+    let report = dir.path().join("report.json");
+    let mut cmd = run_against(&sim, &input, &output);
+    cmd.args([
+        "--timeout",
+        "5s",
+        "--max-attempts",
+        "12",
+        "--concurrency",
+        "64",
+        "--report",
+    ])
+    .arg(&report);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    let lines = read_output(&output);
+    assert_eq!(lines.len(), n, "one output line per input line");
+    let ids: HashSet<&str> = lines
+        .iter()
+        .map(|l| l["custom_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), n, "no custom_id twice");
+    for l in &lines {
+        assert_eq!(l["status"], "succeeded", "{l}");
+        assert!(l["usage"]["total_tokens"].as_u64().unwrap() > 0);
+        assert!(l["attempts"].as_u64().unwrap() >= 1);
+    }
+    let stats = sim.stats();
+    assert_eq!(
+        stats.ok_duplicates, 0,
+        "a request was paid for twice: {stats:?}"
+    );
+    // A slow-dripping body is a correct 200 that the simulator counts as a fault, not `ok`.
+    let dripped = stats.injected_faults.get("drip").copied().unwrap_or(0);
+    assert!(dripped > 0);
+    assert_eq!(stats.ok + dripped, n as u64, "{stats:?}");
+    let injected: u64 = stats.injected_faults.values().sum();
+    assert!(injected > 500, "faults were injected: {stats:?}");
+    let retried = lines
+        .iter()
+        .filter(|l| l["attempts"].as_u64().unwrap() > 1)
+        .count();
+    assert!(
+        retried as u64 >= injected / 2,
+        "faulted requests were retried"
+    );
+
+    let report: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(report["total"], n);
+    assert_eq!(report["succeeded"], n);
+    assert_eq!(report["attempts"], stats.requests);
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paced_run_at_the_known_limits_gets_no_429s() {
+    let sim = sim(SimConfig {
+        rpm: Some(1_200),
+        tpm: Some(40_000),
+        latency: Duration::from_millis(50),
+        ..SimConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_input(dir.path(), &prompts(150));
+    let output = dir.path().join("out.jsonl");
+    let report = dir.path().join("report.json");
+    let mut cmd = run_against(&sim, &input, &output);
+    cmd.args(["--rpm", "1200", "--tpm", "40000", "--report"])
+        .arg(&report);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let stats = sim.stats();
+    assert_eq!(stats.rate_limited, 0, "{stats:?}");
+    assert_eq!(stats.ok, 150);
+    let report: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(report["rate_limited"], 0);
+    // 150 requests at 20/s after a burst of 10 take at least 7 s: pacing happened.
+    assert!(report["wall_secs"].as_f64().unwrap() >= 6.5, "{report}");
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursting_past_the_limit_is_cooled_down_not_failed() {
+    // The client is told nothing; the simulator enforces 600 RPM (burst 10).
+    let sim = sim(SimConfig {
+        rpm: Some(600),
+        ..SimConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_input(dir.path(), &prompts(40));
+    let output = dir.path().join("out.jsonl");
+    let report = dir.path().join("report.json");
+    let mut cmd = run_against(&sim, &input, &output);
+    cmd.args(["--concurrency", "40", "--report"]).arg(&report);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let stats = sim.stats();
+    assert!(stats.rate_limited > 0, "the burst hit the limit: {stats:?}");
+    assert_eq!(report["rate_limited"], stats.rate_limited);
+    // One cooldown per burst: far fewer cooldowns than 429s.
+    let cooldowns = report["cooldowns"].as_u64().unwrap();
+    assert!(cooldowns >= 1 && cooldowns < stats.rate_limited, "{report}");
+    assert_eq!(stats.ok, 40);
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_lines_abort_before_anything_is_sent_and_every_one_is_listed() {
+    let sim = sim(SimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut lines = prompts(5);
+    lines.insert(1, "{not json".into());
+    lines.insert(3, r#"{"custom_id":"q0","model":"m","prompt":"dup"}"#.into());
+    lines.push(r#"{"model":"m","messages":"hello"}"#.into());
+    lines.push(r#"{"what":"is this"}"#.into());
+    let input = write_input(dir.path(), &lines);
+    let output = dir.path().join("out.jsonl");
+    let out = run(run_against(&sim, &input, &output)).await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    for needle in [
+        "line 2: not valid JSON",
+        "line 4 (custom_id \"q0\"): field `custom_id`: duplicate: line 1 has the same custom_id",
+        "line 8 (custom_id \"line-8\"): field `messages`: missing or not an array",
+        "line 9 (custom_id \"line-9\"): unknown shape",
+        "4 of 9 lines are bad; nothing was sent",
+    ] {
+        assert!(err.contains(needle), "stderr lacks {needle:?}:\n{err}");
+    }
+    assert_eq!(sim.stats().requests, 0, "nothing was sent");
+    assert!(read_output(&output).is_empty());
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_lines_skipped_get_a_failed_line_and_the_rest_run() {
+    let sim = sim(SimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut lines = prompts(6);
+    lines.insert(2, r#"{"custom_id":"broken","prompt":42}"#.into());
+    let input = write_input(dir.path(), &lines);
+    let output = dir.path().join("out.jsonl");
+    let mut cmd = run_against(&sim, &input, &output);
+    cmd.args(["--on-bad-line", "skip"]);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(1), "some failed: {}", stderr(&out));
+    let out_lines = read_output(&output);
+    assert_eq!(out_lines.len(), 7);
+    let broken = out_lines
+        .iter()
+        .find(|l| l["custom_id"] == "broken")
+        .unwrap();
+    assert_eq!(broken["status"], "failed");
+    assert_eq!(broken["error"]["kind"], "invalid_input");
+    assert!(broken["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("line 3"));
+    assert_eq!(
+        out_lines
+            .iter()
+            .filter(|l| l["status"] == "succeeded")
+            .count(),
+        6
+    );
+    assert_eq!(sim.stats().ok, 6);
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_input_in_input_order_with_metadata_passed_through() {
+    let sim = sim(SimConfig {
+        latency: Duration::from_millis(5),
+        jitter: 0.9,
+        ..SimConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("out.jsonl");
+    let input: String = (0..200)
+        .map(|i| format!("{{\"prompt\":\"p{i}\",\"metadata\":{{\"row\":{i}}}}}\n"))
+        .collect();
+    let mut cmd = sluice();
+    cmd.args([
+        "run",
+        "-",
+        "--order",
+        "input",
+        "--model",
+        "gpt-4.1-mini",
+        "--no-progress",
+        "--base-url",
+    ])
+    .arg(sim.base_url())
+    .arg("-o")
+    .arg(&output)
+    .env("OPENAI_API_KEY", "sk-test")
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = cmd.spawn().unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let lines = read_output(&output);
+    assert_eq!(lines.len(), 200);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["custom_id"], format!("line-{}", i + 1), "input order");
+        assert_eq!(l["metadata"]["row"], i);
+        assert_eq!(l["model"], "gpt-4.1-mini");
+    }
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_exhaustion_stops_cleanly_with_one_line_per_request() {
+    let sim = sim(SimConfig {
+        faults: vec![(FaultKind::InsufficientQuota, 0.05)],
+        seed: 3,
+        latency: Duration::from_millis(10),
+        ..SimConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_input(dir.path(), &prompts(400));
+    let output = dir.path().join("out.jsonl");
+    let mut cmd = run_against(&sim, &input, &output);
+    cmd.args(["--concurrency", "4"]);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("quota"), "{}", stderr(&out));
+    let lines = read_output(&output);
+    assert_eq!(lines.len(), 400, "every request has its line");
+    let kinds: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l["error"]["kind"].as_str())
+        .collect();
+    assert!(kinds.contains(&"quota_exhausted"));
+    let not_attempted = kinds.iter().filter(|k| **k == "not_attempted").count();
+    assert!(
+        not_attempted > 300,
+        "the rest was not sent: {not_attempted}"
+    );
+    // Nothing was sent after the stop beyond what was already in flight.
+    assert!(sim.stats().requests < 100 + 4, "{:?}", sim.stats());
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_errors_are_tried_once() {
+    let sim = sim(SimConfig {
+        api_key: Some("sk-right".into()),
+        ..SimConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_input(dir.path(), &prompts(5));
+    let output = dir.path().join("out.jsonl");
+    let mut cmd = run_against(&sim, &input, &output);
+    cmd.env("OPENAI_API_KEY", "sk-wrong");
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    for l in read_output(&output) {
+        assert_eq!(l["status"], "failed");
+        assert_eq!(l["error"]["kind"], "authentication");
+        assert_eq!(l["error"]["status"], 401);
+        assert_eq!(l["attempts"], 1);
+    }
+    assert_eq!(sim.stats().requests, 5);
+    let err = stderr(&out);
+    assert!(
+        err.contains("authentication: 5"),
+        "summary groups failures: {err}"
+    );
+    assert!(!err.contains("sk-wrong"), "the key never shows");
+    sim.shutdown().await;
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_input(dir.path(), &prompts(1));
+    // No API key and no --sim.
+    let out = sluice()
+        .arg("run")
+        .arg(&input)
+        .arg("--no-progress")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("OPENAI_API_KEY"), "{}", stderr(&out));
+    // Impossible settings.
+    let out = sluice()
+        .arg("run")
+        .arg(&input)
+        .args(["--concurrency", "0", "--sim"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("concurrency"), "{}", stderr(&out));
+    let out = sluice()
+        .arg("run")
+        .arg(&input)
+        .args(["--timeout", "soon"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    // Missing input file.
+    let out = sluice()
+        .args(["run", "/nonexistent/in.jsonl", "--sim"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("does not exist"));
+}
+
+#[test]
+fn sim_flag_runs_without_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_input(dir.path(), &prompts(20));
+    let output = dir.path().join("out.jsonl");
+    let out = sluice()
+        .arg("run")
+        .arg(&input)
+        .arg("-o")
+        .arg(&output)
+        .args(["--sim", "--sim-latency-ms", "1", "--no-progress"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(read_output(&output).len(), 20);
+    assert!(stderr(&out).contains("20 requests: 20 succeeded, 0 failed"));
+}
