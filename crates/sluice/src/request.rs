@@ -69,7 +69,8 @@ pub struct Request {
     pub model: String,
     /// The JSON body sent to the provider.
     pub body: Bytes,
-    /// Estimated input tokens (tiktoken), reserved against the TPM limit before sending.
+    /// Estimated input tokens, reserved against the TPM limit before sending: tiktoken's
+    /// count when [`LineParser::count_tokens`] is on, else a quarter of the body's bytes.
     pub input_tokens: u32,
     /// The most output tokens the request may produce, also reserved before sending.
     pub max_output_tokens: u32,
@@ -120,6 +121,9 @@ pub struct LineParser {
     /// Output tokens reserved for chat requests that set no `max_tokens` /
     /// `max_completion_tokens`.
     pub assumed_output_tokens: u32,
+    /// Count input tokens with tiktoken (needed to pace a tokens-per-minute limit). Off, the
+    /// estimate is a quarter of the body's bytes and tiktoken's tables are never loaded.
+    pub count_tokens: bool,
     estimator: TokenEstimator,
 }
 
@@ -138,6 +142,7 @@ impl LineParser {
         LineParser {
             default_model,
             assumed_output_tokens: DEFAULT_ASSUMED_OUTPUT_TOKENS,
+            count_tokens: true,
             estimator: TokenEstimator::new(),
         }
     }
@@ -218,6 +223,12 @@ impl LineParser {
                 "Anthropic batch lines need an Anthropic target, which this build does not support yet"
                     .into(),
             ));
+        } else if obj.contains_key("prompt") && obj.contains_key("messages") {
+            return Err(bad(
+                id,
+                Some("prompt"),
+                "a line has either `prompt` or `messages`, not both".into(),
+            ));
         } else if let Some(prompt) = obj.remove("prompt") {
             let Value::String(prompt) = prompt else {
                 return Err(bad(id, Some("prompt"), "must be a string".into()));
@@ -289,7 +300,7 @@ impl LineParser {
                 let max_out = output_bound(&body)
                     .map_err(|(field, reason)| bad(id, Some(field), reason))?
                     .unwrap_or(self.assumed_output_tokens);
-                let input = if full {
+                let input = if full && self.count_tokens {
                     self.estimator.chat_input_tokens(messages)
                 } else {
                     0
@@ -307,7 +318,7 @@ impl LineParser {
                         ))
                     }
                 };
-                let tokens = if full {
+                let tokens = if full && self.count_tokens {
                     self.estimator.embedding_input_tokens(input)
                 } else {
                     0
@@ -320,6 +331,11 @@ impl LineParser {
             Bytes::from(serde_json::to_vec(&Value::Object(body)).expect("a JSON map serialises"))
         } else {
             Bytes::new()
+        };
+        let input_tokens = if full && !self.count_tokens {
+            (body.len() / 4) as u32
+        } else {
+            input_tokens
         };
         Ok(Request {
             custom_id,
@@ -427,6 +443,11 @@ mod tests {
                 r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":-1}"#,
                 Some("max_tokens"),
                 "positive",
+            ),
+            (
+                r#"{"prompt":"x","model":"m","messages":[{"role":"user","content":"y"}]}"#,
+                Some("prompt"),
+                "not both",
             ),
             (
                 r#"{"custom_id":5,"prompt":"x"}"#,

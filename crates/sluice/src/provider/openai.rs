@@ -155,11 +155,41 @@ fn natural_kind(status: u16, code: &str, etype: &str, message: &str) -> ErrorKin
 }
 
 fn parse_success(body: &[u8]) -> Result<(Box<RawValue>, Option<Usage>), serde_json::Error> {
-    let raw: Box<RawValue> = serde_json::from_slice(body)?;
+    let raw: Box<RawValue> = serde_json::from_slice(&compact(body))?;
     let usage = serde_json::from_str::<UsageOnly>(raw.get())
         .ok()
         .and_then(|u| u.usage);
     Ok((raw, usage))
+}
+
+/// A JSON text without its insignificant whitespace, so that a pretty-printed response
+/// stays on one output line. Compact bodies (the usual case) are returned as they are.
+///
+/// Whitespace outside strings is all that is removed; a raw newline cannot occur inside a
+/// valid JSON string, so a body without one needs no work.
+fn compact(body: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if !body.contains(&b'\n') {
+        return std::borrow::Cow::Borrowed(body);
+    }
+    let mut out = Vec::with_capacity(body.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in body {
+        if in_string {
+            out.push(b);
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if !matches!(b, b' ' | b'\n' | b'\r' | b'\t') {
+            out.push(b);
+            in_string = b == b'"';
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// The start of a non-JSON body (an HTML error page, say), as one line.
@@ -207,6 +237,21 @@ mod tests {
             Verdict::Success { usage, response } => {
                 assert_eq!(usage.unwrap().total(), 7);
                 assert!(response.get().contains("\"id\""));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn pretty_printed_success_is_compacted_to_one_line() {
+        let body = "{\n  \"id\": \"a b\",\n  \"s\": \"q\\\" x\\n\",\n  \"usage\": {\"prompt_tokens\": 1,\n \"completion_tokens\": 2, \"total_tokens\": 3}\n}\n";
+        match classify_response(&resp(200, body, &[])) {
+            Verdict::Success { response, usage } => {
+                assert_eq!(
+                    response.get(),
+                    r#"{"id":"a b","s":"q\" x\n","usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#
+                );
+                assert_eq!(usage.unwrap().total(), 3);
             }
             other => panic!("{other:?}"),
         }
