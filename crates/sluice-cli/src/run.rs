@@ -234,6 +234,8 @@ fn prepare(args: &RunArgs) -> Result<Option<Prepared>, Usage> {
 
     let mut parser = LineParser::new(args.model.clone());
     parser.assumed_output_tokens = args.assume_output_tokens;
+    // Token estimates only matter for pacing a tokens-per-minute limit.
+    parser.count_tokens = config.tpm.is_some();
     let scan = input::scan(input.path(), &parser)
         .map_err(|e| Usage(format!("cannot read {}: {e}", args.input)))?;
     if !scan.bad.is_empty() {
@@ -345,7 +347,7 @@ async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
     };
 
     let (bad_tx, mut bad_rx) = mpsc::unbounded_channel();
-    let requests = input::stream(input.path().to_path_buf(), parser, scan.bad, 1024, bad_tx);
+    let requests = input::stream(input.path().to_path_buf(), parser, scan.bad, 16, bad_tx);
     let read_error: Arc<Mutex<Option<io::Error>>> = Arc::default();
     let requests = request_stream(requests, read_error.clone());
 
@@ -435,12 +437,12 @@ async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
 /// Requests from the input thread as a stream; a read error ends it and is kept for the
 /// end of the run.
 fn request_stream(
-    rx: mpsc::Receiver<io::Result<Request>>,
+    rx: mpsc::Receiver<io::Result<Vec<Request>>>,
     error: Arc<Mutex<Option<io::Error>>>,
 ) -> impl futures::Stream<Item = Request> + Send + 'static {
     futures::stream::unfold((rx, error), |(mut rx, error)| async move {
         match rx.recv().await {
-            Some(Ok(r)) => Some((r, (rx, error))),
+            Some(Ok(batch)) => Some((futures::stream::iter(batch), (rx, error))),
             Some(Err(e)) => {
                 *error.lock().expect("not poisoned") = Some(e);
                 None
@@ -448,6 +450,7 @@ fn request_stream(
             None => None,
         }
     })
+    .flatten()
 }
 
 /// Where outcomes go: the output file and the summary. A write error is kept (and stops

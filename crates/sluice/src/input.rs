@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
@@ -43,11 +43,7 @@ pub fn scan(path: &Path, parser: &LineParser) -> io::Result<ScanReport> {
     for_each_line(path, |line_no, text| {
         report.requests += 1;
         match parser.check(line_no, text) {
-            Ok(id) => {
-                let mut h = hasher.build_hasher();
-                id.hash(&mut h);
-                ids.push((h.finish(), line_no));
-            }
+            Ok(id) => ids.push((hasher.hash_one(&id), line_no)),
             Err(bad) => report.bad.push(bad),
         }
     })?;
@@ -95,29 +91,43 @@ fn for_each_line(path: &Path, mut f: impl FnMut(u64, &str)) -> io::Result<()> {
     })
 }
 
-/// Streams the requests of `path` into a channel of capacity `buffer`, from a blocking
-/// thread. Lines listed in `bad` (from [`scan`]) are not sent as requests but to `bad_tx`.
-/// Returns the receiver of requests; the thread ends at the end of the file, or early when
-/// the receiver is dropped.
+/// Requests go to the engine in batches of this many, so the reader thread and the
+/// scheduler wake each other once per batch rather than once per request.
+const BATCH: usize = 64;
+
+/// Streams the requests of `path` into a channel holding up to `buffer` batches, from a
+/// blocking thread. Lines listed in `bad` (from [`scan`]) are not sent as requests but to
+/// `bad_tx`. Returns the receiver of request batches; the thread ends at the end of the
+/// file, or early when the receiver is dropped.
 pub fn stream(
     path: PathBuf,
     parser: LineParser,
     bad: Vec<BadLine>,
     buffer: usize,
     bad_tx: mpsc::UnboundedSender<BadLine>,
-) -> mpsc::Receiver<io::Result<Request>> {
+) -> mpsc::Receiver<io::Result<Vec<Request>>> {
     let (tx, rx) = mpsc::channel(buffer);
     std::thread::Builder::new()
         .name("sluice-input".into())
         .spawn(move || {
             let mut bad: HashMap<u64, BadLine> = bad.into_iter().map(|b| (b.line, b)).collect();
+            let mut batch = Vec::with_capacity(BATCH);
             let result = for_each_line_until(&path, |line_no, text| {
                 if let Some(b) = bad.remove(&line_no) {
                     let _ = bad_tx.send(b);
                     return true;
                 }
                 match parser.parse(line_no, text) {
-                    Ok(request) => tx.blocking_send(Ok(request)).is_ok(),
+                    Ok(request) => {
+                        batch.push(request);
+                        batch.len() < BATCH
+                            || tx
+                                .blocking_send(Ok(std::mem::replace(
+                                    &mut batch,
+                                    Vec::with_capacity(BATCH),
+                                )))
+                                .is_ok()
+                    }
                     Err(b) => {
                         // The file changed under us since the scan; report, do not send.
                         let _ = bad_tx.send(b);
@@ -125,6 +135,9 @@ pub fn stream(
                     }
                 }
             });
+            if !batch.is_empty() {
+                let _ = tx.blocking_send(Ok(batch));
+            }
             if let Err(e) = result {
                 let _ = tx.blocking_send(Err(e));
             }
@@ -193,8 +206,8 @@ mod tests {
         let (bad_tx, mut bad_rx) = mpsc::unbounded_channel();
         let mut rx = stream(f.path().to_path_buf(), parser, r.bad, 4, bad_tx);
         let mut ids = vec![];
-        while let Some(req) = rx.recv().await {
-            ids.push(req.unwrap().custom_id);
+        while let Some(batch) = rx.recv().await {
+            ids.extend(batch.unwrap().into_iter().map(|r| r.custom_id));
         }
         assert_eq!(ids, vec!["line-1", "line-3"]);
         assert_eq!(bad_rx.recv().await.unwrap().line, 2);

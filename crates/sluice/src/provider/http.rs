@@ -5,7 +5,7 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderValue};
 
 use super::{AttemptFuture, HttpResponse, Transport, TransportError};
-use crate::request::Request;
+use crate::request::{Endpoint, Request};
 
 /// Sends requests to one API base URL with one API key.
 ///
@@ -15,6 +15,9 @@ use crate::request::Request;
 pub struct HttpTransport {
     client: reqwest::Client,
     base_url: String,
+    /// The full URL of each endpoint, parsed once.
+    chat_url: reqwest::Url,
+    embeddings_url: reqwest::Url,
     auth: Option<HeaderValue>,
 }
 
@@ -34,7 +37,7 @@ pub enum TransportBuildError {
     #[error("the API key contains characters that cannot go in an HTTP header")]
     BadKey,
     /// The base URL is not an http(s) URL.
-    #[error("base URL {0:?} must start with http:// or https://")]
+    #[error("base URL {0:?} must be an http:// or https:// URL")]
     BadBaseUrl(String),
     /// reqwest refused the settings.
     #[error("could not build the HTTP client: {0}")]
@@ -74,9 +77,16 @@ impl HttpTransport {
             .tcp_nodelay(true)
             .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")))
             .build()?;
+        let base_url = base_url.trim_end_matches('/').to_string();
+        let url = |endpoint: Endpoint| {
+            reqwest::Url::parse(&format!("{base_url}{}", endpoint.path()))
+                .map_err(|_| TransportBuildError::BadBaseUrl(base_url.clone()))
+        };
         Ok(HttpTransport {
             client,
-            base_url: base_url.trim_end_matches('/').to_string(),
+            chat_url: url(Endpoint::ChatCompletions)?,
+            embeddings_url: url(Endpoint::Embeddings)?,
+            base_url,
             auth,
         })
     }
@@ -84,10 +94,11 @@ impl HttpTransport {
 
 impl Transport for HttpTransport {
     fn send(&self, request: &Request) -> AttemptFuture {
-        let mut builder = self
-            .client
-            .post(format!("{}{}", self.base_url, request.endpoint.path()))
-            .body(request.body.clone());
+        let url = match request.endpoint {
+            Endpoint::ChatCompletions => &self.chat_url,
+            Endpoint::Embeddings => &self.embeddings_url,
+        };
+        let mut builder = self.client.post(url.clone()).body(request.body.clone());
         if let Some(auth) = &self.auth {
             builder = builder.header(http::header::AUTHORIZATION, auth.clone());
         }
