@@ -27,7 +27,7 @@ class Sim:
     def __init__(self, *flags):
         binary = os.environ.get("SLUICE_BIN")
         if not binary:
-            pytest.skip("set SLUICE_BIN to the sluice binary")
+            pytest.fail("set SLUICE_BIN to the sluice binary (scripts/test.sh does)")
         cmd = [binary, "sim", "--port", "0", "--api-key", API_KEY, *flags]
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

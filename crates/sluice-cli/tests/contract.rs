@@ -485,3 +485,42 @@ fn every_request_body_sluice_sends_validates_against_the_openai_spec() {
     );
     assert_eq!(succeeded.len(), expected.len());
 }
+
+/// The outcome file is JSONL: one outcome per line, even when the provider pretty-prints
+/// its response (steady does; so does api.openai.com).
+#[test]
+fn outcome_file_is_one_json_object_per_line_when_responses_are_pretty_printed() {
+    let steady = Steady::start(&steady_bin(), &specs_dir().join("openai-openapi.yaml"));
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let output = dir.path().join("out.jsonl");
+    std::fs::write(
+        &input,
+        "{\"custom_id\":\"a\",\"model\":\"gpt-4.1-mini\",\"prompt\":\"contract:a hi\"}\n\
+         {\"custom_id\":\"b\",\"model\":\"text-embedding-3-small\",\"input\":\"contract:b\"}\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("run")
+        .arg(&input)
+        .arg("-o")
+        .arg(&output)
+        .args(["--base-url", &format!("http://127.0.0.1:{}", steady.port)])
+        .args(["--no-progress", "--max-attempts", "1"])
+        .env("OPENAI_API_KEY", "sk-contract-test")
+        .output()
+        .expect("sluice runs");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&output).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "two outcomes, two lines:\n{text}");
+    for l in lines {
+        let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}"));
+        assert_eq!(v["status"], "succeeded", "{l}");
+    }
+}
