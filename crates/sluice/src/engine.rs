@@ -76,6 +76,11 @@ pub struct EngineConfig {
     pub reorder_window: usize,
     /// Seed of the backoff jitter.
     pub seed: u64,
+    /// Waits for the rate limiter end on a grid of this step, so that one wake-up sends
+    /// every request that became due since the last (at 100 requests/s and 50 ms, five at
+    /// a time). The buckets still bound what is sent; a request waits at most one step
+    /// longer. Zero: wake for each request.
+    pub send_quantum: Duration,
 }
 
 impl Default for EngineConfig {
@@ -91,6 +96,7 @@ impl Default for EngineConfig {
             order: Order::Completion,
             reorder_window: 4096,
             seed: 0,
+            send_quantum: Duration::from_millis(50),
         }
     }
 }
@@ -215,6 +221,11 @@ impl EngineConfigBuilder {
     /// Jitter seed.
     pub fn seed(mut self, seed: u64) -> Self {
         self.config.seed = seed;
+        self
+    }
+    /// Grid step of the limiter's wake-ups.
+    pub fn send_quantum(mut self, d: Duration) -> Self {
+        self.config.send_quantum = d;
         self
     }
     /// The checked settings.
@@ -407,6 +418,7 @@ impl Engine {
             cooldown_streak: 0,
             halted: false,
             interrupted: false,
+            started: now,
         };
         let task = tokio::spawn(scheduler.run(Box::pin(requests), out_tx, stop_rx));
         Run {
@@ -516,6 +528,8 @@ struct Scheduler {
     halted: bool,
     /// Interrupted: no more input is taken; live requests finish.
     interrupted: bool,
+    /// When the run started: the origin of the send grid.
+    started: Instant,
 }
 
 impl Scheduler {
@@ -553,7 +567,7 @@ impl Scheduler {
                 && (self.halted
                     || (self.live.len() < self.config.concurrency && self.window_open()));
             let wake = [
-                next_send,
+                next_send.map(|t| self.on_grid(t)),
                 self.retries.peek().map(|Reverse((t, _))| *t),
                 self.deadlines.first().map(|(t, _)| *t),
             ]
@@ -581,6 +595,17 @@ impl Scheduler {
                 _ = tokio::time::sleep_until(wake.unwrap_or(now)), if wake.is_some() => {}
             }
         }
+    }
+
+    /// `t` rounded up to the send grid (see [`EngineConfig::send_quantum`]).
+    fn on_grid(&self, t: Instant) -> Instant {
+        let q = self.config.send_quantum.as_nanos();
+        if q == 0 {
+            return t;
+        }
+        let since = (t - self.started).as_nanos();
+        let steps = since.div_ceil(q);
+        self.started + Duration::from_nanos((steps * q) as u64)
     }
 
     fn stop_reason(&self) -> Option<StopReason> {

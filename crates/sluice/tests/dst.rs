@@ -258,6 +258,11 @@ fn draw(seed: u64) -> Schedule {
             Order::Completion
         })
         .reorder_window(rng.random_range(1..64))
+        .send_quantum(Duration::from_millis(if rng.random_bool(0.5) {
+            0
+        } else {
+            50
+        }))
         .seed(seed);
     if rng.random_bool(0.5) {
         b = b.rpm(rng.random_range(30.0..3_000.0));
