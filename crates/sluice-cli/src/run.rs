@@ -363,6 +363,7 @@ async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
         error: None,
     };
     let mut interrupts = 0u32;
+    let mut signals = Signals::new()?;
     let mut flush_tick = tokio::time::interval(Duration::from_secs(1));
     let mut bad_open = true;
 
@@ -376,14 +377,15 @@ async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
                 Some(b) => sink.write(&Outcome::invalid_input(&b)),
                 None => bad_open = false,
             },
-            _ = tokio::signal::ctrl_c() => {
+            signal = signals.next() => {
                 interrupts += 1;
                 if interrupts == 1 {
                     stopper.stop();
-                    view.println("interrupted: taking no more input; waiting for live requests to finish (Ctrl-C again to abandon them)");
+                    view.println(&format!("{signal}: taking no more input; waiting for live requests to finish (Ctrl-C again to abandon them)"));
                 } else {
+                    sink.flush();
                     view.finish();
-                    eprintln!("abandoned the requests still live; outcomes written so far are in the output");
+                    eprintln!("{signal} again: abandoned the requests still live; the outcomes written so far are in the output");
                     return Ok(exit::STOPPED);
                 }
             }
@@ -476,6 +478,37 @@ impl Sink {
             if let Err(e) = self.writer.flush() {
                 self.error = Some(e);
             }
+        }
+    }
+}
+
+/// Ctrl-C (SIGINT) and SIGTERM: both stop the run the same way.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> io::Result<Self> {
+        Ok(Signals {
+            #[cfg(unix)]
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?,
+        })
+    }
+
+    /// Waits for the next signal and names it.
+    async fn next(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => "interrupted",
+                _ = self.term.recv() => "terminated",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "interrupted"
         }
     }
 }

@@ -440,3 +440,60 @@ fn sim_flag_runs_without_a_key() {
     assert_eq!(read_output(&output).len(), 20);
     assert!(stderr(&out).contains("20 requests: 20 succeeded, 0 failed"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_and_sigterm_stop_taking_input_and_finish_live_requests() {
+    for signal in ["INT", "TERM"] {
+        let sim = sim(SimConfig {
+            latency: Duration::from_millis(300),
+            ..SimConfig::default()
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let input = write_input(dir.path(), &prompts(2_000));
+        let output = dir.path().join("out.jsonl");
+        let report = dir.path().join("report.json");
+        let mut cmd = run_against(&sim, &input, &output);
+        cmd.args(["--rpm", "600", "--concurrency", "8", "--report"])
+            .arg(&report)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().unwrap();
+        // Wait until some outcomes exist, then signal.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while sim.stats().ok < 5 {
+            assert!(std::time::Instant::now() < deadline, "no progress");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+            .await
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(3), "SIG{signal}: {err}");
+        let word = if signal == "INT" {
+            "interrupted"
+        } else {
+            "terminated"
+        };
+        assert!(
+            err.contains(&format!("{word}: taking no more input")),
+            "{err}"
+        );
+        assert!(err.contains("input left unread"), "{err}");
+        let lines = read_output(&output);
+        assert!(!lines.is_empty() && lines.len() < 2_000, "{}", lines.len());
+        // Every request sent got its outcome; none was sent twice or left without a line.
+        let stats = sim.stats();
+        assert_eq!(stats.requests, lines.len() as u64, "{stats:?}");
+        assert!(lines.iter().all(|l| l["status"] == "succeeded"));
+        let report: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        assert_eq!(report["stopped"], "interrupted");
+        assert_eq!(report["total"], lines.len());
+        sim.shutdown().await;
+    }
+}
