@@ -497,3 +497,42 @@ async fn sigint_and_sigterm_stop_taking_input_and_finish_live_requests() {
         sim.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_rate_limit_is_found_by_the_send_window_and_nothing_fails() {
+    // The simulator enforces 500 RPM; the client is told nothing. Without the adaptive
+    // send window every cooldown released all queued requests at once and requests ran
+    // out of rate-limit waits.
+    let sim = sim(SimConfig {
+        rpm: Some(500),
+        latency: Duration::from_millis(300),
+        ..SimConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_input(dir.path(), &prompts(100));
+    let output = dir.path().join("out.jsonl");
+    let report = dir.path().join("report.json");
+    let mut cmd = run_against(&sim, &input, &output);
+    cmd.args([
+        "--concurrency",
+        "64",
+        "--max-rate-limit-waits",
+        "10",
+        "--report",
+    ])
+    .arg(&report);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(report["succeeded"], 100, "{report}");
+    let stats = sim.stats();
+    assert_eq!(stats.ok, 100);
+    // Far fewer 429s than the herd would produce (64 per cooldown).
+    let cooldowns = report["cooldowns"].as_u64().unwrap();
+    assert!(
+        stats.rate_limited < 64 * cooldowns.max(1) / 2,
+        "{stats:?} {report}"
+    );
+    sim.shutdown().await;
+}

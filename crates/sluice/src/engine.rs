@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::limiter::Limiter;
+use crate::limiter::{Limiter, SendWindow};
 use crate::outcome::{ErrorInfo, ErrorKind, Outcome, Status};
 use crate::provider::{classify, Transport, TransportError, Verdict};
 use crate::request::Request;
@@ -400,6 +400,8 @@ impl Engine {
         let now = Instant::now();
         let scheduler = Scheduler {
             limiter: Limiter::new(self.config.rpm, self.config.tpm, self.config.burst, now),
+            window: SendWindow::new(self.config.concurrency),
+            in_flight: 0,
             config: self.config.clone(),
             transport: self.transport.clone(),
             observer: self.observer.clone(),
@@ -504,6 +506,10 @@ struct Scheduler {
     observer: Option<Observer>,
     progress: Arc<Progress>,
     limiter: Limiter,
+    /// Attempts allowed in flight, halved by each burst of 429s.
+    window: SendWindow,
+    /// Attempts on the wire.
+    in_flight: usize,
     rng: SmallRng,
     /// Every admitted request without an outcome, by sequence number.
     live: HashMap<u64, Live>,
@@ -699,12 +705,16 @@ impl Scheduler {
         }
     }
 
-    /// Sends what the limiter allows; returns when the head of the queue may go next.
+    /// Sends what the limiter allows; returns when the head of the queue may go next (a
+    /// full send window is waited out by the next report, not a timer).
     fn dispatch(&mut self, now: Instant) -> Option<Instant> {
         if self.halted {
             return None;
         }
         while let Some(&seq) = self.ready.front() {
+            if !self.window.allows(self.in_flight) {
+                return None;
+            }
             let tokens = self.live[&seq].request.reserved_tokens();
             let at = self.limiter.ready_at(tokens, now);
             if at > now {
@@ -722,6 +732,7 @@ impl Scheduler {
         let live = self.live.get_mut(&seq).expect("queued requests are live");
         live.attempts += 1;
         live.in_flight = true;
+        self.in_flight += 1;
         live.reserved = tokens;
         let timeout = match live.deadline {
             Some(d) => self
@@ -771,12 +782,14 @@ impl Scheduler {
             .expect("an attempt's request stays live");
         debug_assert!(live.in_flight);
         live.in_flight = false;
+        self.in_flight -= 1;
         Progress::sub(&self.progress.in_flight, 1);
         match report.verdict {
             Verdict::Success { response, usage } => {
                 let actual = usage.map_or(live.reserved, |u| u.total());
                 self.limiter.settle(live.reserved, actual, now);
                 self.cooldown_streak = 0;
+                self.window.on_success();
                 if let Some(u) = usage {
                     Progress::add(&self.progress.prompt_tokens, u.prompt_tokens);
                     Progress::add(&self.progress.completion_tokens, u.completion_tokens);
@@ -809,6 +822,8 @@ impl Scheduler {
                 };
                 if let Some(c) = self.limiter.on_rate_limited(report.generation, wait, now) {
                     self.cooldown_streak += 1;
+                    // Every attempt out now was sent into the same burst, as was this one.
+                    self.window.on_cooldown(self.in_flight + 1);
                     Progress::add(&self.progress.cooldowns, 1);
                     self.observe(|| EngineEvent::Cooldown {
                         trigger_generation: c.trigger_generation,

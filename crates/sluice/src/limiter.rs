@@ -188,6 +188,59 @@ impl Limiter {
     }
 }
 
+/// How many attempts may be in flight, adapted to the provider like TCP's congestion
+/// window: the first 429 of a burst halves it, successes grow it back (by one per success
+/// up to the last known-good size, then by one per window's worth of successes), up to
+/// the configured concurrency.
+///
+/// Without it, a run whose rate limit is unknown releases every queued request the moment
+/// a cooldown ends, and all but the first few meet another 429: the herd never shrinks.
+#[derive(Clone, Debug)]
+pub struct SendWindow {
+    size: f64,
+    max: f64,
+    threshold: f64,
+}
+
+impl SendWindow {
+    /// A window that starts fully open at `max` attempts.
+    pub fn new(max: usize) -> Self {
+        let max = max.max(1) as f64;
+        SendWindow {
+            size: max,
+            max,
+            threshold: max,
+        }
+    }
+
+    /// Whether one more attempt may go out while `in_flight` are out. One always may when
+    /// none is.
+    pub fn allows(&self, in_flight: usize) -> bool {
+        (in_flight as f64) < self.size.floor().max(1.0)
+    }
+
+    /// The current size.
+    pub fn size(&self) -> f64 {
+        self.size
+    }
+
+    /// An attempt succeeded.
+    pub fn on_success(&mut self) {
+        self.size += if self.size < self.threshold {
+            1.0
+        } else {
+            1.0 / self.size
+        };
+        self.size = self.size.min(self.max);
+    }
+
+    /// A burst of 429s began while `in_flight` attempts were out.
+    pub fn on_cooldown(&mut self, in_flight: usize) {
+        self.threshold = (in_flight as f64 / 2.0).max(1.0);
+        self.size = self.threshold;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +281,31 @@ mod tests {
         assert!((b.level(t0) - 70.0).abs() < 1e-9);
         b.settle(80.0, 0.0, t0);
         assert!((b.level(t0) - 100.0).abs() < 1e-9, "capped");
+    }
+
+    #[test]
+    fn window_halves_on_a_burst_and_grows_back() {
+        let mut w = SendWindow::new(64);
+        assert!(w.allows(63) && !w.allows(64));
+        w.on_cooldown(40);
+        assert_eq!(w.size(), 20.0);
+        assert!(!w.allows(20));
+        // Above the threshold it grows by one per window of successes.
+        for _ in 0..20 {
+            w.on_success();
+        }
+        assert!(w.size() > 20.9 && w.size() < 21.1, "{}", w.size());
+        // A burst with one attempt out still leaves room for one.
+        w.on_cooldown(1);
+        assert_eq!(w.size(), 1.0);
+        assert!(w.allows(0) && !w.allows(1));
+        // Slow start back to the threshold, then never past the maximum.
+        let mut w = SendWindow::new(8);
+        w.on_cooldown(2);
+        for _ in 0..1000 {
+            w.on_success();
+        }
+        assert_eq!(w.size(), 8.0);
     }
 
     #[tokio::test(start_paused = true)]
