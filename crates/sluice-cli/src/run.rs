@@ -346,6 +346,7 @@ async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
         None => Box::new(BufWriter::with_capacity(1 << 16, io::stdout())),
     };
 
+    let good_lines = scan.good();
     let (bad_tx, mut bad_rx) = mpsc::unbounded_channel();
     let requests = input::stream(input.path().to_path_buf(), parser, scan.bad, 16, bad_tx);
     let read_error: Arc<Mutex<Option<io::Error>>> = Arc::default();
@@ -355,7 +356,8 @@ async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
     let started = Instant::now();
     let mut run = engine.run(requests);
     let show = !args.no_progress && io::stderr().is_terminal();
-    let view = ProgressView::start(scan.requests, run.progress(), config.rpm, config.tpm, show);
+    // The bar counts what the engine runs; skipped bad lines are reported apart.
+    let view = ProgressView::start(good_lines, run.progress(), config.rpm, config.tpm, show);
     let stopper = run.stopper();
     let mut sink = Sink {
         writer,

@@ -400,8 +400,8 @@ impl Engine {
         let now = Instant::now();
         let scheduler = Scheduler {
             limiter: Limiter::new(self.config.rpm, self.config.tpm, self.config.burst, now),
-            window: SendWindow::new(self.config.concurrency),
-            in_flight: 0,
+            window: (self.config.rpm.is_none() && self.config.tpm.is_none())
+                .then(|| SendWindow::new(self.config.concurrency)),
             config: self.config.clone(),
             transport: self.transport.clone(),
             observer: self.observer.clone(),
@@ -506,10 +506,9 @@ struct Scheduler {
     observer: Option<Observer>,
     progress: Arc<Progress>,
     limiter: Limiter,
-    /// Attempts allowed in flight, halved by each burst of 429s.
-    window: SendWindow,
-    /// Attempts on the wire.
-    in_flight: usize,
+    /// Attempts allowed in flight, halved by each burst of 429s; only when no RPM or TPM
+    /// limit is set (a bucket paces the release after a cooldown instead).
+    window: Option<SendWindow>,
     rng: SmallRng,
     /// Every admitted request without an outcome, by sequence number.
     live: HashMap<u64, Live>,
@@ -614,6 +613,11 @@ impl Scheduler {
         self.started + Duration::from_nanos((steps * q) as u64)
     }
 
+    /// Attempts on the wire (the gauge only the scheduler writes).
+    fn in_flight(&self) -> usize {
+        self.progress.in_flight.load(Ordering::Relaxed) as usize
+    }
+
     fn stop_reason(&self) -> Option<StopReason> {
         if self.halted {
             Some(StopReason::QuotaExhausted)
@@ -712,7 +716,11 @@ impl Scheduler {
             return None;
         }
         while let Some(&seq) = self.ready.front() {
-            if !self.window.allows(self.in_flight) {
+            if self
+                .window
+                .as_ref()
+                .is_some_and(|w| !w.allows(self.in_flight()))
+            {
                 return None;
             }
             let tokens = self.live[&seq].request.reserved_tokens();
@@ -732,7 +740,6 @@ impl Scheduler {
         let live = self.live.get_mut(&seq).expect("queued requests are live");
         live.attempts += 1;
         live.in_flight = true;
-        self.in_flight += 1;
         live.reserved = tokens;
         let timeout = match live.deadline {
             Some(d) => self
@@ -782,14 +789,15 @@ impl Scheduler {
             .expect("an attempt's request stays live");
         debug_assert!(live.in_flight);
         live.in_flight = false;
-        self.in_flight -= 1;
         Progress::sub(&self.progress.in_flight, 1);
         match report.verdict {
             Verdict::Success { response, usage } => {
                 let actual = usage.map_or(live.reserved, |u| u.total());
                 self.limiter.settle(live.reserved, actual, now);
                 self.cooldown_streak = 0;
-                self.window.on_success();
+                if let Some(w) = &mut self.window {
+                    w.on_success();
+                }
                 if let Some(u) = usage {
                     Progress::add(&self.progress.prompt_tokens, u.prompt_tokens);
                     Progress::add(&self.progress.completion_tokens, u.completion_tokens);
@@ -823,7 +831,10 @@ impl Scheduler {
                 if let Some(c) = self.limiter.on_rate_limited(report.generation, wait, now) {
                     self.cooldown_streak += 1;
                     // Every attempt out now was sent into the same burst, as was this one.
-                    self.window.on_cooldown(self.in_flight + 1);
+                    let in_flight = self.in_flight() + 1;
+                    if let Some(w) = &mut self.window {
+                        w.on_cooldown(in_flight);
+                    }
                     Progress::add(&self.progress.cooldowns, 1);
                     self.observe(|| EngineEvent::Cooldown {
                         trigger_generation: c.trigger_generation,
