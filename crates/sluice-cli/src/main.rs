@@ -5,8 +5,10 @@
 //! (the simulator): argument parsing, input and output files, progress, the summary and
 //! exit codes.
 
+mod durable;
 mod progress;
 mod run;
+mod status;
 
 use std::process::ExitCode;
 
@@ -44,6 +46,8 @@ enum Command {
     Run(Box<run::RunArgs>),
     /// Serve a local OpenAI- and Anthropic-compatible simulator with rate limits and faults.
     Sim(sluice_sim::cli::SimArgs),
+    /// Show where a run stands, from its journal, without changing it.
+    Status(status::StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,11 +59,14 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Command::Status(args) = cli.command {
+        return ExitCode::from(status::run(args));
+    }
     // The client's own work per request is a few microseconds: one thread does it with no
     // cross-thread wake-ups (measured: less CPU per request than the multi-thread runtime).
     let mut builder = match &cli.command {
         Command::Run(_) => tokio::runtime::Builder::new_current_thread(),
-        Command::Sim(_) => tokio::runtime::Builder::new_multi_thread(),
+        Command::Sim(_) | Command::Status(_) => tokio::runtime::Builder::new_multi_thread(),
     };
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
@@ -77,5 +84,6 @@ fn main() -> ExitCode {
                 ExitCode::from(exit::BAD_INPUT)
             }
         },
+        Command::Status(_) => unreachable!("handled above"),
     }
 }

@@ -1,21 +1,22 @@
 //! `sluice run`: input file → engine → output file, with progress and a summary.
 
-use std::fs::File;
-use std::io::{self, BufWriter, IsTerminal, Write};
+use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use sluice::engine::{EngineConfig, Order};
-use sluice::input;
+use sluice::input::{self, Done};
+use sluice::journal::{Journal, JournalMeta, JournalStatus};
 use sluice::provider::http::HttpTransport;
-use sluice::summary::{Summary, SummaryBuilder};
+use sluice::summary::Summary;
 use sluice::{Engine, LineParser, Outcome, Request};
 use tokio::sync::mpsc;
 
+use crate::durable::{self, Sink};
 use crate::exit;
 use crate::progress::ProgressView;
 
@@ -117,6 +118,33 @@ pub struct RunArgs {
     /// Seed of the retry jitter (and of the simulator with --sim).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+
+    /// The run's journal (SQLite), which makes it resumable: running the same command
+    /// again continues where it stopped. Default: the output file's name + `.journal`.
+    #[arg(long, value_name = "FILE", conflicts_with = "no_journal")]
+    pub journal: Option<PathBuf>,
+
+    /// No journal: the run cannot be resumed.
+    #[arg(long)]
+    pub no_journal: bool,
+
+    /// Insist on resuming: fail when there is no journal to resume from.
+    #[arg(long, conflicts_with_all = ["fresh", "no_journal"])]
+    pub resume: bool,
+
+    /// Discard an existing journal (and the output) and start over.
+    #[arg(long)]
+    pub fresh: bool,
+
+    /// Resume even though the input or the settings changed since the journal was made
+    /// (requests are then matched by custom_id).
+    #[arg(long)]
+    pub force: bool,
+
+    /// On resume, send again the requests that failed with a transient error (rate limit,
+    /// server error, timeout, connection, deadline, quota).
+    #[arg(long)]
+    pub retry_failed: bool,
 }
 
 /// `--order`.
@@ -177,6 +205,27 @@ struct Prepared {
     parser: LineParser,
     input: InputFile,
     scan: input::ScanReport,
+    done: Done,
+    journal: JournalPlan,
+}
+
+/// What the run does about its journal.
+enum JournalPlan {
+    /// No journal (`--no-journal`, or output to stdout without `--journal`).
+    None,
+    /// A new journal at this path.
+    Create(PathBuf),
+    /// Resume from this journal.
+    Resume(Box<Journal>),
+}
+
+/// The settings that change what a request means: a resume with others is refused unless
+/// forced.
+fn journal_settings(args: &RunArgs) -> serde_json::Value {
+    serde_json::json!({
+        "model": args.model,
+        "target": if args.sim { "--sim".to_string() } else { args.base_url.clone() },
+    })
 }
 
 /// The input as a file: stdin is spooled to a temporary file first, so every bad line can
@@ -236,8 +285,91 @@ fn prepare(args: &RunArgs) -> Result<Option<Prepared>, Usage> {
     parser.assumed_output_tokens = args.assume_output_tokens;
     // Token estimates only matter for pacing a tokens-per-minute limit.
     parser.count_tokens = config.tpm.is_some();
-    let scan = input::scan(input.path(), &parser)
-        .map_err(|e| Usage(format!("cannot read {}: {e}", args.input)))?;
+
+    let journal_path = if args.no_journal {
+        None
+    } else {
+        durable::journal_path(args.journal.as_deref(), args.output.as_deref())
+    };
+    if let Some(path) = journal_path.as_deref().filter(|_| args.fresh) {
+        durable::remove_journal(path)
+            .map_err(|e| Usage(format!("--fresh: cannot remove {}: {e}", path.display())))?;
+    }
+    let existing = match &journal_path {
+        Some(p) if p.exists() => Some(
+            Journal::open(p).map_err(|e| Usage(e.to_string()))?,
+        ),
+        Some(p) if args.resume => {
+            return Err(Usage(format!(
+                "--resume: there is no journal at {} to resume from",
+                p.display()
+            )))
+        }
+        None if args.resume => {
+            return Err(Usage(
+                "--resume needs a journal: give -o FILE (the journal is FILE.journal) or --journal FILE".into(),
+            ))
+        }
+        _ => None,
+    };
+    let mut done = match &existing {
+        Some(j) => Done::Lines(
+            j.done_lines(args.retry_failed)
+                .map_err(|e| Usage(e.to_string()))?,
+        ),
+        None => Done::Nothing,
+    };
+    let read = |done: &Done| {
+        input::scan(input.path(), &parser, done)
+            .map_err(|e| Usage(format!("cannot read {}: {e}", args.input)))
+    };
+    let mut scan = read(&done)?;
+    if let Some(j) = &existing {
+        let then = j.meta();
+        let fresh_hint = "or --fresh to discard it and start over";
+        if then.input != scan.fingerprint {
+            let change = durable::input_change(&then.input, &scan.fingerprint);
+            if !args.force {
+                return Err(Usage(format!(
+                    "the input changed since the journal {} was made ({change}); nothing was sent. Pass --force to resume anyway (requests whose custom_id already has an outcome are skipped), {fresh_hint}",
+                    j.path().display()
+                )));
+            }
+            eprintln!("warning: the input changed since the journal was made ({change}); resuming by custom_id (--force)");
+            done = Done::Ids(
+                j.done_ids(args.retry_failed)
+                    .map_err(|e| Usage(e.to_string()))?,
+            );
+            scan = read(&done)?;
+        }
+        // Another model changes what the answers are; another target (a new port, a proxy)
+        // need not.
+        let changes = durable::settings_changes(then, &journal_settings(args));
+        let (refused, noted): (Vec<_>, Vec<_>) =
+            changes.into_iter().partition(|(key, _)| key == "model");
+        let words = |v: &[(String, String)]| {
+            v.iter()
+                .map(|(_, w)| w.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        if !refused.is_empty() {
+            if !args.force {
+                return Err(Usage(format!(
+                    "the settings changed since the journal {} was made ({}); nothing was sent. Pass --force to resume with the new settings, {fresh_hint}",
+                    j.path().display(),
+                    words(&refused)
+                )));
+            }
+            eprintln!(
+                "warning: resuming with changed settings (--force): {}",
+                words(&refused)
+            );
+        }
+        if !noted.is_empty() {
+            eprintln!("note: resuming with {}", words(&noted));
+        }
+    }
     if !scan.bad.is_empty() {
         for bad in &scan.bad {
             eprintln!("bad input: {bad}");
@@ -255,11 +387,18 @@ fn prepare(args: &RunArgs) -> Result<Option<Prepared>, Usage> {
             scan.bad.len()
         );
     }
+    let journal = match (existing, journal_path) {
+        (Some(j), _) => JournalPlan::Resume(Box::new(j)),
+        (None, Some(p)) => JournalPlan::Create(p),
+        (None, None) => JournalPlan::None,
+    };
     Ok(Some(Prepared {
         config,
         parser,
         input,
         scan,
+        done,
+        journal,
     }))
 }
 
@@ -300,7 +439,11 @@ async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
         parser,
         input,
         scan,
+        done,
+        journal,
     } = prepared;
+    // Listen first: from here on a signal stops the run instead of killing the process.
+    let mut signals = Signals::new()?;
 
     let sim = if args.sim {
         let handle = match start_sim(&args).await {
@@ -338,17 +481,87 @@ async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
         }
     };
 
+    let output_name = args
+        .output
+        .as_ref()
+        .map_or("-".to_string(), |p| p.display().to_string());
+    let resumed = matches!(journal, JournalPlan::Resume(_));
+    let journal = match journal {
+        JournalPlan::None => None,
+        JournalPlan::Create(path) => {
+            let meta = JournalMeta {
+                input: scan.fingerprint.clone(),
+                input_path: args.input.clone(),
+                output_path: output_name.clone(),
+                settings: journal_settings(&args),
+                created_by: env!("CARGO_PKG_VERSION").to_string(),
+                created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                    .to_string(),
+            };
+            Some(Journal::create(&path, meta)?)
+        }
+        JournalPlan::Resume(mut j) => {
+            let (plan, repair) =
+                durable::resume(&mut j, args.output.as_deref(), args.retry_failed)?;
+            j.update_paths(&args.input, &output_name)?;
+            eprintln!(
+                "resuming from {}: {} of {} requests already have an outcome; sending {}",
+                j.path().display(),
+                scan.done,
+                scan.requests,
+                scan.good()
+            );
+            if plan.requeued_unfinished > 0 {
+                eprintln!(
+                    "  {} requests a stopped run left unsent go again",
+                    plan.requeued_unfinished
+                );
+            }
+            if plan.requeued_failed > 0 {
+                eprintln!(
+                    "  {} transient failures go again (--retry-failed)",
+                    plan.requeued_failed
+                );
+            }
+            if let Some(r) = repair {
+                if r.rebuilt {
+                    eprintln!("  the output did not match the journal: rebuilt it from the journal ({} lines)", r.restored);
+                } else {
+                    if r.torn_bytes > 0 {
+                        eprintln!(
+                            "  cut a torn last line ({} bytes) from the output",
+                            r.torn_bytes
+                        );
+                    }
+                    if r.restored > 0 {
+                        eprintln!(
+                            "  restored {} outcome lines from the journal to the output",
+                            r.restored
+                        );
+                    }
+                }
+            }
+            Some(*j)
+        }
+    };
     let writer: Box<dyn Write + Send> = match &args.output {
-        Some(path) => Box::new(BufWriter::with_capacity(
-            1 << 16,
-            File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
-        )),
-        None => Box::new(BufWriter::with_capacity(1 << 16, io::stdout())),
+        Some(path) => Box::new(
+            durable::open_output(path, resumed)
+                .with_context(|| format!("cannot open {}", path.display()))?,
+        ),
+        None => Box::new(io::stdout()),
     };
 
     let good_lines = scan.good();
     let (bad_tx, mut bad_rx) = mpsc::unbounded_channel();
-    let requests = input::stream(input.path().to_path_buf(), parser, scan.bad, 16, bad_tx);
+    let requests = input::stream(
+        input.path().to_path_buf(),
+        parser,
+        scan.bad,
+        done,
+        16,
+        bad_tx,
+    );
     let read_error: Arc<Mutex<Option<io::Error>>> = Arc::default();
     let requests = request_stream(requests, read_error.clone());
 
@@ -359,24 +572,40 @@ async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
     // The bar counts what the engine runs; skipped bad lines are reported apart.
     let view = ProgressView::start(good_lines, run.progress(), config.rpm, config.tpm, show);
     let stopper = run.stopper();
-    let mut sink = Sink {
-        writer,
-        summary: SummaryBuilder::new(),
-        error: None,
-    };
+    let mut sink = Sink::new(writer, journal);
     let mut interrupts = 0u32;
-    let mut signals = Signals::new()?;
     let mut flush_tick = tokio::time::interval(Duration::from_secs(1));
     let mut bad_open = true;
 
     loop {
         tokio::select! {
             outcome = run.next() => match outcome {
-                Some(o) => sink.write(&o),
+                Some(o) => {
+                    // Take every outcome that is ready, then commit them together.
+                    sink.add(&o);
+                    let mut ended = false;
+                    for _ in 1..durable::MAX_BATCH {
+                        match run.next().now_or_never() {
+                            Some(Some(o)) => sink.add(&o),
+                            Some(None) => {
+                                ended = true;
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    sink.commit();
+                    if ended {
+                        break;
+                    }
+                }
                 None => break,
             },
             bad = bad_rx.recv(), if bad_open => match bad {
-                Some(b) => sink.write(&Outcome::invalid_input(&b)),
+                Some(b) => {
+                    sink.add(&Outcome::invalid_input(&b));
+                    sink.commit();
+                }
                 None => bad_open = false,
             },
             signal = signals.next() => {
@@ -388,6 +617,9 @@ async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
                     sink.flush();
                     view.finish();
                     eprintln!("{signal} again: abandoned the requests still live; the outcomes written so far are in the output");
+                    if let Some(j) = sink.journal() {
+                        eprintln!("{}", resume_hint(j));
+                    }
                     return Ok(exit::STOPPED);
                 }
             }
@@ -398,13 +630,13 @@ async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
         }
     }
     while let Ok(b) = bad_rx.try_recv() {
-        sink.write(&Outcome::invalid_input(&b));
+        sink.add(&Outcome::invalid_input(&b));
     }
     let progress = run.progress().snapshot();
     let end = run.finish().await;
     sink.flush();
     view.finish();
-    let summary: Summary = sink.summary.finish(
+    let summary: Summary = std::mem::take(&mut sink.summary).finish(
         &progress,
         Some(&end),
         started.elapsed(),
@@ -412,8 +644,22 @@ async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
         config.tpm,
     );
     eprint!("{summary}");
+    // Over every session of a resumed run, from the journal.
+    let overall: Option<JournalStatus> = match sink.journal() {
+        Some(j) if sink.error.is_none() => Some(j.status()?),
+        _ => None,
+    };
+    if let (true, Some(s)) = (resumed, &overall) {
+        eprintln!(
+            "all sessions: {} of {} requests done ({} succeeded, {} failed), {} pending",
+            s.done, s.requests, s.succeeded, s.failed, s.pending
+        );
+    }
     if let Some(path) = &args.output {
         eprintln!("outcomes: {}", path.display());
+    }
+    if let (Some(j), Some(_)) = (sink.journal(), end.stopped) {
+        eprintln!("{}", resume_hint(j));
     }
     if let Some(path) = &args.report {
         let json = serde_json::to_vec_pretty(&summary).expect("summaries serialise");
@@ -424,18 +670,27 @@ async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
         h.shutdown().await;
     }
     if let Some(e) = sink.error {
-        bail!("writing outcomes failed: {e}");
+        return Err(e);
     }
     if let Some(e) = read_error.lock().expect("not poisoned").take() {
         bail!("reading the input failed part-way: {e}");
     }
+    let failed = overall.map_or(summary.failed, |s| s.failed);
     Ok(if end.stopped.is_some() {
         exit::STOPPED
-    } else if summary.failed > 0 {
+    } else if failed > 0 {
         exit::SOME_FAILED
     } else {
         exit::OK
     })
+}
+
+/// How to go on after a stopped run.
+fn resume_hint(journal: &Journal) -> String {
+    format!(
+        "the run is resumable: run the same command again to send the rest (journal {})",
+        journal.path().display()
+    )
 }
 
 /// Requests from the input thread as a stream; a read error ends it and is kept for the
@@ -457,45 +712,28 @@ fn request_stream(
     .flatten()
 }
 
-/// Where outcomes go: the output file and the summary. A write error is kept (and stops
-/// the run); later outcomes are still counted.
-struct Sink {
-    writer: Box<dyn Write + Send>,
-    summary: SummaryBuilder,
-    error: Option<io::Error>,
-}
-
-impl Sink {
-    fn write(&mut self, outcome: &Outcome) {
-        self.summary.add(outcome);
-        if self.error.is_none() {
-            if let Err(e) = self.writer.write_all(&outcome.to_json_line()) {
-                self.error = Some(e);
-            }
-        }
-    }
-
-    fn flush(&mut self) {
-        if self.error.is_none() {
-            if let Err(e) = self.writer.flush() {
-                self.error = Some(e);
-            }
-        }
-    }
-}
-
-/// Ctrl-C (SIGINT) and SIGTERM: both stop the run the same way.
+/// Ctrl-C (SIGINT) and SIGTERM: both stop the run the same way. The listeners live for the
+/// whole run, so a signal that lands while the loop is busy (committing, writing) is kept
+/// until the loop looks again rather than lost.
 struct Signals {
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
     #[cfg(unix)]
     term: tokio::signal::unix::Signal,
 }
 
 impl Signals {
     fn new() -> io::Result<Self> {
-        Ok(Signals {
-            #[cfg(unix)]
-            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?,
-        })
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals {
+                int: signal(SignalKind::interrupt())?,
+                term: signal(SignalKind::terminate())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
     }
 
     /// Waits for the next signal and names it.
@@ -503,7 +741,7 @@ impl Signals {
         #[cfg(unix)]
         {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => "interrupted",
+                _ = self.int.recv() => "interrupted",
                 _ = self.term.recv() => "terminated",
             }
         }

@@ -1,73 +1,16 @@
 //! `sluice run` end to end: the real binary over real HTTP against `sluice sim` started
 //! in-process on 127.0.0.1 port 0.
 
+mod common;
+
 use std::collections::HashSet;
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::*;
 use serde_json::Value;
-use sluice_sim::{FaultKind, SimConfig, SimHandle};
-
-fn sluice() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
-    c.env_remove("OPENAI_API_KEY").env("NO_COLOR", "1");
-    c
-}
-
-async fn sim(config: SimConfig) -> SimHandle {
-    sluice_sim::start(config, ([127, 0, 0, 1], 0).into())
-        .await
-        .expect("the simulator starts")
-}
-
-/// Runs the binary off the async runtime (the simulator lives on it).
-async fn run(mut cmd: Command) -> Output {
-    tokio::task::spawn_blocking(move || cmd.output().expect("sluice runs"))
-        .await
-        .unwrap()
-}
-
-fn write_input(dir: &Path, lines: &[String]) -> PathBuf {
-    let path = dir.join("input.jsonl");
-    let mut f = std::fs::File::create(&path).unwrap();
-    for l in lines {
-        writeln!(f, "{l}").unwrap();
-    }
-    path
-}
-
-fn prompts(n: usize) -> Vec<String> {
-    (0..n)
-        .map(|i| format!(r#"{{"custom_id":"q{i}","model":"gpt-4.1-mini","prompt":"question {i}: what is {i} squared?","max_tokens":32}}"#))
-        .collect()
-}
-
-fn read_output(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("every output line is JSON"))
-        .collect()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn run_against(sim: &SimHandle, input: &Path, output: &Path) -> Command {
-    let mut c = sluice();
-    c.arg("run")
-        .arg(input)
-        .arg("-o")
-        .arg(output)
-        .arg("--base-url")
-        .arg(sim.base_url())
-        .arg("--no-progress")
-        .env("OPENAI_API_KEY", "sk-test-not-a-real-key");
-    c
-}
+use sluice_sim::{FaultKind, SimConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_requests_through_transient_faults_all_succeed_once() {

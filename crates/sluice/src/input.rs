@@ -14,39 +14,90 @@ use std::path::{Path, PathBuf};
 
 use tokio::sync::mpsc;
 
+use crate::journal::{Fingerprinter, InputFingerprint, LineSet};
 use crate::request::{BadLine, LineParser, Request};
 
-/// What the first pass found.
+/// Requests a resumed run leaves out because the journal has their outcome.
 #[derive(Debug, Default)]
+pub enum Done {
+    /// None: a fresh run.
+    #[default]
+    Nothing,
+    /// By input line number (the input is the one the journal was made from).
+    Lines(LineSet),
+    /// By `custom_id` (the input changed since, and the resume was forced).
+    Ids(HashSet<String>),
+}
+
+impl Done {
+    fn line(&self, line_no: u64) -> bool {
+        matches!(self, Done::Lines(set) if set.contains(line_no))
+    }
+
+    fn id(&self, id: &str) -> bool {
+        matches!(self, Done::Ids(ids) if ids.contains(id))
+    }
+}
+
+/// What the first pass found.
+#[derive(Debug)]
 pub struct ScanReport {
     /// Lines that are requests (blank lines not counted).
     pub requests: u64,
-    /// Every bad line, in line order.
+    /// Every bad line, in line order (lines already done not included).
     pub bad: Vec<BadLine>,
+    /// Requests left out because they are already done.
+    pub done: u64,
+    /// The input's fingerprint.
+    pub fingerprint: InputFingerprint,
 }
 
 impl ScanReport {
-    /// Requests that will be sent: the good lines.
+    /// Requests that will be sent: the good lines not already done.
     pub fn good(&self) -> u64 {
-        self.requests - self.bad.len() as u64
+        self.requests - self.done - self.bad.len() as u64
     }
 }
 
 /// Checks every line of `path` and finds duplicate `custom_id`s (every occurrence after the
-/// first is a bad line that names the first).
-pub fn scan(path: &Path, parser: &LineParser) -> io::Result<ScanReport> {
-    let mut report = ScanReport::default();
+/// first is a bad line that names the first), and fingerprints the file. Lines `done`
+/// are counted, not checked (they were when they ran).
+pub fn scan(path: &Path, parser: &LineParser, done: &Done) -> io::Result<ScanReport> {
+    let mut report = ScanReport {
+        requests: 0,
+        bad: Vec::new(),
+        done: 0,
+        fingerprint: Fingerprinter::default().finish(0),
+    };
     // Fixed keys: the hash only has to be stable within this call.
     let hasher =
         std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
     let mut ids: Vec<(u64, u64)> = Vec::new();
-    for_each_line(path, |line_no, text| {
+    let mut fingerprint = Fingerprinter::default();
+    read_lines(path, Some(&mut fingerprint), |line_no, text| {
         report.requests += 1;
-        match parser.check(line_no, text) {
-            Ok(id) => ids.push((hasher.hash_one(&id), line_no)),
-            Err(bad) => report.bad.push(bad),
+        if done.line(line_no) {
+            report.done += 1;
+            return true;
         }
+        match parser.check(line_no, text) {
+            Ok(id) if done.id(&id) => report.done += 1,
+            Ok(id) => ids.push((hasher.hash_one(&id), line_no)),
+            Err(bad) => {
+                let id = bad
+                    .custom_id
+                    .clone()
+                    .unwrap_or_else(|| LineParser::derived_custom_id(line_no));
+                if done.id(&id) {
+                    report.done += 1;
+                } else {
+                    report.bad.push(bad);
+                }
+            }
+        }
+        true
     })?;
+    report.fingerprint = fingerprint.finish(report.requests);
     ids.sort_unstable();
     // Lines whose custom_id hash repeats: confirm with the real strings (hashes can collide).
     let mut suspects: HashSet<u64> = HashSet::new();
@@ -85,7 +136,7 @@ pub fn scan(path: &Path, parser: &LineParser) -> io::Result<ScanReport> {
 
 /// Calls `f(line_number, text)` for every non-blank line.
 fn for_each_line(path: &Path, mut f: impl FnMut(u64, &str)) -> io::Result<()> {
-    for_each_line_until(path, |line_no, text| {
+    read_lines(path, None, |line_no, text| {
         f(line_no, text);
         true
     })
@@ -97,12 +148,13 @@ const BATCH: usize = 64;
 
 /// Streams the requests of `path` into a channel holding up to `buffer` batches, from a
 /// blocking thread. Lines listed in `bad` (from [`scan`]) are not sent as requests but to
-/// `bad_tx`. Returns the receiver of request batches; the thread ends at the end of the
-/// file, or early when the receiver is dropped.
+/// `bad_tx`; lines `done` are left out. Returns the receiver of request batches; the thread
+/// ends at the end of the file, or early when the receiver is dropped.
 pub fn stream(
     path: PathBuf,
     parser: LineParser,
     bad: Vec<BadLine>,
+    done: Done,
     buffer: usize,
     bad_tx: mpsc::UnboundedSender<BadLine>,
 ) -> mpsc::Receiver<io::Result<Vec<Request>>> {
@@ -112,12 +164,16 @@ pub fn stream(
         .spawn(move || {
             let mut bad: HashMap<u64, BadLine> = bad.into_iter().map(|b| (b.line, b)).collect();
             let mut batch = Vec::with_capacity(BATCH);
-            let result = for_each_line_until(&path, |line_no, text| {
+            let result = read_lines(&path, None, |line_no, text| {
+                if done.line(line_no) {
+                    return true;
+                }
                 if let Some(b) = bad.remove(&line_no) {
                     let _ = bad_tx.send(b);
                     return true;
                 }
                 match parser.parse(line_no, text) {
+                    Ok(request) if done.id(&request.custom_id) => true,
                     Ok(request) => {
                         batch.push(request);
                         batch.len() < BATCH
@@ -146,8 +202,13 @@ pub fn stream(
     rx
 }
 
-/// Like [`for_each_line`], stopping early when `f` returns false.
-fn for_each_line_until(path: &Path, mut f: impl FnMut(u64, &str) -> bool) -> io::Result<()> {
+/// Like [`for_each_line`], stopping early when `f` returns false, feeding every byte to
+/// `fingerprint` when given.
+fn read_lines(
+    path: &Path,
+    mut fingerprint: Option<&mut Fingerprinter>,
+    mut f: impl FnMut(u64, &str) -> bool,
+) -> io::Result<()> {
     let mut reader = BufReader::with_capacity(1 << 16, File::open(path)?);
     let mut buf = String::new();
     let mut line_no = 0u64;
@@ -155,6 +216,9 @@ fn for_each_line_until(path: &Path, mut f: impl FnMut(u64, &str) -> bool) -> io:
         buf.clear();
         if reader.read_line(&mut buf)? == 0 {
             return Ok(());
+        }
+        if let Some(fp) = fingerprint.as_deref_mut() {
+            fp.update(buf.as_bytes());
         }
         line_no += 1;
         let text = buf.trim_end_matches(['\n', '\r']);
@@ -190,7 +254,7 @@ mod tests {
             "{\"custom_id\":\"a\",\"prompt\":\"z\"}",
         ));
         let parser = LineParser::new(Some("m".into()));
-        let r = scan(f.path(), &parser).unwrap();
+        let r = scan(f.path(), &parser, &Done::Nothing).unwrap();
         assert_eq!(r.requests, 6);
         let lines: Vec<u64> = r.bad.iter().map(|b| b.line).collect();
         assert_eq!(lines, vec![3, 5, 6, 7]);
@@ -202,9 +266,16 @@ mod tests {
     async fn stream_sends_good_lines_and_reports_bad_ones() {
         let f = file("{\"prompt\":\"a\"}\n{bad\n{\"prompt\":\"b\"}\n");
         let parser = LineParser::new(Some("m".into()));
-        let r = scan(f.path(), &parser).unwrap();
+        let r = scan(f.path(), &parser, &Done::Nothing).unwrap();
         let (bad_tx, mut bad_rx) = mpsc::unbounded_channel();
-        let mut rx = stream(f.path().to_path_buf(), parser, r.bad, 4, bad_tx);
+        let mut rx = stream(
+            f.path().to_path_buf(),
+            parser,
+            r.bad,
+            Done::Nothing,
+            4,
+            bad_tx,
+        );
         let mut ids = vec![];
         while let Some(batch) = rx.recv().await {
             ids.extend(batch.unwrap().into_iter().map(|r| r.custom_id));

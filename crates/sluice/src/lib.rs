@@ -31,6 +31,7 @@
 
 pub mod engine;
 pub mod input;
+pub mod journal;
 pub mod limiter;
 pub mod outcome;
 pub mod provider;

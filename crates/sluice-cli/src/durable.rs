@@ -1,0 +1,174 @@
+//! The journal side of `sluice run`: finding, checking and opening a run's journal, the
+//! resume that follows, and the sink that commits every outcome before writing it.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use sluice::journal::{
+    self, Entry, InputFingerprint, Journal, JournalError, JournalMeta, OutputRepair, ResumePlan,
+};
+use sluice::summary::SummaryBuilder;
+use sluice::Outcome;
+
+/// Where the journal of a run lives: `--journal`, else beside the output file.
+pub fn journal_path(explicit: Option<&Path>, output: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return Some(p.to_path_buf());
+    }
+    let out = output?;
+    let mut name = out.file_name()?.to_os_string();
+    name.push(".journal");
+    Some(out.with_file_name(name))
+}
+
+/// Removes a journal and its SQLite side files (for `--fresh`).
+pub fn remove_journal(path: &Path) -> io::Result<()> {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_os_string();
+        p.push(suffix);
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Differences between the settings a journal was made with and this run's: the setting
+/// and the change in words.
+pub fn settings_changes(journal: &JournalMeta, now: &serde_json::Value) -> Vec<(String, String)> {
+    let mut changes = Vec::new();
+    if let (Some(then), Some(now)) = (journal.settings.as_object(), now.as_object()) {
+        for (key, value) in now {
+            let before = then.get(key).unwrap_or(&serde_json::Value::Null);
+            if before != value {
+                changes.push((key.clone(), format!("{key} was {before}, now {value}")));
+            }
+        }
+    }
+    changes
+}
+
+/// Describes how an input differs from the one a journal was made from.
+pub fn input_change(then: &InputFingerprint, now: &InputFingerprint) -> String {
+    format!(
+        "it had {} requests in {} bytes (BLAKE3 {}…), it now has {} requests in {} bytes (BLAKE3 {}…)",
+        then.requests,
+        then.bytes,
+        &then.blake3[..12.min(then.blake3.len())],
+        now.requests,
+        now.bytes,
+        &now.blake3[..12.min(now.blake3.len())],
+    )
+}
+
+/// Brings the journal and the output in line for a resume, and says what it did.
+pub fn resume(
+    journal: &mut Journal,
+    output: Option<&Path>,
+    retry_failed: bool,
+) -> Result<(ResumePlan, Option<OutputRepair>), JournalError> {
+    let plan = journal.prepare_resume(retry_failed)?;
+    let repair = match output {
+        Some(path) => Some(journal::repair_output(
+            journal,
+            path,
+            plan.first_changed_seq,
+        )?),
+        None => None,
+    };
+    Ok((plan, repair))
+}
+
+/// The output file of a run: created afresh, or appended to after a resume's repair.
+pub fn open_output(path: &Path, append: bool) -> io::Result<File> {
+    if append {
+        OpenOptions::new().append(true).create(true).open(path)
+    } else {
+        File::create(path)
+    }
+}
+
+/// Outcomes this many at most go into one journal transaction.
+pub const MAX_BATCH: usize = 1024;
+
+/// Where outcomes go: the journal (first, committed), then the output and the summary. An
+/// error is kept (and stops the run); later outcomes are still counted.
+pub struct Sink {
+    writer: BufWriter<Box<dyn Write + Send>>,
+    journal: Option<Journal>,
+    batch: Vec<Entry>,
+    /// The summary of this session's outcomes.
+    pub summary: SummaryBuilder,
+    /// The first error writing the journal or the output.
+    pub error: Option<anyhow::Error>,
+}
+
+impl Sink {
+    /// A sink writing to `writer`, journaling to `journal` when given.
+    pub fn new(writer: Box<dyn Write + Send>, journal: Option<Journal>) -> Self {
+        Sink {
+            writer: BufWriter::with_capacity(1 << 16, writer),
+            journal,
+            batch: Vec::with_capacity(64),
+            summary: SummaryBuilder::new(),
+            error: None,
+        }
+    }
+
+    /// Takes an outcome; it is written by the next [`commit`](Self::commit).
+    pub fn add(&mut self, outcome: &Outcome) {
+        self.summary.add(outcome);
+        if self.error.is_some() {
+            return;
+        }
+        if self.journal.is_some() {
+            self.batch.push(Entry::of(outcome));
+            if self.batch.len() >= MAX_BATCH {
+                self.commit();
+            }
+        } else if let Err(e) = self.writer.write_all(&outcome.to_json_line()) {
+            self.error = Some(anyhow::Error::new(e).context("writing outcomes failed"));
+        }
+    }
+
+    /// Commits the outcomes taken so far to the journal, then writes them out.
+    pub fn commit(&mut self) {
+        if self.batch.is_empty() || self.error.is_some() {
+            return;
+        }
+        let journal = self.journal.as_mut().expect("batches only with a journal");
+        if let Err(e) = journal.append(&self.batch) {
+            self.error = Some(anyhow::Error::new(e).context(format!(
+                "committing {} outcomes to the journal failed; they are not in the output",
+                self.batch.len()
+            )));
+            return;
+        }
+        for entry in self.batch.drain(..) {
+            if let Err(e) = self.writer.write_all(&entry.output) {
+                self.error = Some(anyhow::Error::new(e).context(
+                    "writing outcomes failed (they are in the journal: run again to restore them)",
+                ));
+                return;
+            }
+        }
+    }
+
+    /// Commits, then flushes the output.
+    pub fn flush(&mut self) {
+        self.commit();
+        if self.error.is_none() {
+            if let Err(e) = self.writer.flush() {
+                self.error = Some(anyhow::Error::new(e).context("writing outcomes failed"));
+            }
+        }
+    }
+
+    /// The journal, once the run is over.
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.as_ref()
+    }
+}

@@ -1,0 +1,93 @@
+//! Helpers shared by the end-to-end tests of the `sluice` binary.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use sluice_sim::{SimConfig, SimHandle};
+
+pub fn sluice() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    c.env_remove("OPENAI_API_KEY").env("NO_COLOR", "1");
+    c
+}
+
+pub async fn sim(config: SimConfig) -> SimHandle {
+    sluice_sim::start(config, ([127, 0, 0, 1], 0).into())
+        .await
+        .expect("the simulator starts")
+}
+
+/// Runs the binary off the async runtime (the simulator lives on it).
+pub async fn run(mut cmd: Command) -> Output {
+    tokio::task::spawn_blocking(move || cmd.output().expect("sluice runs"))
+        .await
+        .unwrap()
+}
+
+pub fn write_input(dir: &Path, lines: &[String]) -> PathBuf {
+    let path = dir.join("input.jsonl");
+    let mut f = std::fs::File::create(&path).unwrap();
+    for l in lines {
+        writeln!(f, "{l}").unwrap();
+    }
+    path
+}
+
+pub fn prompts(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!(r#"{{"custom_id":"q{i}","model":"gpt-4.1-mini","prompt":"question {i}: what is {i} squared?","max_tokens":32}}"#))
+        .collect()
+}
+
+pub fn read_output(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every output line is JSON"))
+        .collect()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn run_against(sim: &SimHandle, input: &Path, output: &Path) -> Command {
+    let mut c = sluice();
+    c.arg("run")
+        .arg(input)
+        .arg("-o")
+        .arg(output)
+        .arg("--base-url")
+        .arg(sim.base_url())
+        .arg("--no-progress")
+        .env("OPENAI_API_KEY", "sk-test-not-a-real-key");
+    c
+}
+
+/// `sluice status JOURNAL --json`.
+pub fn status_json(journal: &Path) -> Value {
+    let out = sluice()
+        .arg("status")
+        .arg(journal)
+        .arg("--json")
+        .output()
+        .expect("sluice status runs");
+    assert!(
+        matches!(out.status.code(), Some(0 | 3)),
+        "status failed: {}",
+        stderr(&out)
+    );
+    serde_json::from_slice(&out.stdout).expect("status prints JSON")
+}
+
+/// Sends `signal` (INT, TERM, KILL) to a process.
+pub fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}

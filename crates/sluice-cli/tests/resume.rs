@@ -1,0 +1,473 @@
+//! Durable runs end to end: the journal, resume after `kill -9`, Ctrl-C and SIGTERM, and
+//! the refusals that keep a resume from losing or repeating work. The real binary, over
+//! real HTTP, against `sluice sim` started in-process on 127.0.0.1 port 0.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use sluice_sim::{FaultKind, SimConfig, SimHandle};
+
+/// The output lines by custom_id, asserting each appears once.
+fn by_id(lines: &[Value]) -> HashMap<String, Value> {
+    let mut map = HashMap::new();
+    for l in lines {
+        let id = l["custom_id"].as_str().expect("custom_id").to_string();
+        assert!(map.insert(id.clone(), l.clone()).is_none(), "{id} twice");
+    }
+    map
+}
+
+/// An output line without what depends on timing or on the attempt: latency, attempts (a
+/// restart may meet a 429 an uninterrupted run did not), and the response's creation time
+/// and id (a provider gives every response a fresh one).
+fn timeless(line: &Value) -> Value {
+    let mut l = line.clone();
+    let o = l.as_object_mut().unwrap();
+    o.remove("latency_ms");
+    o.remove("attempts");
+    if let Some(r) = o.get_mut("response").and_then(Value::as_object_mut) {
+        r.remove("created");
+        r.remove("id");
+    }
+    l
+}
+
+async fn wait_quiet(sim: &SimHandle) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sim.stats().in_flight > 0 {
+        assert!(Instant::now() < deadline, "the simulator never went quiet");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_nine_at_random_moments_then_resume_loses_nothing_and_repeats_only_what_was_in_flight()
+{
+    let trials: u32 = std::env::var("SLUICE_KILL_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let seed: u64 = std::env::var("SLUICE_KILL_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20261122);
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let n = 3_000;
+    let concurrency = 32;
+    let config = || SimConfig {
+        rpm: Some(36_000),
+        latency: Duration::from_millis(40),
+        seed: 5,
+        ..SimConfig::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_input(dir.path(), &prompts(n));
+
+    // The reference: the same input, uninterrupted, against an identical simulator.
+    let reference = {
+        let sim = sim(config()).await;
+        let output = dir.path().join("reference.jsonl");
+        let mut cmd = run_against(&sim, &input, &output);
+        cmd.args(["--rpm", "32400", "--concurrency", &concurrency.to_string()]);
+        let out = run(cmd).await;
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        sim.shutdown().await;
+        by_id(&read_output(&output))
+    };
+    assert_eq!(reference.len(), n);
+
+    let sim = sim(config()).await;
+    let output = dir.path().join("out.jsonl");
+    let journal = dir.path().join("out.jsonl.journal");
+    let mut kills = 0;
+    // Requests answered but not in the journal at each kill: the most a resume can repeat.
+    let mut exposed = 0u64;
+    for trial in 0..trials {
+        let mut cmd = run_against(&sim, &input, &output);
+        cmd.args(["--rpm", "32400", "--concurrency", &concurrency.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn().unwrap();
+        // A random moment: after a random number of further requests reach the simulator.
+        let start = sim.stats().requests;
+        let wait_for = rng.random_range(20..250u64);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut finished = false;
+        while sim.stats().requests < start + wait_for {
+            if child.try_wait().unwrap().is_some() {
+                finished = true;
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "seed {seed} trial {trial}: no progress"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert!(
+            !finished,
+            "seed {seed} trial {trial}: the run ended before its kill"
+        );
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills += 1;
+        wait_quiet(&sim).await;
+        let stats = sim.stats();
+        let journaled = status_json(&journal)["status"]["succeeded"]
+            .as_u64()
+            .unwrap();
+        let answered = stats.ok - stats.ok_duplicates;
+        assert!(
+            answered >= journaled,
+            "seed {seed}: {stats:?} journaled {journaled}"
+        );
+        let lost = answered - journaled;
+        // Only attempts on the wire (and outcomes not yet committed) can be lost.
+        assert!(
+            lost <= concurrency as u64 + 64,
+            "seed {seed} trial {trial}: {lost} answered requests not journaled"
+        );
+        exposed += lost;
+        // A torn output line is possible only as the very last one.
+        let text = std::fs::read_to_string(&output).unwrap_or_default();
+        for l in text.lines().take(text.lines().count().saturating_sub(1)) {
+            serde_json::from_str::<Value>(l).expect("only the last line may be torn");
+        }
+    }
+    assert_eq!(kills, trials);
+
+    // Resume to the end.
+    let mut cmd = run_against(&sim, &input, &output);
+    cmd.args(["--rpm", "32400", "--concurrency", &concurrency.to_string()]);
+    let out = run(cmd).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "seed {seed}: {err}");
+    assert!(err.contains("resuming from"), "{err}");
+
+    let lines = read_output(&output);
+    assert_eq!(lines.len(), n, "seed {seed}: one line per request");
+    let got = by_id(&lines);
+    for (id, line) in &got {
+        assert_eq!(line["status"], "succeeded", "seed {seed}: {line}");
+        assert_eq!(
+            timeless(line),
+            timeless(&reference[id]),
+            "seed {seed}: {id}"
+        );
+    }
+    let stats = sim.stats();
+    assert!(
+        stats.ok_duplicates <= exposed,
+        "seed {seed}: {} requests paid twice, but only {exposed} were in flight at the kills",
+        stats.ok_duplicates
+    );
+    let status = status_json(&journal);
+    assert_eq!(status["status"]["succeeded"], n as u64);
+    assert_eq!(status["status"]["pending"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_runs_resume_and_send_nothing_twice() {
+    for signal_name in ["INT", "TERM"] {
+        let sim = sim(SimConfig {
+            latency: Duration::from_millis(200),
+            ..SimConfig::default()
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let n = 400;
+        let input = write_input(dir.path(), &prompts(n));
+        let output = dir.path().join("out.jsonl");
+        let mut cmd = run_against(&sim, &input, &output);
+        cmd.args(["--rpm", "3000", "--concurrency", "16"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while sim.stats().ok < 20 {
+            assert!(Instant::now() < deadline, "no progress");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        signal(child.id(), signal_name);
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+            .await
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(3), "SIG{signal_name}: {err}");
+        assert!(err.contains("run the same command again"), "{err}");
+        let first = read_output(&output);
+        assert!(first.len() < n, "the interrupt stopped the run early");
+        // Every request sent finished: nothing is lost to the interrupt.
+        assert_eq!(sim.stats().requests, first.len() as u64);
+
+        let mut cmd = run_against(&sim, &input, &output);
+        cmd.args(["--rpm", "3000", "--concurrency", "16"]);
+        let out = run(cmd).await;
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        assert!(
+            err.contains(&format!(
+                "{} of {n} requests already have an outcome",
+                first.len()
+            )),
+            "{err}"
+        );
+        let lines = read_output(&output);
+        assert_eq!(by_id(&lines).len(), n);
+        assert!(lines.iter().all(|l| l["status"] == "succeeded"));
+        let stats = sim.stats();
+        assert_eq!(stats.ok_duplicates, 0, "{stats:?}");
+        assert_eq!(
+            stats.requests, n as u64,
+            "each request sent once: {stats:?}"
+        );
+        sim.shutdown().await;
+    }
+}
+
+/// A finished run of `n` prompts in `dir`, returning the sim, input and output paths.
+async fn finished_run(dir: &Path, n: usize) -> (SimHandle, std::path::PathBuf, std::path::PathBuf) {
+    let sim = sim(SimConfig::default()).await;
+    let input = write_input(dir, &prompts(n));
+    let output = dir.join("out.jsonl");
+    let out = run(run_against(&sim, &input, &output)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    (sim, input, output)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_run_of_a_finished_job_sends_nothing_and_repairs_a_torn_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, input, output) = finished_run(dir.path(), 50).await;
+    let complete = std::fs::read(&output).unwrap();
+
+    // Nothing to do: nothing sent, the output unchanged.
+    let out = run(run_against(&sim, &input, &output)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(sim.stats().requests, 50);
+    assert_eq!(std::fs::read(&output).unwrap(), complete);
+
+    // A crash mid-write leaves a torn line, and lines committed but not yet written are
+    // missing: both come back from the journal.
+    let cut = complete.len() - complete.len() / 3 - 7;
+    std::fs::write(&output, &complete[..cut]).unwrap();
+    let out = run(run_against(&sim, &input, &output)).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("cut a torn last line"), "{err}");
+    assert!(err.contains("restored"), "{err}");
+    assert_eq!(std::fs::read(&output).unwrap(), complete);
+    assert_eq!(sim.stats().requests, 50, "nothing was sent again");
+
+    // An output that is not this run's is rebuilt from the journal, not trusted.
+    std::fs::write(&output, b"{\"custom_id\":\"someone-else\"}\n").unwrap();
+    let out = run(run_against(&sim, &input, &output)).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("rebuilt it from the journal"), "{err}");
+    assert_eq!(std::fs::read(&output).unwrap(), complete);
+
+    // --fresh starts over.
+    let mut cmd = run_against(&sim, &input, &output);
+    cmd.arg("--fresh");
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(sim.stats().requests, 100);
+    assert_eq!(by_id(&read_output(&output)).len(), 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_input_is_refused_unless_forced_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, input, output) = finished_run(dir.path(), 30).await;
+    let before = std::fs::read(&output).unwrap();
+    let journal = dir.path().join("out.jsonl.journal");
+
+    // Changed settings (another default model) are refused.
+    let mut cmd = run_against(&sim, &input, &output);
+    cmd.args(["--model", "gpt-4.1-nano"]);
+    let out = run(cmd).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("the settings changed") && err.contains("model"),
+        "{err}"
+    );
+    assert_eq!(sim.stats().requests, 30, "nothing was sent");
+
+    let mut lines = prompts(32);
+    lines[3] = r#"{"custom_id":"q3","model":"gpt-4.1-mini","prompt":"a different question","max_tokens":32}"#.into();
+    write_input(dir.path(), &lines);
+    let out = run(run_against(&sim, &input, &output)).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("the input changed since the journal"), "{err}");
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(
+        std::fs::read(&output).unwrap(),
+        before,
+        "the output is untouched"
+    );
+    assert_eq!(sim.stats().requests, 30, "nothing was sent");
+
+    // Forced: matched by custom_id, only the two new requests go out.
+    let mut cmd = run_against(&sim, &input, &output);
+    cmd.arg("--force");
+    let out = run(cmd).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(sim.stats().requests, 32);
+    assert_eq!(by_id(&read_output(&output)).len(), 32);
+    assert!(std::fs::read(&output).unwrap().starts_with(&before));
+
+    // A journal from a different run (another input) is refused, not reused.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other_input = write_input(other_dir.path(), &prompts(5));
+    let mut cmd = run_against(&sim, &other_input, &other_dir.path().join("o.jsonl"));
+    cmd.arg("--journal").arg(&journal);
+    let out = run(cmd).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("the input changed since the journal"), "{err}");
+    assert_eq!(
+        status_json(&journal)["status"]["succeeded"],
+        32,
+        "the journal is untouched"
+    );
+    assert_eq!(sim.stats().requests, 32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_or_foreign_version_journal_is_a_clear_error_never_a_fresh_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, input, output) = finished_run(dir.path(), 10).await;
+    let journal = dir.path().join("out.jsonl.journal");
+    let before = std::fs::read(&output).unwrap();
+
+    // Another format version.
+    {
+        let conn = rusqlite::Connection::open(&journal).unwrap();
+        conn.execute(
+            "UPDATE meta SET value = '99' WHERE key = 'schema_version'",
+            [],
+        )
+        .unwrap();
+    }
+    let out = run(run_against(&sim, &input, &output)).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("format version 99"), "{err}");
+    assert_eq!(std::fs::read(&output).unwrap(), before);
+
+    // Not a database at all.
+    super_remove_side_files(&journal);
+    std::fs::write(&journal, b"this is not a journal").unwrap();
+    let out = run(run_against(&sim, &input, &output)).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("not a usable sluice journal"), "{err}");
+    assert_eq!(std::fs::read(&journal).unwrap(), b"this is not a journal");
+    assert_eq!(std::fs::read(&output).unwrap(), before);
+    assert_eq!(sim.stats().requests, 10, "nothing was sent");
+
+    let out = sluice().arg("status").arg(&journal).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("not a usable sluice journal"));
+
+    // --resume without a journal.
+    let mut cmd = run_against(&sim, &input, &dir.path().join("new.jsonl"));
+    cmd.arg("--resume");
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("no journal"), "{}", stderr(&out));
+}
+
+fn super_remove_side_files(journal: &Path) {
+    for suffix in ["-wal", "-shm"] {
+        let mut p = journal.as_os_str().to_os_string();
+        p.push(suffix);
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_stop_resumes_and_retry_failed_sends_transient_failures_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 200;
+    let input = write_input(dir.path(), &prompts(n));
+    let output = dir.path().join("out.jsonl");
+    let journal = dir.path().join("out.jsonl.journal");
+
+    // Quota runs out part-way: in-flight requests finish, the rest are not_attempted.
+    let quota = sim(SimConfig {
+        faults: vec![(FaultKind::InsufficientQuota, 0.02)],
+        seed: 3,
+        ..SimConfig::default()
+    })
+    .await;
+    let mut cmd = run_against(&quota, &input, &output);
+    cmd.args(["--concurrency", "4"]);
+    let out = run(cmd).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("resumable"), "{err}");
+    let first = read_output(&output);
+    assert_eq!(first.len(), n, "one line per request even when stopped");
+    let unsent = first.iter().filter(|l| l["status"] == "failed").count();
+    assert!(unsent > 0);
+    let status = status_json(&journal);
+    assert_eq!(
+        status["status"]["pending"].as_u64().unwrap() as usize,
+        unsent
+    );
+
+    // A server that fails everything: the rest fail as server errors.
+    let broken = sim(SimConfig {
+        faults: vec![(FaultKind::Http500, 1.0)],
+        ..SimConfig::default()
+    })
+    .await;
+    let mut cmd = run_against(&broken, &input, &output);
+    cmd.args(["--max-attempts", "1"]);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let lines = by_id(&read_output(&output));
+    assert_eq!(lines.len(), n);
+    let failed: HashSet<&String> = lines
+        .iter()
+        .filter(|(_, l)| l["status"] == "failed")
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(failed.len(), unsent, "exactly the unsent ones were sent");
+    assert!(lines
+        .values()
+        .all(|l| l["error"].is_null() || l["error"]["kind"] == "server_error"));
+
+    // Without --retry-failed they stay failed: nothing to do.
+    let healthy = sim(SimConfig::default()).await;
+    let out = run(run_against(&healthy, &input, &output)).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(healthy.stats().requests, 0);
+
+    // With it, they go again and succeed; every request has one line.
+    let mut cmd = run_against(&healthy, &input, &output);
+    cmd.arg("--retry-failed");
+    let out = run(cmd).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("transient failures go again"), "{err}");
+    assert_eq!(healthy.stats().requests, unsent as u64);
+    let lines = by_id(&read_output(&output));
+    assert_eq!(lines.len(), n);
+    assert!(lines.values().all(|l| l["status"] == "succeeded"));
+    let status = status_json(&journal);
+    assert_eq!(status["status"]["succeeded"], n as u64);
+}
