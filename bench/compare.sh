@@ -19,6 +19,7 @@
 # the table says so. CONCURRENCY_UNPACED [64] and CONCURRENCY_PACED [256] go to both tools.
 # SIM_BURST_SECONDS, when set, gives the simulator's buckets that many seconds of burst
 # (its default is 1 s; a bigger burst forgives a client that starts with a full minute).
+# SLUICE_BIN, when set, is the sluice binary measured (default: build this checkout).
 #
 # Each run: POST /_sim/reset, the client under GNU time (user+sys CPU and peak RSS of the
 # client process only), then GET /_sim/stats. Repeats alternate the order (sluice, deluge |
@@ -53,8 +54,13 @@ done
 NO_LIMIT=1000000000 # lm-deluge always paces; this many per minute never binds
 
 # --- tools ---------------------------------------------------------------------------
-cargo build --release -p sluice-cli >&2
-bin="$PWD/target/release/sluice"
+# SLUICE_BIN: a sluice binary to measure instead of building this checkout's.
+if [[ -n "${SLUICE_BIN:-}" ]]; then
+    bin=$(realpath "$SLUICE_BIN")
+else
+    cargo build --release -p sluice-cli >&2
+    bin="$PWD/target/release/sluice"
+fi
 venv=bench/.venv
 pinned=$(sed -n 's/^lm-deluge==//p' bench/requirements.txt)
 installed() { "$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("lm-deluge"))' 2>/dev/null; }
@@ -112,7 +118,7 @@ run_one() {
     sluice)
         /usr/bin/time -f "%U %S %M %e" -o "$out/$tag.time" \
             timeout -k 10 $((limit + 120)) \
-            "$bin" run "$input" -o "$out/$tag.out.jsonl" --base-url "$base" \
+            "$bin" run "$input" -o "$out/$tag.out.jsonl" --base-url "$base" --fresh \
             --no-progress --report "$out/$tag.report.json" "$@" \
             > /dev/null 2> "$out/$tag.stderr" || true ;;
     deluge)

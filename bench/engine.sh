@@ -44,7 +44,7 @@ trap stop_sim EXIT
 measure() { # measure NAME N -- ARGS... ; runs the client under GNU time
     local name=$1 n=$2; shift 3
     /usr/bin/time -f "%U %S %M %e" -o "$out/$name.time" \
-        "$bin" run "$out/in-$n.jsonl" -o "$out/$name.out.jsonl" --base-url "$base" \
+        "$bin" run "$out/in-$n.jsonl" -o "$out/$name.out.jsonl" --base-url "$base" --fresh \
         --no-progress --report "$out/$name.report.json" "$@" 2> "$out/$name.stderr" || true
     python3 - "$name" "$n" "$out" <<'PY'
 import json, sys

@@ -94,6 +94,14 @@ pub fn open_output(path: &Path, append: bool) -> io::Result<File> {
 /// Outcomes this many at most go into one journal transaction.
 pub const MAX_BATCH: usize = 1024;
 
+/// Outcomes are committed as soon as this many wait...
+pub const GROUP_COMMIT: usize = 128;
+
+/// ...or when the first of them has waited this long. A crash can lose what arrived in
+/// that time, besides the attempts in flight (measured: committing every outcome at once
+/// cost 15% more instructions per request than grouping them).
+pub const COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// Where outcomes go: the journal (first, committed), then the output and the summary. An
 /// error is kept (and stops the run); later outcomes are still counted.
 pub struct Sink {
@@ -132,6 +140,11 @@ impl Sink {
         } else if let Err(e) = self.writer.write_all(&outcome.to_json_line()) {
             self.error = Some(anyhow::Error::new(e).context("writing outcomes failed"));
         }
+    }
+
+    /// Outcomes taken and not yet committed.
+    pub fn pending(&self) -> usize {
+        self.batch.len()
     }
 
     /// Commits the outcomes taken so far to the journal, then writes them out.

@@ -576,12 +576,15 @@ async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
     let mut interrupts = 0u32;
     let mut flush_tick = tokio::time::interval(Duration::from_secs(1));
     let mut bad_open = true;
+    // Group commit: outcomes wait at most COMMIT_DELAY to share a journal transaction.
+    let commit_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(commit_timer);
+    let mut commit_armed = false;
 
     loop {
         tokio::select! {
             outcome = run.next() => match outcome {
                 Some(o) => {
-                    // Take every outcome that is ready, then commit them together.
                     sink.add(&o);
                     let mut ended = false;
                     for _ in 1..durable::MAX_BATCH {
@@ -594,13 +597,25 @@ async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
                             None => break,
                         }
                     }
-                    sink.commit();
                     if ended {
                         break;
+                    }
+                    if sink.pending() >= durable::GROUP_COMMIT {
+                        sink.commit();
+                        commit_armed = false;
+                    } else if !commit_armed && sink.pending() > 0 {
+                        commit_timer
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + durable::COMMIT_DELAY);
+                        commit_armed = true;
                     }
                 }
                 None => break,
             },
+            _ = &mut commit_timer, if commit_armed => {
+                sink.commit();
+                commit_armed = false;
+            }
             bad = bad_rx.recv(), if bad_open => match bad {
                 Some(b) => {
                     sink.add(&Outcome::invalid_input(&b));
@@ -646,7 +661,7 @@ async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
     eprint!("{summary}");
     // Over every session of a resumed run, from the journal.
     let overall: Option<JournalStatus> = match sink.journal() {
-        Some(j) if sink.error.is_none() => Some(j.status()?),
+        Some(j) if resumed && sink.error.is_none() => Some(j.status()?),
         _ => None,
     };
     if let (true, Some(s)) = (resumed, &overall) {
