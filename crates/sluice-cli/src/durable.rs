@@ -11,6 +11,8 @@ use sluice::journal::{
 use sluice::summary::SummaryBuilder;
 use sluice::Outcome;
 
+use crate::cached::{CacheLayer, Pending};
+
 /// Where the journal of a run lives: `--journal`, else beside the output file.
 pub fn journal_path(explicit: Option<&Path>, output: Option<&Path>) -> Option<PathBuf> {
     if let Some(p) = explicit {
@@ -107,6 +109,9 @@ pub const COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(2
 pub struct Sink {
     writer: BufWriter<Box<dyn Write + Send>>,
     journal: Option<Journal>,
+    cache: Option<CacheLayer>,
+    /// Responses for the cache, stored at the next commit.
+    to_cache: Pending,
     batch: Vec<Entry>,
     /// The summary of this session's outcomes.
     pub summary: SummaryBuilder,
@@ -115,19 +120,38 @@ pub struct Sink {
 }
 
 impl Sink {
-    /// A sink writing to `writer`, journaling to `journal` when given.
-    pub fn new(writer: Box<dyn Write + Send>, journal: Option<Journal>) -> Self {
+    /// A sink writing to `writer`, journaling to `journal` and caching in `cache` when
+    /// given.
+    pub fn new(
+        writer: Box<dyn Write + Send>,
+        journal: Option<Journal>,
+        cache: Option<CacheLayer>,
+    ) -> Self {
         Sink {
             writer: BufWriter::with_capacity(1 << 16, writer),
             journal,
+            cache,
+            to_cache: Vec::new(),
             batch: Vec::with_capacity(64),
             summary: SummaryBuilder::new(),
             error: None,
         }
     }
 
-    /// Takes an outcome; it is written by the next [`commit`](Self::commit).
+    /// Takes an outcome (and, for a request that was sent, those of the identical requests
+    /// that waited for it); they are written by the next [`commit`](Self::commit).
     pub fn add(&mut self, outcome: &Outcome) {
+        self.add_one(outcome);
+        if let Some(layer) = &self.cache {
+            if !outcome.cached {
+                for follower in layer.clone().answered(outcome, &mut self.to_cache) {
+                    self.add_one(&follower);
+                }
+            }
+        }
+    }
+
+    fn add_one(&mut self, outcome: &Outcome) {
         self.summary.add(outcome);
         if self.error.is_some() {
             return;
@@ -147,8 +171,19 @@ impl Sink {
         self.batch.len()
     }
 
-    /// Commits the outcomes taken so far to the journal, then writes them out.
+    /// Commits the outcomes taken so far to the journal, then writes them out, then stores
+    /// new responses in the cache.
     pub fn commit(&mut self) {
+        self.commit_journal();
+        if let Some(layer) = &self.cache {
+            if let Err(e) = layer.store(&mut self.to_cache) {
+                tracing::warn!("storing responses in the cache failed: {e}");
+                eprintln!("warning: storing responses in the cache failed: {e}");
+            }
+        }
+    }
+
+    fn commit_journal(&mut self) {
         if self.batch.is_empty() || self.error.is_some() {
             return;
         }

@@ -5,6 +5,7 @@
 //! (the simulator): argument parsing, input and output files, progress, the summary and
 //! exit codes.
 
+mod cached;
 mod durable;
 mod progress;
 mod run;

@@ -2,6 +2,7 @@
 
 use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,7 @@ use sluice::summary::Summary;
 use sluice::{Engine, LineParser, Outcome, Request};
 use tokio::sync::mpsc;
 
+use crate::cached::CacheLayer;
 use crate::durable::{self, Sink};
 use crate::exit;
 use crate::progress::ProgressView;
@@ -145,6 +147,19 @@ pub struct RunArgs {
     /// server error, timeout, connection, deadline, quota).
     #[arg(long)]
     pub retry_failed: bool,
+
+    /// Response cache (SQLite, shared across runs): a request answered before is answered
+    /// from it, without being sent; identical requests of a run are sent once.
+    #[arg(long, value_name = "FILE", env = "SLUICE_CACHE")]
+    pub cache: Option<PathBuf>,
+
+    /// No response cache, even when --cache or SLUICE_CACHE names one.
+    #[arg(long)]
+    pub no_cache: bool,
+
+    /// Answer from the cache but store nothing new in it.
+    #[arg(long, requires = "cache")]
+    pub cache_read_only: bool,
 }
 
 /// `--order`.
@@ -552,6 +567,28 @@ async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
         None => Box::new(io::stdout()),
     };
 
+    let cache = match args.cache.as_deref().filter(|_| !args.no_cache) {
+        None => None,
+        Some(path) => match sluice::cache::Cache::open(path, args.cache_read_only) {
+            Ok(c) => {
+                // The target is part of every key: the same request to another server is
+                // another request.
+                let target = if args.sim {
+                    "sim".to_string()
+                } else if base_url == DEFAULT_BASE_URL {
+                    "openai".to_string()
+                } else {
+                    base_url.clone()
+                };
+                Some(CacheLayer::new(c, &target))
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Ok(exit::BAD_INPUT);
+            }
+        },
+    };
+
     let good_lines = scan.good();
     let (bad_tx, mut bad_rx) = mpsc::unbounded_channel();
     let requests = input::stream(
@@ -564,6 +601,14 @@ async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
     );
     let read_error: Arc<Mutex<Option<io::Error>>> = Arc::default();
     let requests = request_stream(requests, read_error.clone());
+    let (hits_tx, mut hits_rx) = mpsc::channel(256);
+    let requests: Pin<Box<dyn futures::Stream<Item = Request> + Send>> = match &cache {
+        Some(layer) => Box::pin(layer.filter(requests, hits_tx)),
+        None => {
+            drop(hits_tx);
+            Box::pin(requests)
+        }
+    };
 
     let engine = Engine::new(config.clone(), Arc::new(transport));
     let started = Instant::now();
@@ -572,10 +617,11 @@ async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
     // The bar counts what the engine runs; skipped bad lines are reported apart.
     let view = ProgressView::start(good_lines, run.progress(), config.rpm, config.tpm, show);
     let stopper = run.stopper();
-    let mut sink = Sink::new(writer, journal);
+    let mut sink = Sink::new(writer, journal, cache);
     let mut interrupts = 0u32;
     let mut flush_tick = tokio::time::interval(Duration::from_secs(1));
     let mut bad_open = true;
+    let mut hits_open = true;
     // Group commit: outcomes wait at most COMMIT_DELAY to share a journal transaction.
     let commit_timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(commit_timer);
@@ -616,6 +662,20 @@ async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
                 sink.commit();
                 commit_armed = false;
             }
+            hit = hits_rx.recv(), if hits_open => match hit {
+                Some(o) => {
+                    sink.add(&o);
+                    if sink.pending() >= durable::GROUP_COMMIT {
+                        sink.commit();
+                    } else if !commit_armed {
+                        commit_timer
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + durable::COMMIT_DELAY);
+                        commit_armed = true;
+                    }
+                }
+                None => hits_open = false,
+            },
             bad = bad_rx.recv(), if bad_open => match bad {
                 Some(b) => {
                     sink.add(&Outcome::invalid_input(&b));
@@ -646,6 +706,9 @@ async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
     }
     while let Ok(b) = bad_rx.try_recv() {
         sink.add(&Outcome::invalid_input(&b));
+    }
+    while let Ok(o) = hits_rx.try_recv() {
+        sink.add(&o);
     }
     let progress = run.progress().snapshot();
     let end = run.finish().await;

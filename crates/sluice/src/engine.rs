@@ -813,6 +813,7 @@ impl Scheduler {
                     usage,
                     latency_ms: millis(now - live.admitted_at),
                     metadata: live.request.metadata,
+                    cached: false,
                     line: live.request.line,
                 };
                 self.emit(seq, outcome);
@@ -1015,6 +1016,7 @@ fn failed_outcome(request: Request, error: ErrorInfo, attempts: u32, latency: Du
         usage: None,
         latency_ms: millis(latency),
         metadata: request.metadata,
+        cached: false,
         line: request.line,
     }
 }

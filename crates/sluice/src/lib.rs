@@ -29,6 +29,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod cache;
 pub mod engine;
 pub mod input;
 pub mod journal;

@@ -147,6 +147,9 @@ pub struct Outcome {
     pub latency_ms: u64,
     /// The input's `metadata`, passed through.
     pub metadata: Option<Box<RawValue>>,
+    /// Answered from the response cache, or by an identical request of the same run: no
+    /// request was sent and nothing was paid.
+    pub cached: bool,
     /// 1-based input line (0 when not from a file). Not written to the output.
     #[serde(skip)]
     pub line: u64,
@@ -172,6 +175,7 @@ impl Outcome {
             usage: None,
             latency_ms: 0,
             metadata: None,
+            cached: false,
             line: bad.line,
         }
     }

@@ -30,6 +30,8 @@ pub struct Summary {
     pub succeeded: u64,
     /// Outcomes `failed`.
     pub failed: u64,
+    /// Outcomes answered from the cache or by an identical request of the run (not sent).
+    pub cache_hits: u64,
     /// Failures by kind, with an example each.
     pub failures: BTreeMap<ErrorKind, FailureGroup>,
     /// HTTP attempts made.
@@ -61,6 +63,7 @@ pub struct SummaryBuilder {
     total: u64,
     succeeded: u64,
     failed: u64,
+    cache_hits: u64,
     sent: u64,
     prompt_tokens: u64,
     completion_tokens: u64,
@@ -83,7 +86,11 @@ impl SummaryBuilder {
             Status::Succeeded => self.succeeded += 1,
             Status::Failed => self.failed += 1,
         }
-        if let Some(u) = outcome.usage {
+        if outcome.cached {
+            self.cache_hits += 1;
+        }
+        // Nothing was sent or paid for a cached outcome.
+        if let Some(u) = outcome.usage.filter(|_| !outcome.cached) {
             self.prompt_tokens += u.prompt_tokens;
             self.completion_tokens += u.completion_tokens;
         }
@@ -119,6 +126,7 @@ impl SummaryBuilder {
             total: self.total,
             succeeded: self.succeeded,
             failed: self.failed,
+            cache_hits: self.cache_hits,
             failures: self.failures,
             attempts: progress.attempts,
             retries: progress.retries,
@@ -141,6 +149,13 @@ impl fmt::Display for Summary {
             "{} requests: {} succeeded, {} failed",
             self.total, self.succeeded, self.failed
         )?;
+        if self.cache_hits > 0 {
+            writeln!(
+                f,
+                "  {} answered from the cache or by an identical request (not sent)",
+                self.cache_hits
+            )?;
+        }
         for (kind, g) in &self.failures {
             writeln!(
                 f,

@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# What durability costs (issue 4):
+#   1. overhead: unpaced N_OVERHEAD [20000] requests, simulator latency 0, journal on
+#      (--fresh) against --no-journal, PAIRS [5] alternating pairs; client CPU µs/request
+#      (user+sys of the client process, GNU time) and peak RSS, medians.
+#   2. resume:   a N_RESUME [1000000]-request run killed (-9) once RESUME_DONE [999000]
+#      outcomes are in the journal, then resumed: seconds from starting the resume to the
+#      first request reaching the simulator, and to the end.
+# Results go to stdout and bench/out/journal.md.
+#
+#   bench/journal.sh              # both
+#   bench/journal.sh overhead     # one
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cargo build --release -p sluice-cli >&2
+bin="$PWD/target/release/sluice"
+out=bench/out/journal
+mkdir -p "$out"
+only="${1:-all}"
+: "${N_OVERHEAD:=20000}" "${PAIRS:=5}" "${N_RESUME:=1000000}" "${RESUME_DONE:=999000}"
+
+gen() { # gen N FILE
+    [[ -f $2 ]] && return
+    python3 - "$1" "$2" <<'PY'
+import sys
+n, path = int(sys.argv[1]), sys.argv[2]
+with open(path, "w") as f:
+    for i in range(n):
+        f.write('{"custom_id":"q%d","model":"gpt-4.1-mini","messages":[{"role":"user","content":"Question %d: summarise the plot of a short story in one sentence."}],"max_tokens":64}\n' % (i, i))
+PY
+}
+
+sim_pid=""
+start_sim() {
+    "$bin" sim --port 0 --latency-ms 0 > "$out/sim.log" 2>&1 &
+    sim_pid=$!
+    for _ in $(seq 100); do
+        if grep -q "listening on" "$out/sim.log"; then break; fi
+        sleep 0.1
+    done
+    base="$(sed -n 's/.*listening on \(http[^ ]*\).*/\1/p' "$out/sim.log" | head -1)"
+    root="${base%/v1}"
+}
+stop_sim() { kill "$sim_pid" 2>/dev/null || true; wait "$sim_pid" 2>/dev/null || true; }
+trap stop_sim EXIT
+sim_requests() { curl -s "$root/_sim/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["requests"])'; }
+
+report="$out/../journal.md"
+{
+echo "# sluice journal benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(git rev-parse --short HEAD), $(nproc) cores"
+echo
+} > "$report"
+
+if [[ $only == all || $only == overhead ]]; then
+    gen "$N_OVERHEAD" "$out/in-$N_OVERHEAD.jsonl"
+    start_sim
+    : > "$out/overhead.rows"
+    for i in $(seq "$PAIRS"); do
+        for mode in journal none; do
+            flag=--fresh; [[ $mode == none ]] && flag=--no-journal
+            /usr/bin/time -f "%U %S %M" -o "$out/t" "$bin" run "$out/in-$N_OVERHEAD.jsonl" \
+                -o "$out/overhead.out.jsonl" --base-url "$base" --no-progress $flag 2>/dev/null
+            echo "$mode $(cat "$out/t")" >> "$out/overhead.rows"
+        done
+    done
+    stop_sim
+    python3 - "$out/overhead.rows" "$N_OVERHEAD" <<'PY' | tee -a "$report"
+import statistics, sys
+rows, n = sys.argv[1], int(sys.argv[2])
+by = {"journal": [], "none": []}
+rss = {"journal": [], "none": []}
+for line in open(rows):
+    mode, u, s, m = line.split()
+    by[mode].append((float(u) + float(s)) * 1e6 / n)
+    rss[mode].append(int(m) / 1024)
+j, b = statistics.median(by["journal"]), statistics.median(by["none"])
+print(f"## Overhead: {n} unpaced requests, {len(by['none'])} alternating pairs (medians)\n")
+print("| | CPU µs/request | peak RSS MB |\n|---|---|---|")
+print(f"| --no-journal | {b:.1f} | {statistics.median(rss['none']):.1f} |")
+print(f"| journal | {j:.1f} | {statistics.median(rss['journal']):.1f} |")
+print(f"| journal cost | {j - b:+.1f} ({100 * (j - b) / b:+.1f}%) | |\n")
+print("all runs (µs/request): journal " + ", ".join(f"{x:.1f}" for x in by["journal"])
+      + "; none " + ", ".join(f"{x:.1f}" for x in by["none"]) + "\n")
+PY
+fi
+
+if [[ $only == all || $only == resume ]]; then
+    gen "$N_RESUME" "$out/in-$N_RESUME.jsonl"
+    start_sim
+    o="$out/resume.out.jsonl"
+    rm -f "$o" "$o.journal" "$o.journal-wal" "$o.journal-shm"
+    "$bin" run "$out/in-$N_RESUME.jsonl" -o "$o" --base-url "$base" --no-progress 2>/dev/null
+    # The state a crash leaves when RESUME_DONE outcomes were committed: the journal's
+    # later rows and their output lines gone. (Killing the client at exactly that moment
+    # cannot be timed: the last thousand requests take 30 ms.)
+    python3 - "$o" "$RESUME_DONE" <<'PY'
+import sqlite3, sys
+out, keep = sys.argv[1], int(sys.argv[2])
+db = sqlite3.connect(out + ".journal")
+db.execute("DELETE FROM outcomes WHERE seq > ?", (keep,))
+db.commit()
+db.close()
+with open(out, "rb+") as f:
+    n, pos = 0, 0
+    for line in f:
+        n += 1
+        pos += len(line)
+        if n == keep:
+            break
+    f.truncate(pos)
+PY
+    done_before=$("$bin" status "$o.journal" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["status"]["done"])')
+    before=$(sim_requests)
+    t0=$(date +%s.%N)
+    "$bin" run "$out/in-$N_RESUME.jsonl" -o "$o" --base-url "$base" --no-progress 2> "$out/resume.stderr" &
+    pid=$!
+    first=""
+    while kill -0 "$pid" 2>/dev/null; do
+        if [[ -z $first && $(sim_requests) -gt $before ]]; then first=$(date +%s.%N); fi
+        [[ -n $first ]] && break
+        sleep 0.01
+    done
+    wait "$pid"
+    t_end=$(date +%s.%N)
+    lines=$(wc -l < "$o")
+    stop_sim
+    python3 - "$t0" "${first:-}" "$t_end" "$done_before" "$N_RESUME" "$lines" <<'PY' | tee -a "$report"
+import sys
+t0, first, end, done, n, lines = sys.argv[1:]
+t0, end = float(t0), float(end)
+start = f"{float(first) - t0:.2f}" if first else "never (nothing left to send)"
+print(f"## Resume: {int(n):,} requests, {int(done):,} done at the kill\n")
+print(f"- first request reached the simulator {start} s after the resume started")
+print(f"- the resume finished in {end - t0:.2f} s; the output has {int(lines):,} lines\n")
+PY
+fi

@@ -1,0 +1,182 @@
+//! The response cache end to end: hits are never sent (no rate capacity, no money),
+//! identical requests of a run are sent once, and the key ignores what does not change the
+//! answer. The real binary over real HTTP against `sluice sim` on 127.0.0.1 port 0.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use common::*;
+use serde_json::Value;
+use sluice_sim::SimConfig;
+
+fn report(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_identical_run_sends_nothing_and_does_not_wait_on_the_rate_limit() {
+    let sim = sim(SimConfig {
+        rpm: Some(6_000),
+        ..SimConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_input(dir.path(), &prompts(60));
+    let cache = dir.path().join("cache.sqlite");
+
+    let first = dir.path().join("first.jsonl");
+    let mut cmd = run_against(&sim, &input, &first);
+    cmd.args(["--rpm", "6000", "--cache"]).arg(&cache);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(sim.stats().requests, 60);
+
+    // Field order and whitespace changed, custom_ids and metadata new: still the same
+    // requests. At 6 requests per minute they would take ten minutes if they were sent.
+    let reordered: Vec<String> = (0..60)
+        .map(|i| format!(r#"{{ "max_tokens": 32, "prompt": "question {i}: what is {i} squared?", "metadata": {{"n": {i}}}, "model": "gpt-4.1-mini", "custom_id": "again-{i}" }}"#))
+        .collect();
+    let dir2 = tempfile::tempdir().unwrap();
+    let input2 = write_input(dir2.path(), &reordered);
+    let second = dir.path().join("second.jsonl");
+    let rep = dir.path().join("report.json");
+    let mut cmd = run_against(&sim, &input2, &second);
+    cmd.args(["--rpm", "6", "--report"])
+        .arg(&rep)
+        .arg("--cache")
+        .arg(&cache);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(sim.stats().requests, 60, "nothing was sent");
+    let r = report(&rep);
+    assert_eq!(r["cache_hits"], 60);
+    assert_eq!(r["attempts"], 0);
+    assert_eq!(r["prompt_tokens"], 0, "a hit is never charged");
+    assert_eq!(r["completion_tokens"], 0, "a hit is never charged");
+    assert!(
+        r["wall_secs"].as_f64().unwrap() < 60.0,
+        "no rate-limit wait: {r}"
+    );
+
+    let answers: HashMap<String, Value> = read_output(&first)
+        .into_iter()
+        .map(|l| {
+            (
+                l["custom_id"]
+                    .as_str()
+                    .unwrap()
+                    .trim_start_matches('q')
+                    .to_string(),
+                l,
+            )
+        })
+        .collect();
+    for l in read_output(&second) {
+        let n = l["custom_id"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("again-")
+            .to_string();
+        assert_eq!(l["cached"], true);
+        assert_eq!(l["attempts"], 0);
+        assert_eq!(
+            l["metadata"]["n"].to_string(),
+            n,
+            "metadata is the line's own"
+        );
+        assert_eq!(l["response"], answers[&n]["response"], "the stored answer");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_requests_in_one_run_are_sent_once_and_fanned_out() {
+    let sim = sim(SimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let lines: Vec<String> = (0..30)
+        .map(|i| {
+            let q = i % 10;
+            format!(r#"{{"custom_id":"c{i}","metadata":{{"i":{i}}},"model":"gpt-4.1-mini","prompt":"question {q}","max_tokens":16}}"#)
+        })
+        .collect();
+    let input = write_input(dir.path(), &lines);
+    let output = dir.path().join("out.jsonl");
+    let rep = dir.path().join("report.json");
+    let mut cmd = run_against(&sim, &input, &output);
+    cmd.arg("--cache")
+        .arg(dir.path().join("cache.sqlite"))
+        .arg("--report")
+        .arg(&rep);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let stats = sim.stats();
+    assert_eq!(
+        stats.requests, 10,
+        "one request per distinct body: {stats:?}"
+    );
+    let out = read_output(&output);
+    assert_eq!(out.len(), 30);
+    let by_q: HashMap<u64, Vec<&Value>> = out.iter().fold(HashMap::new(), |mut m, l| {
+        let i: u64 = l["custom_id"].as_str().unwrap()[1..].parse().unwrap();
+        assert_eq!(l["metadata"]["i"], i);
+        m.entry(i % 10).or_default().push(l);
+        m
+    });
+    for group in by_q.values() {
+        assert_eq!(group.len(), 3);
+        assert!(group.iter().all(|l| l["response"] == group[0]["response"]));
+        assert_eq!(group.iter().filter(|l| l["cached"] == false).count(), 1);
+    }
+    assert_eq!(report(&rep)["cache_hits"], 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_and_no_cache() {
+    let sim = sim(SimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_input(dir.path(), &prompts(5));
+    let cache = dir.path().join("cache.sqlite");
+    let go = |name: &str, extra: &[&str]| {
+        let mut cmd = run_against(&sim, &input, &dir.path().join(name));
+        cmd.arg("--no-journal").args(extra);
+        cmd
+    };
+    // Fill the cache.
+    let out = run(go("a.jsonl", &["--cache", cache.to_str().unwrap()])).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(sim.stats().requests, 5);
+    // --no-cache wins over SLUICE_CACHE: sent again.
+    let mut cmd = go("b.jsonl", &["--no-cache"]);
+    cmd.env("SLUICE_CACHE", &cache);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(sim.stats().requests, 10);
+    // SLUICE_CACHE alone is used.
+    let mut cmd = go("c.jsonl", &[]);
+    cmd.env("SLUICE_CACHE", &cache);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(sim.stats().requests, 10);
+    // Read-only: new requests are answered but not stored.
+    let input2 = write_input(&dir.path().join(""), &prompts(7));
+    let mut cmd = run_against(&sim, &input2, &dir.path().join("d.jsonl"));
+    cmd.args(["--no-journal", "--cache-read-only", "--cache"])
+        .arg(&cache);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(sim.stats().requests, 12, "the 2 new ones were sent");
+    let mut cmd = run_against(&sim, &input2, &dir.path().join("e.jsonl"));
+    cmd.args(["--no-journal", "--cache"]).arg(&cache);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(sim.stats().requests, 14, "read-only stored nothing");
+    // A file that is not a cache: a clear error, nothing sent.
+    std::fs::write(dir.path().join("junk"), b"junk").unwrap();
+    let mut cmd = go("f.jsonl", &["--cache"]);
+    cmd.arg(dir.path().join("junk"));
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("junk"), "{}", stderr(&out));
+    assert_eq!(sim.stats().requests, 14);
+}

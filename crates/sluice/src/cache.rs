@@ -1,0 +1,431 @@
+//! The response cache (SQLite, shared across runs): a request whose twin has already been
+//! answered is answered from here, before the rate limiter, at no cost.
+//!
+//! The key is a BLAKE3 hash of the target, the endpoint, the model and the request body in
+//! a canonical form: object keys sorted at every level, numbers written one way (`1`,
+//! `1.0` and `1e0` are the same number), and the fields that do not change the answer
+//! removed ([`NON_SEMANTIC_FIELDS`]). Two requests that differ only in field order,
+//! whitespace or those fields share an entry.
+//!
+//! Only successful responses are stored. Writes are batched like the journal's.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use crate::outcome::Usage;
+use crate::request::Request;
+
+/// Body fields that do not change what the model answers: who is asking, how the answer
+/// is delivered, what is stored where.
+pub const NON_SEMANTIC_FIELDS: &[&str] = &[
+    "user",
+    "metadata",
+    "stream",
+    "stream_options",
+    "store",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+];
+
+/// The cache format this build reads and writes.
+pub const CACHE_VERSION: u32 = 1;
+
+/// A cache key: 32 bytes of BLAKE3.
+pub type CacheKey = [u8; 32];
+
+/// Why the cache could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// SQLite failed.
+    #[error("cache {path}: {source}")]
+    Sqlite {
+        /// The cache file.
+        path: PathBuf,
+        /// What SQLite said.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// Not a sluice cache, or another version of one.
+    #[error("cache {path} is not a sluice response cache of version {CACHE_VERSION}: {reason}")]
+    Incompatible {
+        /// The cache file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A cached response.
+#[derive(Clone, Debug)]
+pub struct Hit {
+    /// The provider's response body.
+    pub response: Box<RawValue>,
+    /// Its usage when it was first answered.
+    pub usage: Option<Usage>,
+}
+
+/// The canonical key of a request sent to `target` (the provider and API base).
+pub fn key(target: &str, request: &Request) -> CacheKey {
+    let mut h = blake3::Hasher::new();
+    h.update(b"sluice-cache-v1\0");
+    h.update(target.as_bytes());
+    h.update(b"\0");
+    h.update(request.endpoint.path().as_bytes());
+    h.update(b"\0");
+    h.update(request.model.as_bytes());
+    h.update(b"\0");
+    match serde_json::from_slice::<Value>(&request.body) {
+        Ok(Value::Object(mut body)) => {
+            for field in NON_SEMANTIC_FIELDS {
+                body.remove(*field);
+            }
+            let mut out = Vec::with_capacity(request.body.len());
+            canonical(&Value::Object(body), &mut out);
+            h.update(&out);
+        }
+        // Bodies are JSON objects by construction; anything else is keyed by its bytes.
+        _ => {
+            h.update(&request.body);
+        }
+    }
+    *h.finalize().as_bytes()
+}
+
+/// Writes `v` with sorted keys and one spelling per number.
+fn canonical(v: &Value, out: &mut Vec<u8>) {
+    match v {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push(b'{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                serde_json::to_writer(&mut *out, k).expect("strings serialise");
+                out.push(b':');
+                canonical(&map[k], out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                canonical(item, out);
+            }
+            out.push(b']');
+        }
+        Value::Number(n) => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            if f.fract() == 0.0 && f.abs() < 9.0e15 {
+                out.extend_from_slice((f as i64).to_string().as_bytes());
+            } else if let Some(i) = n.as_i64() {
+                out.extend_from_slice(i.to_string().as_bytes());
+            } else if let Some(u) = n.as_u64() {
+                out.extend_from_slice(u.to_string().as_bytes());
+            } else {
+                out.extend_from_slice(format!("{f:e}").as_bytes());
+            }
+        }
+        other => serde_json::to_writer(&mut *out, other).expect("JSON serialises"),
+    }
+}
+
+/// A response to store.
+pub struct Store<'a> {
+    /// Its key.
+    pub key: CacheKey,
+    /// The model that answered.
+    pub model: &'a str,
+    /// The response body.
+    pub response: &'a RawValue,
+    /// Its usage.
+    pub usage: Option<Usage>,
+}
+
+/// The response cache.
+pub struct Cache {
+    conn: Connection,
+    path: PathBuf,
+    read_only: bool,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache").field("path", &self.path).finish()
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS cache_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS responses (
+    key BLOB PRIMARY KEY,
+    model TEXT NOT NULL,
+    response BLOB NOT NULL,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    created_at INTEGER NOT NULL
+);
+";
+
+impl Cache {
+    /// Opens the cache at `path`, creating it unless `read_only`.
+    pub fn open(path: &Path, read_only: bool) -> Result<Cache, CacheError> {
+        let sql = |source| CacheError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        let incompatible = |reason: String| CacheError::Incompatible {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let flags = if read_only {
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        };
+        let conn = Connection::open_with_flags(path, flags).map_err(sql)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(sql)?;
+        if !read_only {
+            conn.pragma_update(None, "journal_mode", "WAL")
+                .map_err(|e| incompatible(e.to_string()))?;
+            conn.pragma_update(None, "synchronous", "NORMAL")
+                .map_err(sql)?;
+            conn.execute_batch(SCHEMA)
+                .map_err(|e| incompatible(e.to_string()))?;
+            conn.execute(
+                "INSERT OR IGNORE INTO cache_meta (key, value) VALUES ('version', ?1)",
+                params![CACHE_VERSION.to_string()],
+            )
+            .map_err(sql)?;
+        }
+        let version: Option<String> = conn
+            .query_row(
+                "SELECT value FROM cache_meta WHERE key = 'version'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| incompatible(e.to_string()))?;
+        if version.as_deref() != Some(&CACHE_VERSION.to_string()) {
+            return Err(incompatible(format!("its version is {version:?}")));
+        }
+        Ok(Cache {
+            conn,
+            path: path.to_path_buf(),
+            read_only,
+        })
+    }
+
+    /// Whether the cache only answers and stores nothing.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The stored response for `key`, if any.
+    pub fn get(&self, key: &CacheKey) -> Result<Option<Hit>, CacheError> {
+        let sql = |source| CacheError::Sqlite {
+            path: self.path.clone(),
+            source,
+        };
+        let mut q = self
+            .conn
+            .prepare_cached(
+                "SELECT response, prompt_tokens, completion_tokens FROM responses WHERE key = ?1",
+            )
+            .map_err(sql)?;
+        let row = q
+            .query_row(params![&key[..]], |r| {
+                let body: Vec<u8> = r.get(0)?;
+                let prompt: Option<i64> = r.get(1)?;
+                let completion: Option<i64> = r.get(2)?;
+                Ok((body, prompt, completion))
+            })
+            .optional()
+            .map_err(sql)?;
+        let Some((body, prompt, completion)) = row else {
+            return Ok(None);
+        };
+        let Ok(text) = String::from_utf8(body) else {
+            return Ok(None);
+        };
+        let Ok(response) = RawValue::from_string(text) else {
+            return Ok(None);
+        };
+        let usage = match (prompt, completion) {
+            (None, None) => None,
+            (p, c) => {
+                let (p, c) = (p.unwrap_or(0) as u64, c.unwrap_or(0) as u64);
+                Some(Usage {
+                    prompt_tokens: p,
+                    completion_tokens: c,
+                    total_tokens: p + c,
+                })
+            }
+        };
+        Ok(Some(Hit { response, usage }))
+    }
+
+    /// Stores responses in one transaction (nothing when read-only).
+    pub fn put(&mut self, items: &[Store<'_>]) -> Result<(), CacheError> {
+        if self.read_only || items.is_empty() {
+            return Ok(());
+        }
+        let path = self.path.clone();
+        let sql = |source| CacheError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let tx = self.conn.unchecked_transaction().map_err(sql)?;
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO responses (key, model, response, prompt_tokens, completion_tokens, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(sql)?;
+            for s in items {
+                insert
+                    .execute(params![
+                        &s.key[..],
+                        s.model,
+                        s.response.get().as_bytes(),
+                        s.usage.map(|u| u.prompt_tokens as i64),
+                        s.usage.map(|u| u.completion_tokens as i64),
+                        now,
+                    ])
+                    .map_err(sql)?;
+            }
+        }
+        tx.commit().map_err(sql)
+    }
+
+    /// Responses stored.
+    pub fn len(&self) -> Result<u64, CacheError> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM responses", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+            .map_err(|source| CacheError::Sqlite {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Whether nothing is stored.
+    pub fn is_empty(&self) -> Result<bool, CacheError> {
+        Ok(self.len()? == 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::LineParser;
+
+    fn req(line: &str) -> Request {
+        LineParser::new(Some("gpt-4.1-mini".into()))
+            .parse(1, line)
+            .unwrap()
+    }
+
+    fn k(line: &str) -> CacheKey {
+        key("openai", &req(line))
+    }
+
+    #[test]
+    fn field_order_whitespace_and_number_spelling_do_not_change_the_key() {
+        let a =
+            k(r#"{"messages":[{"role":"user","content":"hi"}],"temperature":1,"max_tokens":20}"#);
+        let b = k(
+            r#"{ "max_tokens" : 20, "temperature": 1.0, "messages": [ {"content":"hi","role":"user"} ] }"#,
+        );
+        assert_eq!(a, b);
+        let c =
+            k(r#"{"messages":[{"role":"user","content":"hi"}],"temperature":1e0,"max_tokens":20}"#);
+        assert_eq!(a, c);
+    }
+
+    #[test]
+    fn non_semantic_fields_and_custom_ids_do_not_change_the_key() {
+        let a = k(r#"{"custom_id":"a","messages":[{"role":"user","content":"hi"}]}"#);
+        let b = k(
+            r#"{"custom_id":"b","metadata":{"x":1},"user":"u1","store":true,"stream":false,"messages":[{"role":"user","content":"hi"}]}"#,
+        );
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn what_the_model_sees_changes_the_key() {
+        let base = k(r#"{"messages":[{"role":"user","content":"hi"}],"temperature":0.5}"#);
+        for other in [
+            r#"{"messages":[{"role":"user","content":"hi!"}],"temperature":0.5}"#,
+            r#"{"messages":[{"role":"user","content":"hi"}],"temperature":0.7}"#,
+            r#"{"messages":[{"role":"system","content":"hi"}],"temperature":0.5}"#,
+            r#"{"model":"gpt-4.1","messages":[{"role":"user","content":"hi"}],"temperature":0.5}"#,
+            r#"{"messages":[{"role":"user","content":"hi"}],"temperature":0.5,"seed":1}"#,
+        ] {
+            assert_ne!(base, k(other), "{other}");
+        }
+        let r = req(r#"{"messages":[{"role":"user","content":"hi"}],"temperature":0.5}"#);
+        assert_ne!(key("openai", &r), key("http://127.0.0.1:8000/v1", &r));
+        // The same body to another endpoint is another request.
+        let e = req(
+            r#"{"custom_id":"e","method":"POST","url":"/v1/embeddings","body":{"model":"gpt-4.1-mini","input":"hi"}}"#,
+        );
+        let mut c = e.clone();
+        c.endpoint = crate::request::Endpoint::ChatCompletions;
+        assert_ne!(key("openai", &e), key("openai", &c));
+    }
+
+    #[test]
+    fn stores_and_answers_across_opens_and_read_only_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.sqlite");
+        let key = k(r#"{"messages":[{"role":"user","content":"hi"}]}"#);
+        let body = RawValue::from_string(r#"{"id":"x","choices":[]}"#.into()).unwrap();
+        {
+            let mut c = Cache::open(&path, false).unwrap();
+            assert!(c.get(&key).unwrap().is_none());
+            c.put(&[Store {
+                key,
+                model: "gpt-4.1-mini",
+                response: &body,
+                usage: Some(Usage {
+                    prompt_tokens: 3,
+                    completion_tokens: 4,
+                    total_tokens: 7,
+                }),
+            }])
+            .unwrap();
+        }
+        let mut c = Cache::open(&path, true).unwrap();
+        let hit = c.get(&key).unwrap().unwrap();
+        assert_eq!(hit.response.get(), body.get());
+        assert_eq!(hit.usage.unwrap().total(), 7);
+        let other = [7u8; 32];
+        c.put(&[Store {
+            key: other,
+            model: "m",
+            response: &body,
+            usage: None,
+        }])
+        .unwrap();
+        assert_eq!(c.len().unwrap(), 1);
+
+        std::fs::write(dir.path().join("junk"), b"not a database").unwrap();
+        assert!(Cache::open(&dir.path().join("junk"), false).is_err());
+    }
+}
