@@ -97,7 +97,10 @@ if [[ $only == all || $only == resume ]]; then
 import sqlite3, sys
 out, keep = sys.argv[1], int(sys.argv[2])
 db = sqlite3.connect(out + ".journal")
-db.execute("DELETE FROM outcomes WHERE seq > ?", (keep,))
+# Whole commits (segments) go, as in a crash: keep those ending at or before `keep`.
+db.execute("DELETE FROM segments WHERE first_seq + count - 1 > ?", (keep,))
+db.execute("DELETE FROM segment_lines WHERE first_seq NOT IN (SELECT first_seq FROM segments)")
+keep = db.execute("SELECT COALESCE(MAX(first_seq + count - 1), 0) FROM segments").fetchone()[0]
 db.commit()
 db.close()
 with open(out, "rb+") as f:
@@ -109,7 +112,8 @@ with open(out, "rb+") as f:
             break
     f.truncate(pos)
 PY
-    done_before=$("$bin" status "$o.journal" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["status"]["done"])')
+    # (status exits 3 while requests are pending)
+    done_before=$({ "$bin" status "$o.journal" --json || true; } | python3 -c 'import json,sys; print(json.load(sys.stdin)["status"]["done"])')
     before=$(sim_requests)
     t0=$(date +%s.%N)
     "$bin" run "$out/in-$N_RESUME.jsonl" -o "$o" --base-url "$base" --no-progress 2> "$out/resume.stderr" &

@@ -327,7 +327,8 @@ fn prepare(args: &RunArgs) -> Result<Option<Prepared>, Usage> {
         }
         _ => None,
     };
-    let mut done = match &existing {
+    let mut existing = existing;
+    let mut done = match &mut existing {
         Some(j) => Done::Lines(
             j.done_lines(args.retry_failed)
                 .map_err(|e| Usage(e.to_string()))?,
@@ -339,8 +340,9 @@ fn prepare(args: &RunArgs) -> Result<Option<Prepared>, Usage> {
             .map_err(|e| Usage(format!("cannot read {}: {e}", args.input)))
     };
     let mut scan = read(&done)?;
-    if let Some(j) = &existing {
-        let then = j.meta();
+    if let Some(j) = &mut existing {
+        let then = j.meta().clone();
+        let then = &then;
         let fresh_hint = "or --fresh to discard it and start over";
         if then.input != scan.fingerprint {
             let change = durable::input_change(&then.input, &scan.fingerprint);
