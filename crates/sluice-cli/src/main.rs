@@ -5,8 +5,10 @@
 //! (the simulator): argument parsing, input and output files, progress, the summary and
 //! exit codes.
 
+mod models;
 mod progress;
 mod run;
+mod targets;
 
 use std::process::ExitCode;
 
@@ -42,8 +44,13 @@ struct Cli {
 enum Command {
     /// Send every request of a JSONL file and write one outcome line per request.
     Run(Box<run::RunArgs>),
-    /// Serve a local OpenAI- and Anthropic-compatible simulator with rate limits and faults.
+    /// Serve a local OpenAI-, Anthropic- and Gemini-compatible simulator with rate limits
+    /// and faults.
     Sim(sluice_sim::cli::SimArgs),
+    /// List the model catalog: providers, prices, context windows, typical limits.
+    Models(models::ModelsArgs),
+    /// Count an input's tokens and price it, sending nothing.
+    Estimate(models::EstimateArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,11 +62,16 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    match cli.command {
+        Command::Models(args) => return ExitCode::from(models::models(args)),
+        Command::Estimate(args) => return ExitCode::from(models::estimate(args)),
+        _ => {}
+    }
     // The client's own work per request is a few microseconds: one thread does it with no
     // cross-thread wake-ups (measured: less CPU per request than the multi-thread runtime).
     let mut builder = match &cli.command {
         Command::Run(_) => tokio::runtime::Builder::new_current_thread(),
-        Command::Sim(_) => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
     };
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
@@ -77,5 +89,6 @@ fn main() -> ExitCode {
                 ExitCode::from(exit::BAD_INPUT)
             }
         },
+        Command::Models(_) | Command::Estimate(_) => unreachable!("handled above"),
     }
 }

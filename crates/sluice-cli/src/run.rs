@@ -9,18 +9,15 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use futures::StreamExt;
+use sluice::catalog::{Router, RouterOptions};
 use sluice::engine::{EngineConfig, Order};
 use sluice::input;
-use sluice::provider::http::HttpTransport;
 use sluice::summary::{Summary, SummaryBuilder};
 use sluice::{Engine, LineParser, Outcome, Request};
 use tokio::sync::mpsc;
 
 use crate::exit;
 use crate::progress::ProgressView;
-
-/// OpenAI's API, the default target.
-const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
 
 /// Arguments of `sluice run`.
 #[derive(Args, Debug)]
@@ -41,17 +38,31 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = OnBadLine::Abort)]
     pub on_bad_line: OnBadLine,
 
-    /// API base URL, including `/v1`. A URL other than OpenAI's may be used without a key.
-    #[arg(long, default_value = DEFAULT_BASE_URL)]
-    pub base_url: String,
+    /// Base URL of OpenAI-compatible models, including `/v1` (default: OpenAI's, from the
+    /// catalog). A URL other than OpenAI's may be used without a key.
+    #[arg(long)]
+    pub base_url: Option<String>,
 
-    /// Model for lines that name none.
+    /// Model for lines that name none: a catalog name (`sluice models` lists them),
+    /// `openai:NAME`, `anthropic:NAME`, `gemini:NAME` or `openai-compatible:NAME@URL`.
     #[arg(long)]
     pub model: Option<String>,
 
-    /// Environment variable holding the API key.
-    #[arg(long, default_value = "OPENAI_API_KEY")]
-    pub api_key_env: String,
+    /// Environment variable holding the OpenAI API key (default: the catalog's,
+    /// OPENAI_API_KEY). Anthropic's is ANTHROPIC_API_KEY, Gemini's GEMINI_API_KEY.
+    #[arg(long)]
+    pub api_key_env: Option<String>,
+
+    /// A model catalog file (TOML, like `sluice models --toml`) overriding the built-in
+    /// one and ~/.config/sluice/models.toml.
+    #[arg(long, value_name = "FILE")]
+    pub model_config: Option<PathBuf>,
+
+    /// Stop sending before spending could exceed this many US dollars: an attempt goes
+    /// out only if what was spent plus the worst case of everything in flight, its own
+    /// included, fits. Output bounds are then sent to every provider.
+    #[arg(long, value_name = "USD")]
+    pub budget: Option<f64>,
 
     /// Start an in-process simulator on 127.0.0.1 and run against it (no API key needed).
     #[arg(long)]
@@ -162,8 +173,20 @@ pub async fn run(args: RunArgs) -> u8 {
 struct Usage(String);
 
 async fn run_inner(args: RunArgs) -> anyhow::Result<u8> {
-    match prepare(&args) {
-        Ok(Some(prepared)) => execute(args, prepared).await,
+    // The simulator starts first: the catalog's targets are pointed at its address.
+    let sim = if args.sim {
+        match start_sim(&args).await {
+            Ok(h) => Some(h),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return Ok(exit::BAD_INPUT);
+            }
+        }
+    } else {
+        None
+    };
+    match prepare(&args, sim.as_ref()) {
+        Ok(Some(prepared)) => execute(args, prepared, sim).await,
         Ok(None) => Ok(exit::BAD_INPUT),
         Err(Usage(msg)) => {
             eprintln!("error: {msg}");
@@ -175,6 +198,7 @@ async fn run_inner(args: RunArgs) -> anyhow::Result<u8> {
 struct Prepared {
     config: EngineConfig,
     parser: LineParser,
+    router: Arc<Router>,
     input: InputFile,
     scan: input::ScanReport,
 }
@@ -196,7 +220,7 @@ impl InputFile {
 }
 
 /// Checks settings and input. `Ok(None)`: bad lines were listed and the run must not start.
-fn prepare(args: &RunArgs) -> Result<Option<Prepared>, Usage> {
+fn prepare(args: &RunArgs, sim: Option<&sluice_sim::SimHandle>) -> Result<Option<Prepared>, Usage> {
     let mut builder = EngineConfig::builder()
         .concurrency(args.concurrency)
         .max_attempts(args.max_attempts)
@@ -216,7 +240,26 @@ fn prepare(args: &RunArgs) -> Result<Option<Prepared>, Usage> {
     if let Some(d) = args.deadline {
         builder = builder.deadline(d);
     }
+    if let Some(b) = args.budget {
+        builder = builder.budget_usd(b);
+    }
     let config = builder.build().map_err(|e| Usage(e.to_string()))?;
+    let catalog = crate::targets::load_catalog(args.model_config.as_deref()).map_err(Usage)?;
+    let router = Arc::new(Router::new(
+        catalog,
+        RouterOptions {
+            sim_origin: sim.map(|h| format!("http://{}", h.addr)),
+            openai_base: args.base_url.clone(),
+            openai_key_env: args.api_key_env.clone(),
+        },
+    ));
+    if let Some(m) = &args.model {
+        // Checked only: a default no line uses needs no target (nor its key).
+        router
+            .catalog()
+            .resolve(m)
+            .map_err(|e| Usage(format!("--model: {e}")))?;
+    }
 
     let input = if args.input == "-" {
         let mut spool = tempfile::NamedTempFile::new()
@@ -234,8 +277,11 @@ fn prepare(args: &RunArgs) -> Result<Option<Prepared>, Usage> {
 
     let mut parser = LineParser::new(args.model.clone());
     parser.assumed_output_tokens = args.assume_output_tokens;
-    // Token estimates only matter for pacing a tokens-per-minute limit.
-    parser.count_tokens = config.tpm.is_some();
+    // Token estimates only matter for pacing a tokens-per-minute limit or for a budget.
+    parser.count_tokens = config.tpm.is_some() || config.budget_usd.is_some();
+    // A budget needs every request's output bounded by the provider, not only reserved.
+    parser.enforce_output_bound = config.budget_usd.is_some();
+    parser.router = Some(router.clone());
     let scan = input::scan(input.path(), &parser)
         .map_err(|e| Usage(format!("cannot read {}: {e}", args.input)))?;
     if !scan.bad.is_empty() {
@@ -255,9 +301,19 @@ fn prepare(args: &RunArgs) -> Result<Option<Prepared>, Usage> {
             scan.bad.len()
         );
     }
+    if config.budget_usd.is_some() {
+        let unpriced = router.unpriced_models();
+        if !unpriced.is_empty() {
+            return Err(Usage(format!(
+                "--budget needs a price for every model, and the catalog has none for {}; add input_per_mtok and output_per_mtok for it in a --model-config file",
+                unpriced.join(", ")
+            )));
+        }
+    }
     Ok(Some(Prepared {
         config,
         parser,
+        router,
         input,
         scan,
     }))
@@ -294,43 +350,25 @@ async fn start_sim(args: &RunArgs) -> anyhow::Result<sluice_sim::SimHandle> {
     Ok(handle)
 }
 
-async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
+async fn execute(
+    args: RunArgs,
+    prepared: Prepared,
+    sim: Option<sluice_sim::SimHandle>,
+) -> anyhow::Result<u8> {
     let Prepared {
         config,
         parser,
+        router,
         input,
         scan,
     } = prepared;
 
-    let sim = if args.sim {
-        let handle = match start_sim(&args).await {
-            Ok(h) => h,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                return Ok(exit::BAD_INPUT);
-            }
-        };
-        eprintln!("simulator listening on {}", handle.base_url());
-        Some(handle)
-    } else {
-        None
-    };
-    let (base_url, key) = match &sim {
-        Some(h) => (h.base_url(), None),
-        None => match std::env::var(&args.api_key_env) {
-            Ok(k) if !k.trim().is_empty() => (args.base_url.clone(), Some(k)),
-            // A local OpenAI-compatible server (Ollama, vLLM, llama.cpp) may need no key.
-            _ if args.base_url != DEFAULT_BASE_URL => (args.base_url.clone(), None),
-            _ => {
-                eprintln!(
-                    "error: no API key: set {} (or name another variable with --api-key-env), or use --sim to run against the built-in simulator",
-                    args.api_key_env
-                );
-                return Ok(exit::BAD_INPUT);
-            }
-        },
-    };
-    let transport = match HttpTransport::new(&base_url, key.as_deref(), config.concurrency) {
+    if let Some(h) = &sim {
+        eprintln!("simulator listening on http://{}", h.addr);
+    }
+    // Every target the input's models need; a local OpenAI-compatible server (Ollama,
+    // vLLM, llama.cpp) may need no key.
+    let transport = match crate::targets::transport(&router, sim.is_some(), config.concurrency) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e}");
@@ -357,7 +395,14 @@ async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
     let mut run = engine.run(requests);
     let show = !args.no_progress && io::stderr().is_terminal();
     // The bar counts what the engine runs; skipped bad lines are reported apart.
-    let view = ProgressView::start(good_lines, run.progress(), config.rpm, config.tpm, show);
+    let view = ProgressView::start(
+        good_lines,
+        run.progress(),
+        config.rpm,
+        config.tpm,
+        config.budget_usd,
+        show,
+    );
     let stopper = run.stopper();
     let mut sink = Sink {
         writer,

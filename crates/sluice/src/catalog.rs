@@ -359,6 +359,18 @@ impl Router {
             .clone()
     }
 
+    /// The names routed so far whose model has no known price, sorted.
+    pub fn unpriced_models(&self) -> Vec<String> {
+        let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut names: Vec<String> = routes
+            .iter()
+            .filter(|(_, r)| r.price.is_none())
+            .map(|(n, _)| n.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
     /// Where a request naming `model` goes.
     pub fn route(&self, model: &str) -> Result<Route, String> {
         if let Some(r) = self

@@ -906,7 +906,10 @@ impl Scheduler {
                     None => worst_case_cost(&live.request),
                 };
                 self.spend(cost);
-                let cost_usd = live.request.price.map(|_| cost + live.billed_usd);
+                let cost_usd = live
+                    .request
+                    .price
+                    .map(|_| round_usd(cost + live.billed_usd));
                 let outcome = Outcome {
                     custom_id: live.request.custom_id,
                     status: Status::Succeeded,
@@ -1132,7 +1135,7 @@ fn failed_outcome(
     billed_usd: f64,
 ) -> Outcome {
     Outcome {
-        cost_usd: request.price.map(|_| billed_usd),
+        cost_usd: request.price.map(|_| round_usd(billed_usd)),
         custom_id: request.custom_id,
         status: Status::Failed,
         model: request.model,
@@ -1144,6 +1147,11 @@ fn failed_outcome(
         metadata: request.metadata,
         line: request.line,
     }
+}
+
+/// Dollars to a billionth, so float noise does not show in the output.
+fn round_usd(usd: f64) -> f64 {
+    (usd * 1e9).round() / 1e9
 }
 
 fn millis(d: Duration) -> u64 {
