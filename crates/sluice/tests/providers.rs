@@ -208,6 +208,7 @@ async fn transient_faults_are_retried_for_every_provider() {
         (FaultKind::Http503, 0.1),
         (FaultKind::Overloaded529, 0.1),
         (FaultKind::Truncated, 0.1),
+        (FaultKind::Reset, 0.1),
     ];
     job.engine.retry.max_attempts = 12;
     let (outcomes, _, stats) = run(job, &lines).await;
@@ -223,9 +224,9 @@ async fn transient_faults_are_retried_for_every_provider() {
         );
     }
     assert_eq!(stats.ok_duplicates, 0);
-    // A truncated 200 was billed: its worst-case estimate is in its request's cost, on top
-    // of the cost of the answer that finally came.
-    assert!(stats.injected_faults["truncated"] > 0);
+    // A truncated or cut-off 200 was billed: its worst-case estimate is in its request's
+    // cost, on top of the cost of the answer that finally came.
+    assert!(stats.injected_faults["truncated"] > 0 && stats.injected_faults["reset"] > 0);
     let catalog = Catalog::builtin();
     let answered: f64 = outcomes
         .iter()

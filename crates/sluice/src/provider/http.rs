@@ -196,10 +196,10 @@ impl Transport for HttpTransport {
             })?;
             let status = resp.status().as_u16();
             let headers = resp.headers().clone();
-            let body = resp
-                .bytes()
-                .await
-                .map_err(|e| TransportError::Dropped(error_chain(&e)))?;
+            let body = resp.bytes().await.map_err(|e| TransportError::BodyCut {
+                status,
+                message: error_chain(&e),
+            })?;
             Ok(HttpResponse {
                 status,
                 headers,

@@ -166,6 +166,15 @@ pub enum TransportError {
     /// The connection broke before the whole response arrived.
     #[error("connection dropped: {0}")]
     Dropped(String),
+    /// The status and headers arrived, then the body was cut off. A 2xx cut off was
+    /// billed by the provider.
+    #[error("response with status {status} cut off: {message}")]
+    BodyCut {
+        /// The HTTP status that arrived.
+        status: u16,
+        /// What broke.
+        message: String,
+    },
     /// The attempt ran past its timeout (set by the engine).
     #[error("no complete response within {0:?}")]
     Timeout(Duration),
@@ -219,10 +228,10 @@ pub enum Verdict {
 
 impl Verdict {
     /// Whether the provider billed the attempt although it failed: a 2xx whose body did
-    /// not arrive whole (the work was done, its answer lost).
+    /// not arrive whole, cut off or truncated (the work was done, its answer lost).
     pub fn billed_failure(&self) -> bool {
         matches!(self, Verdict::Retry { error, .. }
-            if error.kind == ErrorKind::InvalidResponse
+            if matches!(error.kind, ErrorKind::InvalidResponse | ErrorKind::Connection)
                 && error.status.is_some_and(|s| (200..300).contains(&s)))
     }
 }
@@ -246,15 +255,18 @@ pub fn classify(result: Result<HttpResponse, TransportError>, provider: Provider
     match result {
         Ok(resp) => classify_response(&resp, provider),
         Err(e) => {
-            let kind = match e {
-                TransportError::Timeout(_) => ErrorKind::Timeout,
-                TransportError::Connect(_) | TransportError::Dropped(_) => ErrorKind::Connection,
+            let (kind, status) = match e {
+                TransportError::Timeout(_) => (ErrorKind::Timeout, None),
+                TransportError::Connect(_) | TransportError::Dropped(_) => {
+                    (ErrorKind::Connection, None)
+                }
+                TransportError::BodyCut { status, .. } => (ErrorKind::Connection, Some(status)),
             };
             Verdict::Retry {
                 retry_after: None,
                 error: ErrorInfo {
                     kind,
-                    status: None,
+                    status,
                     message: e.to_string(),
                 },
             }
@@ -515,6 +527,35 @@ mod tests {
         assert_eq!(retry_after(&headers(&[("retry-after", "soon")]), now), None);
         assert_eq!(retry_after(&headers(&[("retry-after", "-3")]), now), None);
         assert_eq!(retry_after(&HeaderMap::new(), now), None);
+    }
+
+    #[test]
+    fn cut_off_and_truncated_2xx_bodies_were_billed() {
+        let cut = |status| {
+            classify(
+                Err(TransportError::BodyCut {
+                    status,
+                    message: "reset".into(),
+                }),
+                ProviderKind::Anthropic,
+            )
+        };
+        assert!(cut(200).billed_failure());
+        assert!(!cut(503).billed_failure(), "an error page is not billed");
+        let dropped = classify(
+            Err(TransportError::Dropped("reset".into())),
+            ProviderKind::OpenAi,
+        );
+        assert!(matches!(dropped, Verdict::Retry { .. }) && !dropped.billed_failure());
+        let truncated = classify(
+            Ok(HttpResponse {
+                status: 200,
+                headers: HeaderMap::new(),
+                body: Bytes::from_static(b"{\"candidates\":[{"),
+            }),
+            ProviderKind::Gemini,
+        );
+        assert!(truncated.billed_failure(), "{truncated:?}");
     }
 
     #[test]
