@@ -163,7 +163,13 @@ pub fn estimate(args: EstimateArgs) -> u8 {
         }
     };
     let router = Arc::new(Router::new(catalog, RouterOptions::default()));
-    let mut parser = LineParser::new(args.model.clone());
+    // Of a fallback chain, the first model is the one estimated.
+    let mut parser = LineParser::new(
+        args.model
+            .as_deref()
+            .and_then(|m| m.split(',').next())
+            .map(|m| m.trim().to_string()),
+    );
     parser.assumed_output_tokens = args.assume_output_tokens;
     parser.count_tokens = true;
     parser.router = Some(router);

@@ -45,6 +45,9 @@ pub struct RunArgs {
 
     /// Model for lines that name none: a catalog name (`sluice models` lists them),
     /// `openai:NAME`, `anthropic:NAME`, `gemini:NAME` or `openai-compatible:NAME@URL`.
+    /// A list `a,b,c` is a fallback chain: a request moves to the next model when one
+    /// does not have it (404), its context is too small, or its circuit is open (5
+    /// transient failures in a row; one probe after 30 s).
     #[arg(long)]
     pub model: Option<String>,
 
@@ -243,6 +246,15 @@ fn prepare(args: &RunArgs, sim: Option<&sluice_sim::SimHandle>) -> Result<Option
     if let Some(b) = args.budget {
         builder = builder.budget_usd(b);
     }
+    let chain: Vec<String> = args
+        .model
+        .iter()
+        .flat_map(|m| m.split(','))
+        .map(|m| m.trim().to_string())
+        .collect();
+    if chain.len() > 1 {
+        builder = builder.breaker(sluice::retry::BreakerPolicy::default());
+    }
     let config = builder.build().map_err(|e| Usage(e.to_string()))?;
     let catalog = crate::targets::load_catalog(args.model_config.as_deref()).map_err(Usage)?;
     let router = Arc::new(Router::new(
@@ -253,7 +265,7 @@ fn prepare(args: &RunArgs, sim: Option<&sluice_sim::SimHandle>) -> Result<Option
             openai_key_env: args.api_key_env.clone(),
         },
     ));
-    if let Some(m) = &args.model {
+    for m in &chain {
         // Checked only: a default no line uses needs no target (nor its key).
         router
             .catalog()
@@ -275,7 +287,8 @@ fn prepare(args: &RunArgs, sim: Option<&sluice_sim::SimHandle>) -> Result<Option
         InputFile::Path(p)
     };
 
-    let mut parser = LineParser::new(args.model.clone());
+    let mut parser = LineParser::new(chain.first().cloned());
+    parser.fallback_models = chain.iter().skip(1).cloned().collect();
     parser.assumed_output_tokens = args.assume_output_tokens;
     // Token estimates only matter for pacing a tokens-per-minute limit or for a budget.
     parser.count_tokens = config.tpm.is_some() || config.budget_usd.is_some();

@@ -352,3 +352,54 @@ async fn budget_stops_before_spending_past_it_under_concurrency() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("my-model"), "{}", stderr(&out));
 }
+
+/// `--model a,b`: the first model's server answers 404 (the simulator serves nothing
+/// below `/nope`), so every request finishes on the second, and the output says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fallback_chain_finishes_on_the_second_model_when_the_first_is_not_found() {
+    let sim = sluice_sim::start(SimConfig::default(), ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lines: Vec<String> = (0..20)
+        .map(|i| format!(r#"{{"custom_id":"f{i}","prompt":"fallback {i}","max_tokens":8}}"#))
+        .collect();
+    let input = write(dir.path(), "in.jsonl", &lines);
+    let output = dir.path().join("out.jsonl");
+    let chain = format!(
+        "openai-compatible:gpt-4.1-mini@http://{}/nope,gpt-4.1-mini",
+        sim.addr
+    );
+    let mut cmd = sluice();
+    cmd.arg("run")
+        .arg(&input)
+        .arg("-o")
+        .arg(&output)
+        .args([
+            "--model",
+            &chain,
+            "--base-url",
+            &sim.base_url(),
+            "--no-progress",
+        ])
+        .env("OPENAI_API_KEY", "sk-test-not-a-real-key");
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("fallbacks to the next model: 20"),
+        "{}",
+        stderr(&out)
+    );
+    let outcomes = outcomes(&output);
+    assert_eq!(outcomes.len(), 20);
+    for o in &outcomes {
+        assert_eq!(o["status"], "succeeded", "{o}");
+        assert_eq!(o["model"], "gpt-4.1-mini");
+        assert_eq!(o["attempts"], 2, "one 404, then the second model: {o}");
+    }
+    let stats = sim.stats();
+    assert_eq!(stats.ok, 20);
+    assert_eq!(stats.bad_requests, 0, "/nope is not an API path: {stats:?}");
+}

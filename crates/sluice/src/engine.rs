@@ -41,7 +41,7 @@ use crate::limiter::{Limiter, SendWindow};
 use crate::outcome::{ErrorInfo, ErrorKind, Outcome, Status};
 use crate::provider::{classify, Transport, TransportError, Verdict};
 use crate::request::Request;
-use crate::retry::RetryPolicy;
+use crate::retry::{BreakerPolicy, CircuitBreaker, Held, RetryPolicy};
 
 /// In which order outcomes come out of a run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -88,6 +88,10 @@ pub struct EngineConfig {
     /// flight, the run stops with [`StopReason::BudgetExhausted`]. Requests of models
     /// without a price count as free.
     pub budget_usd: Option<f64>,
+    /// One circuit breaker per model: while a model's circuit is open its requests move
+    /// to their fallback model ([`Request::fallback`]) or wait for the probe. `None`: no
+    /// breakers (a request still falls back on a model-specific permanent error).
+    pub breaker: Option<BreakerPolicy>,
 }
 
 /// The input-token estimate (tiktoken's `o200k_base`) times this is what a budget
@@ -120,6 +124,7 @@ impl Default for EngineConfig {
             seed: 0,
             send_quantum: Duration::from_millis(50),
             budget_usd: None,
+            breaker: None,
         }
     }
 }
@@ -177,6 +182,9 @@ impl EngineConfig {
         }
         if self.budget_usd.is_some_and(|b| !(b.is_finite() && b > 0.0)) {
             return err("budget", "must be a positive number of dollars");
+        }
+        if self.breaker.is_some_and(|b| b.threshold == 0) {
+            return err("breaker threshold", "must be at least 1");
         }
         Ok(())
     }
@@ -259,6 +267,11 @@ impl EngineConfigBuilder {
         self.config.budget_usd = Some(usd);
         self
     }
+    /// A circuit breaker per model.
+    pub fn breaker(mut self, policy: BreakerPolicy) -> Self {
+        self.config.breaker = Some(policy);
+        self
+    }
     /// The checked settings.
     pub fn build(self) -> Result<EngineConfig, ConfigError> {
         self.config.validate()?;
@@ -317,6 +330,8 @@ pub struct Progress {
     pub completion_tokens: AtomicU64,
     /// Money spent so far, in millionths of a US dollar.
     pub cost_micro_usd: AtomicU64,
+    /// Requests moved to their fallback model.
+    pub fallbacks: AtomicU64,
 }
 
 /// A copy of [`Progress`] at one moment.
@@ -335,6 +350,7 @@ pub struct ProgressSnapshot {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub cost_micro_usd: u64,
+    pub fallbacks: u64,
 }
 
 impl Progress {
@@ -354,6 +370,7 @@ impl Progress {
             prompt_tokens: g(&self.prompt_tokens),
             completion_tokens: g(&self.completion_tokens),
             cost_micro_usd: g(&self.cost_micro_usd),
+            fallbacks: g(&self.fallbacks),
         }
     }
 
@@ -468,6 +485,7 @@ impl Engine {
             cooldown_streak: 0,
             spent_usd: 0.0,
             reserved_usd: 0.0,
+            breakers: HashMap::new(),
             halted: None,
             interrupted: false,
             started: now,
@@ -587,6 +605,8 @@ struct Scheduler {
     spent_usd: f64,
     /// Worst-case cost of the attempts in flight.
     reserved_usd: f64,
+    /// Circuit breakers by model, when [`EngineConfig::breaker`] is set.
+    breakers: HashMap<String, CircuitBreaker>,
     /// Quota exhausted or budget reached: nothing more is sent; the rest of the input is
     /// reported not attempted.
     halted: Option<StopReason>,
@@ -785,6 +805,25 @@ impl Scheduler {
             {
                 return None;
             }
+            if let Some(policy) = self.config.breaker {
+                let model = &self.live[&seq].request.model;
+                if !self.breakers.contains_key(model) {
+                    self.breakers
+                        .insert(model.clone(), CircuitBreaker::new(policy));
+                }
+                let breaker = self.breakers.get_mut(model).expect("inserted");
+                if let Err(held) = breaker.check(now) {
+                    if self.fall_back(seq) {
+                        // The same request, now for its next model.
+                        continue;
+                    }
+                    return match held {
+                        Held::Until(t) => Some(t),
+                        // The probe's report wakes the scheduler.
+                        Held::Probing => None,
+                    };
+                }
+            }
             let request = &self.live[&seq].request;
             let tokens = request.reserved_tokens();
             let cost = match self.config.budget_usd {
@@ -813,9 +852,50 @@ impl Scheduler {
                 .get_mut(&seq)
                 .expect("queued requests are live")
                 .reserved_usd = cost;
+            if self.config.breaker.is_some() {
+                if let Some(b) = self.breakers.get_mut(&self.live[&seq].request.model) {
+                    b.on_send();
+                }
+            }
             self.send(seq, tokens, now);
         }
         None
+    }
+
+    /// Moves a live request (not in flight) to its fallback model; false when it has
+    /// none. Its transient-failure count starts again; its attempts keep counting.
+    fn fall_back(&mut self, seq: u64) -> bool {
+        let live = self
+            .live
+            .get_mut(&seq)
+            .expect("falling back a live request");
+        debug_assert!(!live.in_flight);
+        let Some(next) = live.request.fallback.take() else {
+            return false;
+        };
+        let mut next = *next;
+        next.metadata = live.request.metadata.take();
+        live.request = next;
+        live.failures = 0;
+        Progress::add(&self.progress.fallbacks, 1);
+        true
+    }
+
+    /// Tells the breaker of the model an attempt went to what came back; returns whether
+    /// its circuit is open after it.
+    fn feed_breaker(&mut self, model: &str, verdict: &Verdict, now: Instant) -> bool {
+        let Some(b) = self.breakers.get_mut(model) else {
+            return false;
+        };
+        match verdict {
+            Verdict::Success { .. } => b.on_success(),
+            Verdict::Permanent { error } if model_specific(error.kind) => b.on_neutral(),
+            // A refusal shows the model is up.
+            Verdict::Permanent { .. } => b.on_success(),
+            Verdict::RateLimited { .. } | Verdict::QuotaExhausted { .. } => b.on_neutral(),
+            Verdict::Retry { .. } => return b.on_failure(now),
+        }
+        matches!(b.state(), crate::retry::BreakerState::Open { .. })
     }
 
     fn send(&mut self, seq: u64, tokens: u64, now: Instant) {
@@ -886,6 +966,12 @@ impl Scheduler {
             live.billed_usd += estimate;
             self.spend(estimate);
         }
+        let circuit_open = if self.config.breaker.is_some() {
+            let model = self.live[&seq].request.model.clone();
+            self.feed_breaker(&model, &report.verdict, now)
+        } else {
+            false
+        };
         let live = self.live.get_mut(&seq).expect("live");
         match report.verdict {
             Verdict::Success { response, usage } => {
@@ -925,7 +1011,14 @@ impl Scheduler {
                 };
                 self.emit(seq, outcome);
             }
-            Verdict::Permanent { error } => self.fail(seq, error),
+            Verdict::Permanent { error } => {
+                if model_specific(error.kind) && self.halted.is_none() && self.fall_back(seq) {
+                    self.ready.push_front(seq);
+                    Progress::add(&self.progress.waiting, 1);
+                } else {
+                    self.fail(seq, error);
+                }
+            }
             Verdict::QuotaExhausted { error } => {
                 self.fail(seq, error);
                 self.halt(StopReason::QuotaExhausted);
@@ -984,6 +1077,13 @@ impl Scheduler {
                     self.fail_stopped(seq, error);
                     return;
                 }
+                // Its model's circuit just opened: straight to the fallback, no backoff.
+                if circuit_open && self.fall_back(seq) {
+                    self.ready.push_front(seq);
+                    Progress::add(&self.progress.waiting, 1);
+                    return;
+                }
+                let live = self.live.get_mut(&seq).expect("live");
                 if failures >= self.config.retry.max_attempts {
                     let error = ErrorInfo {
                         message: format!(
@@ -1147,6 +1247,11 @@ fn failed_outcome(
         metadata: request.metadata,
         line: request.line,
     }
+}
+
+/// Errors that belong to one model, not to the request: another model may succeed.
+fn model_specific(kind: ErrorKind) -> bool {
+    matches!(kind, ErrorKind::NotFound | ErrorKind::ContextLengthExceeded)
 }
 
 /// Dollars to a billionth, so float noise does not show in the output.

@@ -86,6 +86,10 @@ pub struct Request {
     pub max_output_tokens: u32,
     /// The caller's `metadata`, passed through to the outcome untouched.
     pub metadata: Option<Box<RawValue>>,
+    /// The same request for the next model of a fallback chain (`--model a,b,c`), built
+    /// when the line is read: the engine moves to it when this model cannot serve the
+    /// request (not found, context too long, circuit open).
+    pub fallback: Option<Box<Request>>,
 }
 
 impl Request {
@@ -139,6 +143,9 @@ pub struct LineParser {
     pub enforce_output_bound: bool,
     /// Routes models to providers; without one, every request goes to target 0, OpenAI.
     pub router: Option<Arc<Router>>,
+    /// Models to fall back to, in order, for lines that name no model (so use
+    /// `default_model`).
+    pub fallback_models: Vec<String>,
     estimator: TokenEstimator,
 }
 
@@ -160,6 +167,7 @@ impl LineParser {
             count_tokens: true,
             enforce_output_bound: false,
             router: None,
+            fallback_models: Vec::new(),
             estimator: TokenEstimator::new(),
         }
     }
@@ -171,13 +179,36 @@ impl LineParser {
 
     /// Parses one line into a request. `line` is 1-based.
     pub fn parse(&self, line: u64, text: &str) -> Result<Request, BadLine> {
-        self.parse_inner(line, text, true)
+        self.parse_chain(line, text, true)
     }
 
     /// Checks one line and returns its `custom_id`, without estimating tokens or building
     /// the body: the cheap pass that finds every bad line before anything is sent.
     pub fn check(&self, line: u64, text: &str) -> Result<String, BadLine> {
-        self.parse_inner(line, text, false).map(|r| r.custom_id)
+        self.parse_chain(line, text, false).map(|r| r.custom_id)
+    }
+
+    /// The line for the default model, and for each fallback model when it uses the
+    /// default.
+    fn parse_chain(&self, line: u64, text: &str, full: bool) -> Result<Request, BadLine> {
+        let (mut first, defaulted) =
+            self.parse_inner(line, text, full, self.default_model.as_deref())?;
+        if defaulted && !self.fallback_models.is_empty() {
+            let mut next: Option<Box<Request>> = None;
+            for model in self.fallback_models.iter().rev() {
+                let (mut r, _) =
+                    self.parse_inner(line, text, full, Some(model))
+                        .map_err(|mut bad| {
+                            bad.reason = format!("for fallback model {model:?}: {}", bad.reason);
+                            bad
+                        })?;
+                r.metadata = None;
+                r.fallback = next;
+                next = Some(Box::new(r));
+            }
+            first.fallback = next;
+        }
+        Ok(first)
     }
 
     fn route(&self, model: &str) -> Result<Route, String> {
@@ -192,7 +223,14 @@ impl LineParser {
         }
     }
 
-    fn parse_inner(&self, line: u64, text: &str, full: bool) -> Result<Request, BadLine> {
+    /// One line for one default model; also says whether the default was used.
+    fn parse_inner(
+        &self,
+        line: u64,
+        text: &str,
+        full: bool,
+        default_model: Option<&str>,
+    ) -> Result<(Request, bool), BadLine> {
         let bad = |custom_id: Option<&str>, field: Option<&str>, reason: String| BadLine {
             line,
             custom_id: custom_id.map(str::to_owned),
@@ -296,10 +334,14 @@ impl LineParser {
         } else {
             "model"
         };
+        let mut defaulted = false;
         let named = match body.get("model") {
             Some(Value::String(m)) if !m.is_empty() => m.clone(),
-            Some(Value::String(_)) | None | Some(Value::Null) => match &self.default_model {
-                Some(m) => m.clone(),
+            Some(Value::String(_)) | None | Some(Value::Null) => match default_model {
+                Some(m) => {
+                    defaulted = true;
+                    m.to_string()
+                }
                 None => {
                     return Err(bad(
                         id,
@@ -444,7 +486,7 @@ impl LineParser {
         } else {
             input_tokens
         };
-        Ok(Request {
+        let request = Request {
             custom_id,
             line,
             endpoint,
@@ -455,7 +497,9 @@ impl LineParser {
             input_tokens,
             max_output_tokens,
             metadata,
-        })
+            fallback: None,
+        };
+        Ok((request, defaulted))
     }
 }
 

@@ -40,6 +40,8 @@ pub struct Summary {
     pub rate_limited: u64,
     /// Cooldowns started by 429 bursts.
     pub cooldowns: u64,
+    /// Requests moved to their fallback model.
+    pub fallbacks: u64,
     /// Input tokens of successful requests.
     pub prompt_tokens: u64,
     /// Output tokens of successful requests.
@@ -136,6 +138,7 @@ impl SummaryBuilder {
             retries: progress.retries,
             rate_limited: progress.rate_limited,
             cooldowns: progress.cooldowns,
+            fallbacks: progress.fallbacks,
             prompt_tokens: self.prompt_tokens,
             completion_tokens: self.completion_tokens,
             cost_usd: self.cost_usd,
@@ -167,6 +170,9 @@ impl fmt::Display for Summary {
             "attempts {}, retries {}, 429s {}, cooldowns {}",
             self.attempts, self.retries, self.rate_limited, self.cooldowns
         )?;
+        if self.fallbacks > 0 {
+            writeln!(f, "fallbacks to the next model: {}", self.fallbacks)?;
+        }
         writeln!(
             f,
             "tokens: {} in, {} out",
