@@ -96,6 +96,12 @@ pub struct RunArgs {
     #[arg(long)]
     pub tpm: Option<f64>,
 
+    /// Do not learn the limits not given here (requests, tokens, Anthropic's input and
+    /// output tokens) from the provider's rate-limit headers; find them with the send
+    /// window alone.
+    #[arg(long)]
+    pub no_learn_limits: bool,
+
     /// Requests live at once (in flight or waiting to retry).
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
@@ -246,6 +252,7 @@ fn prepare(args: &RunArgs, sim: Option<&sluice_sim::SimHandle>) -> Result<Option
     if let Some(b) = args.budget {
         builder = builder.budget_usd(b);
     }
+    builder = builder.learn_limits(!args.no_learn_limits);
     let chain: Vec<String> = args
         .model
         .iter()

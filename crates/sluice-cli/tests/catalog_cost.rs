@@ -403,3 +403,50 @@ async fn a_fallback_chain_finishes_on_the_second_model_when_the_first_is_not_fou
     assert_eq!(stats.ok, 20);
     assert_eq!(stats.bad_requests, 0, "/nope is not an API path: {stats:?}");
 }
+
+/// Limits learned from headers over real HTTP: the simulator enforces 6,000 RPM and says so
+/// only in its `x-ratelimit-*` headers; the run is told nothing and gets (almost) no 429s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_are_learned_from_the_simulators_headers() {
+    let sim = sluice_sim::start(
+        SimConfig {
+            rpm: Some(6000),
+            latency: std::time::Duration::from_millis(100),
+            ..SimConfig::default()
+        },
+        ([127, 0, 0, 1], 0).into(),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let n = 800;
+    let lines: Vec<String> = (0..n)
+        .map(|i| format!(r#"{{"custom_id":"l{i}","prompt":"learn {i}","max_tokens":8}}"#))
+        .collect();
+    let input = write(dir.path(), "in.jsonl", &lines);
+    let output = dir.path().join("out.jsonl");
+    let mut cmd = sluice();
+    cmd.arg("run")
+        .arg(&input)
+        .arg("-o")
+        .arg(&output)
+        .args(["--model", "gpt-4.1-mini", "--base-url", &sim.base_url()])
+        .args(["--concurrency", "64", "--no-progress"])
+        .env("OPENAI_API_KEY", "sk-test-not-a-real-key");
+    let started = std::time::Instant::now();
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let wall = started.elapsed().as_secs_f64();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let stats = sim.stats();
+    assert_eq!(stats.ok, n as u64);
+    assert!(
+        stats.rate_limited as f64 <= 0.005 * n as f64,
+        "{} 429s for {n} requests",
+        stats.rate_limited
+    );
+    // 800 requests at 100/s after a one-second burst: about 7 s. A loose end-to-end bound
+    // (startup included, on a busy machine); tests/learned_limits.rs checks 95% exactly.
+    assert!(wall < 10.0, "{wall:.1} s");
+}

@@ -37,8 +37,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::cost::Price;
-use crate::limiter::{Limiter, SendWindow};
+use crate::limiter::{Limiter, SendWindow, Tokens};
 use crate::outcome::{ErrorInfo, ErrorKind, Outcome, Status};
+use crate::provider::RateLimits;
 use crate::provider::{classify, Transport, TransportError, Verdict};
 use crate::request::Request;
 use crate::retry::{BreakerPolicy, CircuitBreaker, Held, RetryPolicy};
@@ -92,6 +93,10 @@ pub struct EngineConfig {
     /// to their fallback model ([`Request::fallback`]) or wait for the probe. `None`: no
     /// breakers (a request still falls back on a model-specific permanent error).
     pub breaker: Option<BreakerPolicy>,
+    /// Learn the limits not set here (requests, tokens, and Anthropic's input and output
+    /// tokens) from the provider's rate-limit headers, and pace by them
+    /// ([`Limiter::learn`]). Until a response announces one, the send window finds it.
+    pub learn_limits: bool,
 }
 
 /// The input-token estimate (tiktoken's `o200k_base`) times this is what a budget
@@ -125,6 +130,7 @@ impl Default for EngineConfig {
             send_quantum: Duration::from_millis(50),
             budget_usd: None,
             breaker: None,
+            learn_limits: false,
         }
     }
 }
@@ -270,6 +276,11 @@ impl EngineConfigBuilder {
     /// A circuit breaker per model.
     pub fn breaker(mut self, policy: BreakerPolicy) -> Self {
         self.config.breaker = Some(policy);
+        self
+    }
+    /// Learn unset limits from the provider's rate-limit headers.
+    pub fn learn_limits(mut self, on: bool) -> Self {
+        self.config.learn_limits = on;
         self
     }
     /// The checked settings.
@@ -465,8 +476,13 @@ impl Engine {
         let now = Instant::now();
         let scheduler = Scheduler {
             limiter: Limiter::new(self.config.rpm, self.config.tpm, self.config.burst, now),
-            window: (self.config.rpm.is_none() && self.config.tpm.is_none())
-                .then(|| SendWindow::new(self.config.concurrency)),
+            window: (self.config.rpm.is_none() && self.config.tpm.is_none()).then(|| {
+                if self.config.learn_limits {
+                    SendWindow::starting_at(1, self.config.concurrency)
+                } else {
+                    SendWindow::new(self.config.concurrency)
+                }
+            }),
             config: self.config.clone(),
             transport: self.transport.clone(),
             observer: self.observer.clone(),
@@ -557,7 +573,7 @@ struct Live {
     /// 429s waited out.
     rate_limit_waits: u32,
     /// Tokens reserved by the attempt in flight.
-    reserved: u64,
+    reserved: Tokens,
     /// Worst-case cost reserved by the attempt in flight.
     reserved_usd: f64,
     /// Estimated cost of attempts billed although their answer was lost.
@@ -570,6 +586,8 @@ struct Report {
     seq: u64,
     generation: u64,
     verdict: Verdict,
+    /// The rate limits the response announced, when learning them.
+    limits: Option<RateLimits>,
 }
 
 struct Scheduler {
@@ -754,7 +772,7 @@ impl Scheduler {
                 attempts: 0,
                 failures: 0,
                 rate_limit_waits: 0,
-                reserved: 0,
+                reserved: Tokens::default(),
                 reserved_usd: 0.0,
                 billed_usd: 0.0,
                 in_flight: false,
@@ -825,7 +843,10 @@ impl Scheduler {
                 }
             }
             let request = &self.live[&seq].request;
-            let tokens = request.reserved_tokens();
+            let tokens = Tokens {
+                input: u64::from(request.input_tokens),
+                output: u64::from(request.max_output_tokens),
+            };
             let cost = match self.config.budget_usd {
                 Some(budget) => {
                     let cost = worst_case_cost(request);
@@ -898,7 +919,7 @@ impl Scheduler {
         matches!(b.state(), crate::retry::BreakerState::Open { .. })
     }
 
-    fn send(&mut self, seq: u64, tokens: u64, now: Instant) {
+    fn send(&mut self, seq: u64, tokens: Tokens, now: Instant) {
         let generation = self.limiter.generation();
         let live = self.live.get_mut(&seq).expect("queued requests are live");
         live.attempts += 1;
@@ -927,11 +948,20 @@ impl Scheduler {
         }
         let attempt = self.transport.send(&live.request);
         let provider = live.request.endpoint.provider();
+        let learn = self.config.learn_limits;
         let tx = self.report_tx.clone();
         tokio::spawn(async move {
             let result = match tokio::time::timeout(timeout, attempt).await {
                 Ok(result) => result,
                 Err(_) => Err(TransportError::Timeout(timeout)),
+            };
+            let limits = match (&result, learn) {
+                (Ok(resp), true) => Some(
+                    provider
+                        .api()
+                        .rate_limits(&resp.headers, std::time::SystemTime::now()),
+                ),
+                _ => None,
             };
             let verdict = classify(result, provider);
             // The scheduler outlives every attempt it spawned, except when the consumer
@@ -940,6 +970,7 @@ impl Scheduler {
                 seq,
                 generation,
                 verdict,
+                limits,
             });
         });
     }
@@ -954,6 +985,13 @@ impl Scheduler {
         debug_assert!(live.in_flight);
         live.in_flight = false;
         Progress::sub(&self.progress.in_flight, 1);
+        if let Some(limits) = &report.limits {
+            // Once a limit is known the buckets pace; the send window was for finding it.
+            if self.limiter.learn(limits, now) {
+                self.window = None;
+            }
+        }
+        let live = self.live.get_mut(&seq).expect("live");
         let reserved_usd = std::mem::take(&mut live.reserved_usd);
         // Back to exactly zero when nothing is in flight, whatever the float rounding.
         self.reserved_usd = if self.progress.in_flight.load(Ordering::Relaxed) == 0 {
@@ -975,7 +1013,10 @@ impl Scheduler {
         let live = self.live.get_mut(&seq).expect("live");
         match report.verdict {
             Verdict::Success { response, usage } => {
-                let actual = usage.map_or(live.reserved, |u| u.total());
+                let actual = usage.map_or(live.reserved, |u| Tokens {
+                    input: u.prompt_tokens,
+                    output: u.completion_tokens,
+                });
                 self.limiter.settle(live.reserved, actual, now);
                 self.cooldown_streak = 0;
                 if let Some(w) = &mut self.window {

@@ -39,41 +39,78 @@ fn num(h: &HeaderMap, name: &str) -> Option<u64> {
     super::header_str(h, name)?.trim().parse().ok()
 }
 
+/// Header names of one limit: limit, remaining, reset. Static, so reading them on every
+/// response allocates nothing.
+type Names = [&'static str; 3];
+
 /// OpenAI's `x-ratelimit-*` headers.
 pub fn openai(h: &HeaderMap) -> RateLimits {
-    let read = |unit: &str| {
+    const REQUESTS: Names = [
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+    ];
+    const TOKENS: Names = [
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-reset-tokens",
+    ];
+    let read = |[limit, remaining, reset]: Names| {
         Some(LimitReading {
-            limit: num(h, &format!("x-ratelimit-limit-{unit}"))?,
-            remaining: num(h, &format!("x-ratelimit-remaining-{unit}"))?,
-            reset: super::header_str(h, &format!("x-ratelimit-reset-{unit}"))
+            limit: num(h, limit)?,
+            remaining: num(h, remaining)?,
+            reset: super::header_str(h, reset)
                 .and_then(go_duration)
                 .unwrap_or_default(),
         })
     };
     RateLimits {
-        requests: read("requests"),
-        tokens: read("tokens"),
+        requests: read(REQUESTS),
+        tokens: read(TOKENS),
         ..RateLimits::default()
     }
 }
 
 /// Anthropic's `anthropic-ratelimit-*` headers; `now` turns reset instants into waits.
 pub fn anthropic(h: &HeaderMap, now: SystemTime) -> RateLimits {
-    let read = |unit: &str| {
+    const UNITS: [Names; 4] = [
+        [
+            "anthropic-ratelimit-requests-limit",
+            "anthropic-ratelimit-requests-remaining",
+            "anthropic-ratelimit-requests-reset",
+        ],
+        [
+            "anthropic-ratelimit-tokens-limit",
+            "anthropic-ratelimit-tokens-remaining",
+            "anthropic-ratelimit-tokens-reset",
+        ],
+        [
+            "anthropic-ratelimit-input-tokens-limit",
+            "anthropic-ratelimit-input-tokens-remaining",
+            "anthropic-ratelimit-input-tokens-reset",
+        ],
+        [
+            "anthropic-ratelimit-output-tokens-limit",
+            "anthropic-ratelimit-output-tokens-remaining",
+            "anthropic-ratelimit-output-tokens-reset",
+        ],
+    ];
+    let read = |[limit, remaining, reset]: Names| {
         Some(LimitReading {
-            limit: num(h, &format!("anthropic-ratelimit-{unit}-limit"))?,
-            remaining: num(h, &format!("anthropic-ratelimit-{unit}-remaining"))?,
-            reset: super::header_str(h, &format!("anthropic-ratelimit-{unit}-reset"))
+            limit: num(h, limit)?,
+            remaining: num(h, remaining)?,
+            reset: super::header_str(h, reset)
                 .and_then(rfc3339)
                 .map(|t| t.duration_since(now).unwrap_or_default())
                 .unwrap_or_default(),
         })
     };
+    let [requests, tokens, input, output] = UNITS;
     RateLimits {
-        requests: read("requests"),
-        tokens: read("tokens"),
-        input_tokens: read("input-tokens"),
-        output_tokens: read("output-tokens"),
+        requests: read(requests),
+        tokens: read(tokens),
+        input_tokens: read(input),
+        output_tokens: read(output),
     }
 }
 
