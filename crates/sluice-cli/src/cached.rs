@@ -83,6 +83,8 @@ impl CacheLayer {
                         usage: hit.usage,
                         latency_ms: 0,
                         metadata: request.metadata,
+                        // Nothing was paid for it.
+                        cost_usd: Some(0.0),
                         cached: true,
                         line: request.line,
                     };
@@ -131,6 +133,7 @@ impl CacheLayer {
                 usage: outcome.usage,
                 latency_ms: outcome.latency_ms,
                 metadata: f.metadata,
+                cost_usd: Some(0.0),
                 cached: true,
                 line: f.line,
             })

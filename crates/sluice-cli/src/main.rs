@@ -7,9 +7,11 @@
 
 mod cached;
 mod durable;
+mod models;
 mod progress;
 mod run;
 mod status;
+mod targets;
 
 use std::process::ExitCode;
 
@@ -45,10 +47,15 @@ struct Cli {
 enum Command {
     /// Send every request of a JSONL file and write one outcome line per request.
     Run(Box<run::RunArgs>),
-    /// Serve a local OpenAI- and Anthropic-compatible simulator with rate limits and faults.
+    /// Serve a local OpenAI-, Anthropic- and Gemini-compatible simulator with rate limits
+    /// and faults.
     Sim(sluice_sim::cli::SimArgs),
     /// Show where a run stands, from its journal, without changing it.
     Status(status::StatusArgs),
+    /// List the model catalog: providers, prices, context windows, typical limits.
+    Models(models::ModelsArgs),
+    /// Count an input's tokens and price it, sending nothing.
+    Estimate(models::EstimateArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,14 +67,17 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    if let Command::Status(args) = cli.command {
-        return ExitCode::from(status::run(args));
+    match cli.command {
+        Command::Status(args) => return ExitCode::from(status::run(args)),
+        Command::Models(args) => return ExitCode::from(models::models(args)),
+        Command::Estimate(args) => return ExitCode::from(models::estimate(args)),
+        _ => {}
     }
     // The client's own work per request is a few microseconds: one thread does it with no
     // cross-thread wake-ups (measured: less CPU per request than the multi-thread runtime).
     let mut builder = match &cli.command {
         Command::Run(_) => tokio::runtime::Builder::new_current_thread(),
-        Command::Sim(_) | Command::Status(_) => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
     };
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
@@ -85,6 +95,8 @@ fn main() -> ExitCode {
                 ExitCode::from(exit::BAD_INPUT)
             }
         },
-        Command::Status(_) => unreachable!("handled above"),
+        Command::Status(_) | Command::Models(_) | Command::Estimate(_) => {
+            unreachable!("handled above")
+        }
     }
 }

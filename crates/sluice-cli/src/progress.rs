@@ -26,6 +26,7 @@ impl ProgressView {
         progress: Arc<Progress>,
         rpm: Option<f64>,
         tpm: Option<f64>,
+        budget: Option<f64>,
         enabled: bool,
     ) -> Self {
         if !enabled {
@@ -69,8 +70,13 @@ impl ProgressView {
                     (0.0, 0.0)
                 };
                 b.set_position(s.succeeded + s.failed);
+                let spent = s.cost_micro_usd as f64 / 1e6;
+                let cost = match budget {
+                    Some(b) => format!("${spent:.4} of ${b:.2}"),
+                    None => format!("${spent:.4}"),
+                };
                 b.set_message(format!(
-                    "{} ok · {} failed · {} in flight · {} waiting · {} req/min · {} tok/min · {} retries · {} 429s",
+                    "{} ok · {} failed · {} in flight · {} waiting · {} req/min · {} tok/min · {} retries · {} 429s · {cost}",
                     s.succeeded,
                     s.failed,
                     s.in_flight,

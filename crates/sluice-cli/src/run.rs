@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use futures::{FutureExt, StreamExt};
+use sluice::catalog::{Router, RouterOptions};
 use sluice::engine::{EngineConfig, Order};
 use sluice::input::{self, Done};
 use sluice::journal::{Journal, JournalMeta, JournalStatus};
-use sluice::provider::http::HttpTransport;
 use sluice::summary::Summary;
 use sluice::{Engine, LineParser, Outcome, Request};
 use tokio::sync::mpsc;
@@ -21,9 +21,6 @@ use crate::cached::CacheLayer;
 use crate::durable::{self, Sink};
 use crate::exit;
 use crate::progress::ProgressView;
-
-/// OpenAI's API, the default target.
-const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
 
 /// Arguments of `sluice run`.
 #[derive(Args, Debug)]
@@ -44,17 +41,34 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = OnBadLine::Abort)]
     pub on_bad_line: OnBadLine,
 
-    /// API base URL, including `/v1`. A URL other than OpenAI's may be used without a key.
-    #[arg(long, default_value = DEFAULT_BASE_URL)]
-    pub base_url: String,
+    /// Base URL of OpenAI-compatible models, including `/v1` (default: OpenAI's, from the
+    /// catalog). A URL other than OpenAI's may be used without a key.
+    #[arg(long)]
+    pub base_url: Option<String>,
 
-    /// Model for lines that name none.
+    /// Model for lines that name none: a catalog name (`sluice models` lists them),
+    /// `openai:NAME`, `anthropic:NAME`, `gemini:NAME` or `openai-compatible:NAME@URL`.
+    /// A list `a,b,c` is a fallback chain: a request moves to the next model when one
+    /// does not have it (404), its context is too small, or its circuit is open (5
+    /// transient failures in a row; one probe after 30 s).
     #[arg(long)]
     pub model: Option<String>,
 
-    /// Environment variable holding the API key.
-    #[arg(long, default_value = "OPENAI_API_KEY")]
-    pub api_key_env: String,
+    /// Environment variable holding the OpenAI API key (default: the catalog's,
+    /// OPENAI_API_KEY). Anthropic's is ANTHROPIC_API_KEY, Gemini's GEMINI_API_KEY.
+    #[arg(long)]
+    pub api_key_env: Option<String>,
+
+    /// A model catalog file (TOML, like `sluice models --toml`) overriding the built-in
+    /// one and ~/.config/sluice/models.toml.
+    #[arg(long, value_name = "FILE")]
+    pub model_config: Option<PathBuf>,
+
+    /// Stop sending before spending could exceed this many US dollars: an attempt goes
+    /// out only if what was spent plus the worst case of everything in flight, its own
+    /// included, fits. Output bounds are then sent to every provider.
+    #[arg(long, value_name = "USD")]
+    pub budget: Option<f64>,
 
     /// Start an in-process simulator on 127.0.0.1 and run against it (no API key needed).
     #[arg(long)]
@@ -84,6 +98,12 @@ pub struct RunArgs {
     /// Tokens per minute to pace at (input estimate + max output tokens, settled to usage).
     #[arg(long)]
     pub tpm: Option<f64>,
+
+    /// Do not learn the limits not given here (requests, tokens, Anthropic's input and
+    /// output tokens) from the provider's rate-limit headers; find them with the send
+    /// window alone.
+    #[arg(long)]
+    pub no_learn_limits: bool,
 
     /// Requests live at once (in flight or waiting to retry).
     #[arg(long, default_value_t = 64)]
@@ -205,8 +225,20 @@ pub async fn run(args: RunArgs) -> u8 {
 struct Usage(String);
 
 async fn run_inner(args: RunArgs) -> anyhow::Result<u8> {
-    match prepare(&args) {
-        Ok(Some(prepared)) => execute(args, prepared).await,
+    // The simulator starts first: the catalog's targets are pointed at its address.
+    let sim = if args.sim {
+        match start_sim(&args).await {
+            Ok(h) => Some(h),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return Ok(exit::BAD_INPUT);
+            }
+        }
+    } else {
+        None
+    };
+    match prepare(&args, sim.as_ref()) {
+        Ok(Some(prepared)) => execute(args, prepared, sim).await,
         Ok(None) => Ok(exit::BAD_INPUT),
         Err(Usage(msg)) => {
             eprintln!("error: {msg}");
@@ -218,6 +250,7 @@ async fn run_inner(args: RunArgs) -> anyhow::Result<u8> {
 struct Prepared {
     config: EngineConfig,
     parser: LineParser,
+    router: Arc<Router>,
     input: InputFile,
     scan: input::ScanReport,
     done: Done,
@@ -239,7 +272,7 @@ enum JournalPlan {
 fn journal_settings(args: &RunArgs) -> serde_json::Value {
     serde_json::json!({
         "model": args.model,
-        "target": if args.sim { "--sim".to_string() } else { args.base_url.clone() },
+        "target": if args.sim { Some("--sim".to_string()) } else { args.base_url.clone() },
     })
 }
 
@@ -260,7 +293,7 @@ impl InputFile {
 }
 
 /// Checks settings and input. `Ok(None)`: bad lines were listed and the run must not start.
-fn prepare(args: &RunArgs) -> Result<Option<Prepared>, Usage> {
+fn prepare(args: &RunArgs, sim: Option<&sluice_sim::SimHandle>) -> Result<Option<Prepared>, Usage> {
     let mut builder = EngineConfig::builder()
         .concurrency(args.concurrency)
         .max_attempts(args.max_attempts)
@@ -280,7 +313,36 @@ fn prepare(args: &RunArgs) -> Result<Option<Prepared>, Usage> {
     if let Some(d) = args.deadline {
         builder = builder.deadline(d);
     }
+    if let Some(b) = args.budget {
+        builder = builder.budget_usd(b);
+    }
+    builder = builder.learn_limits(!args.no_learn_limits);
+    let chain: Vec<String> = args
+        .model
+        .iter()
+        .flat_map(|m| m.split(','))
+        .map(|m| m.trim().to_string())
+        .collect();
+    if chain.len() > 1 {
+        builder = builder.breaker(sluice::retry::BreakerPolicy::default());
+    }
     let config = builder.build().map_err(|e| Usage(e.to_string()))?;
+    let catalog = crate::targets::load_catalog(args.model_config.as_deref()).map_err(Usage)?;
+    let router = Arc::new(Router::new(
+        catalog,
+        RouterOptions {
+            sim_origin: sim.map(|h| format!("http://{}", h.addr)),
+            openai_base: args.base_url.clone(),
+            openai_key_env: args.api_key_env.clone(),
+        },
+    ));
+    for m in &chain {
+        // Checked only: a default no line uses needs no target (nor its key).
+        router
+            .catalog()
+            .resolve(m)
+            .map_err(|e| Usage(format!("--model: {e}")))?;
+    }
 
     let input = if args.input == "-" {
         let mut spool = tempfile::NamedTempFile::new()
@@ -296,10 +358,14 @@ fn prepare(args: &RunArgs) -> Result<Option<Prepared>, Usage> {
         InputFile::Path(p)
     };
 
-    let mut parser = LineParser::new(args.model.clone());
+    let mut parser = LineParser::new(chain.first().cloned());
+    parser.fallback_models = chain.iter().skip(1).cloned().collect();
     parser.assumed_output_tokens = args.assume_output_tokens;
-    // Token estimates only matter for pacing a tokens-per-minute limit.
-    parser.count_tokens = config.tpm.is_some();
+    // Token estimates only matter for pacing a tokens-per-minute limit or for a budget.
+    parser.count_tokens = config.tpm.is_some() || config.budget_usd.is_some();
+    // A budget needs every request's output bounded by the provider, not only reserved.
+    parser.enforce_output_bound = config.budget_usd.is_some();
+    parser.router = Some(router.clone());
 
     let journal_path = if args.no_journal {
         None
@@ -404,6 +470,15 @@ fn prepare(args: &RunArgs) -> Result<Option<Prepared>, Usage> {
             scan.bad.len()
         );
     }
+    if config.budget_usd.is_some() {
+        let unpriced = router.unpriced_models();
+        if !unpriced.is_empty() {
+            return Err(Usage(format!(
+                "--budget needs a price for every model, and the catalog has none for {}; add input_per_mtok and output_per_mtok for it in a --model-config file",
+                unpriced.join(", ")
+            )));
+        }
+    }
     let journal = match (existing, journal_path) {
         (Some(j), _) => JournalPlan::Resume(Box::new(j)),
         (None, Some(p)) => JournalPlan::Create(p),
@@ -412,6 +487,7 @@ fn prepare(args: &RunArgs) -> Result<Option<Prepared>, Usage> {
     Ok(Some(Prepared {
         config,
         parser,
+        router,
         input,
         scan,
         done,
@@ -450,10 +526,15 @@ async fn start_sim(args: &RunArgs) -> anyhow::Result<sluice_sim::SimHandle> {
     Ok(handle)
 }
 
-async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
+async fn execute(
+    args: RunArgs,
+    prepared: Prepared,
+    sim: Option<sluice_sim::SimHandle>,
+) -> anyhow::Result<u8> {
     let Prepared {
         config,
         parser,
+        router,
         input,
         scan,
         done,
@@ -462,35 +543,12 @@ async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
     // Listen first: from here on a signal stops the run instead of killing the process.
     let mut signals = Signals::new()?;
 
-    let sim = if args.sim {
-        let handle = match start_sim(&args).await {
-            Ok(h) => h,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                return Ok(exit::BAD_INPUT);
-            }
-        };
-        eprintln!("simulator listening on {}", handle.base_url());
-        Some(handle)
-    } else {
-        None
-    };
-    let (base_url, key) = match &sim {
-        Some(h) => (h.base_url(), None),
-        None => match std::env::var(&args.api_key_env) {
-            Ok(k) if !k.trim().is_empty() => (args.base_url.clone(), Some(k)),
-            // A local OpenAI-compatible server (Ollama, vLLM, llama.cpp) may need no key.
-            _ if args.base_url != DEFAULT_BASE_URL => (args.base_url.clone(), None),
-            _ => {
-                eprintln!(
-                    "error: no API key: set {} (or name another variable with --api-key-env), or use --sim to run against the built-in simulator",
-                    args.api_key_env
-                );
-                return Ok(exit::BAD_INPUT);
-            }
-        },
-    };
-    let transport = match HttpTransport::new(&base_url, key.as_deref(), config.concurrency) {
+    if let Some(h) = &sim {
+        eprintln!("simulator listening on http://{}", h.addr);
+    }
+    // Every target the input's models need; a local OpenAI-compatible server (Ollama,
+    // vLLM, llama.cpp) may need no key.
+    let transport = match crate::targets::transport(&router, sim.is_some(), config.concurrency) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e}");
@@ -577,10 +635,8 @@ async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
                 // another request.
                 let target = if args.sim {
                     "sim".to_string()
-                } else if base_url == DEFAULT_BASE_URL {
-                    "openai".to_string()
                 } else {
-                    base_url.clone()
+                    args.base_url.clone().unwrap_or_else(|| "catalog".into())
                 };
                 Some(CacheLayer::new(c, &target))
             }
@@ -617,7 +673,14 @@ async fn execute(args: RunArgs, prepared: Prepared) -> anyhow::Result<u8> {
     let mut run = engine.run(requests);
     let show = !args.no_progress && io::stderr().is_terminal();
     // The bar counts what the engine runs; skipped bad lines are reported apart.
-    let view = ProgressView::start(good_lines, run.progress(), config.rpm, config.tpm, show);
+    let view = ProgressView::start(
+        good_lines,
+        run.progress(),
+        config.rpm,
+        config.tpm,
+        config.budget_usd,
+        show,
+    );
     let stopper = run.stopper();
     let mut sink = Sink::new(writer, journal, cache);
     let mut interrupts = 0u32;

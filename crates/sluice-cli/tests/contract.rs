@@ -524,3 +524,143 @@ fn outcome_file_is_one_json_object_per_line_when_responses_are_pretty_printed() 
         assert_eq!(v["status"], "succeeded", "{l}");
     }
 }
+
+/// Contract: every Anthropic Messages body `sluice run` sends, translated from any input
+/// shape or passed through from a native `{"custom_id", "params"}` line, validates against
+/// Anthropic's official spec (`../shared/specs/anthropic-openapi.json`), and is exactly the
+/// body its input line documents in `metadata.expect`.
+#[test]
+fn every_anthropic_body_sluice_sends_validates_against_the_anthropic_spec() {
+    let spec = specs_dir().join("anthropic-openapi.json");
+    assert!(spec.is_file(), "{} not found", spec.display());
+    let steady = Steady::start(&steady_bin(), &spec);
+
+    // 1. steady validates Messages bodies: a missing `max_tokens` is refused, and an
+    // OpenAI field (`stop`) shows up as an unknown property.
+    let valid = json!({"model": "claude-haiku-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]});
+    let leaked = json!({"model": "claude-haiku-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}], "stop": "x"});
+    let no_max =
+        json!({"model": "claude-haiku-4-5", "messages": [{"role": "user", "content": "hi"}]});
+    let (status, response) = post(steady.port, "/v1/messages", &no_max);
+    assert!(
+        (400..500).contains(&status) && response.contains("max_tokens"),
+        "steady must refuse a Messages body without max_tokens; got:\n{response}"
+    );
+    let (status, response) = post(steady.port, "/v1/messages", &valid);
+    assert!((200..300).contains(&status), "{response}");
+    post(steady.port, "/v1/messages", &leaked);
+    let probes = steady.wait_for_requests(3);
+    assert_eq!(probes.len(), 3, "{}", steady.output());
+    assert_eq!(problems(&probes[1]), Vec::<String>::new());
+    assert!(
+        problems(&probes[2]).iter().any(|p| p.contains("stop")),
+        "an unknown property must show up: {:?}",
+        problems(&probes[2])
+    );
+
+    // 2. The real binary, with Anthropic's base URL pointed at steady by a catalog file.
+    let input = contract_dir().join("anthropic-requests.jsonl");
+    let text = std::fs::read_to_string(&input).unwrap();
+    let mut expected: BTreeMap<String, Value> = BTreeMap::new();
+    for l in text.lines() {
+        let v: Value = serde_json::from_str(l).unwrap();
+        let id = v["custom_id"].as_str().unwrap().to_string();
+        let want = if v.get("params").is_some() {
+            v["params"].clone()
+        } else {
+            v["metadata"]["expect"].clone()
+        };
+        assert!(want.is_object(), "{id}: the fixture documents its body");
+        expected.insert(id, want);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = dir.path().join("models.toml");
+    std::fs::write(
+        &catalog,
+        format!(
+            "[providers.anthropic]\napi_base = \"http://127.0.0.1:{}/v1\"\n",
+            steady.port
+        ),
+    )
+    .unwrap();
+    let output = dir.path().join("out.jsonl");
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("run")
+        .arg(&input)
+        .arg("-o")
+        .arg(&output)
+        .arg("--model-config")
+        .arg(&catalog)
+        .args(["--model", "claude-haiku-4-5", "--no-progress"])
+        .args(["--max-attempts", "1", "--max-rate-limit-waits", "0"])
+        .env("ANTHROPIC_API_KEY", "sk-ant-contract-test")
+        .env_remove("OPENAI_API_KEY")
+        .env("XDG_CONFIG_HOME", dir.path())
+        .output()
+        .expect("sluice runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+
+    let sent = steady.wait_for_requests(probes.len() + expected.len());
+    let sent = &sent[probes.len()..];
+    let mut failures = Vec::new();
+    let mut seen: BTreeMap<String, u32> = BTreeMap::new();
+    for record in sent {
+        let path = record["request"]["path"].as_str().unwrap_or("?");
+        let body = &record["request"]["body"];
+        let Some(id) = marker(body) else {
+            failures.push(format!("POST {path}: no contract marker: {body}"));
+            continue;
+        };
+        *seen.entry(id.clone()).or_insert(0) += 1;
+        if path != "/v1/messages" {
+            failures.push(format!("{id}: sent to {path}"));
+        }
+        for p in problems(record) {
+            failures.push(format!("{id}: {p}\n    body: {body}"));
+        }
+        match expected.get(&id) {
+            None => failures.push(format!("{id}: not a custom_id of the input")),
+            Some(want) if want != body => failures.push(format!(
+                "{id}: not the body its line documents\n    sent:     {body}\n    expected: {want}"
+            )),
+            Some(_) => {}
+        }
+    }
+    for id in expected.keys() {
+        if seen.get(id) != Some(&1) {
+            failures.push(format!(
+                "{id}: received {:?} times, expected once",
+                seen.get(id)
+            ));
+        }
+    }
+    let outcomes: Vec<Value> = std::fs::read_to_string(&output)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON outcome per line"))
+        .collect();
+    for o in &outcomes {
+        if o["status"] != "succeeded" {
+            failures.push(format!("{}: {}", o["custom_id"], o["error"]));
+        }
+        if !o["cost_usd"].as_f64().is_some_and(|c| c > 0.0) {
+            failures.push(format!("{}: no cost: {}", o["custom_id"], o["cost_usd"]));
+        }
+    }
+    if outcomes.len() != expected.len() {
+        failures.push(format!(
+            "{} outcomes for {} lines",
+            outcomes.len(),
+            expected.len()
+        ));
+    }
+    if out.status.code() != Some(0) {
+        failures.push(format!("sluice exited with {}", out.status));
+    }
+    assert!(
+        failures.is_empty(),
+        "{} problem(s):\n{}\n\nsluice stderr:\n{stderr}",
+        failures.len(),
+        failures.join("\n")
+    );
+}

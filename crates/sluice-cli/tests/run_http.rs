@@ -122,7 +122,8 @@ async fn paced_run_at_the_known_limits_gets_no_429s() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bursting_past_the_limit_is_cooled_down_not_failed() {
-    // The client is told nothing; the simulator enforces 600 RPM (burst 10).
+    // The client is told nothing and learns nothing from headers; the simulator enforces
+    // 600 RPM (burst 10).
     let sim = sim(SimConfig {
         rpm: Some(600),
         ..SimConfig::default()
@@ -133,7 +134,8 @@ async fn bursting_past_the_limit_is_cooled_down_not_failed() {
     let output = dir.path().join("out.jsonl");
     let report = dir.path().join("report.json");
     let mut cmd = run_against(&sim, &input, &output);
-    cmd.args(["--concurrency", "40", "--report"]).arg(&report);
+    cmd.args(["--concurrency", "40", "--no-learn-limits", "--report"])
+        .arg(&report);
     let out = run(cmd).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let report: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
@@ -462,6 +464,7 @@ async fn an_unknown_rate_limit_is_found_by_the_send_window_and_nothing_fails() {
         "64",
         "--max-rate-limit-waits",
         "10",
+        "--no-learn-limits",
         "--report",
     ])
     .arg(&report);

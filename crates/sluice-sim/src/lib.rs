@@ -1,5 +1,5 @@
-//! A local OpenAI- and Anthropic-compatible provider simulator that enforces rate limits
-//! and injects faults, so sluice (and any other client) can be tested against something
+//! A local OpenAI-, Anthropic- and Gemini-compatible provider simulator that enforces
+//! rate limits and injects faults, so sluice (and any other client) can be tested against something
 //! that behaves like the real APIs under load.
 //!
 //! Start it in-process with [`start`] or from the command line with `sluice sim`
@@ -9,7 +9,8 @@
 //! |-----------------------------|--------------------------------------------------------------|
 //! | `POST /v1/chat/completions` | OpenAI chat completions, JSON or SSE (`stream: true`)        |
 //! | `POST /v1/embeddings`       | OpenAI embeddings, `float` or `base64`                       |
-//! | `POST /v1/messages`         | Anthropic Messages, JSON or SSE                              |
+//! | `POST /v1/messages`         | Anthropic Messages, JSON or SSE (fields outside the spec's `CreateMessageParams` are refused, as Anthropic does) |
+//! | `POST /v1beta/models/{model}:generateContent` | Gemini `generateContent`, JSON, with `usageMetadata`; unknown fields are refused with Google's "Unknown name" error |
 //! | `GET /v1/models`            | OpenAI list, or the Anthropic list when the request carries `anthropic-version` or `x-api-key` |
 //! | `GET /_sim/stats`           | [`SimStats`] as JSON                                         |
 //! | `POST /_sim/reset`          | zero the stats, refill the buckets, forget fingerprints      |
@@ -72,7 +73,18 @@
 //! With [`SimConfig::api_key`] set, OpenAI endpoints want `Authorization: Bearer KEY`
 //! (401 `invalid_api_key` otherwise) and Anthropic endpoints want `x-api-key: KEY`; they
 //! also accept `Authorization: Bearer KEY`, which is what the official Anthropic Python
-//! SDK 2.x sends (401 `authentication_error` otherwise). Keys are never echoed back.
+//! SDK 2.x sends (401 `authentication_error` otherwise). Gemini wants `x-goog-api-key: KEY`
+//! or `?key=KEY` (403 `PERMISSION_DENIED` without one, 400 `INVALID_ARGUMENT` with reason
+//! `API_KEY_INVALID` for a wrong one). Keys are never echoed back.
+//!
+//! # Gemini
+//!
+//! Errors are `{"error": {"code", "message", "status", "details"?}}`. Gemini sends no
+//! rate-limit headers: over a limit the answer is 429 `RESOURCE_EXHAUSTED` with a
+//! per-minute `QuotaFailure` and the wait in `RetryInfo.retryDelay` (no `retry-after`).
+//! The `quota` fault is a 429 whose `QuotaFailure` names a per-day quota; `529` and `503`
+//! are 503 `UNAVAILABLE` "The model is overloaded". Prompt tokens follow the estimate
+//! below, with `contents` as messages and `systemInstruction` as the system text.
 //!
 //! # Faults
 //!

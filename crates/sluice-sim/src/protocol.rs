@@ -1,5 +1,7 @@
 //! Wire formats: request validation and response bodies for the OpenAI and Anthropic
-//! endpoints, following the official OpenAPI specs in `shared/specs/`.
+//! endpoints, following the official OpenAPI specs in `shared/specs/`, and for Gemini's
+//! `generateContent`, following Google's REST reference (its error messages are those the
+//! real API gives for the same mistakes).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -20,6 +22,7 @@ use crate::SimConfig;
 pub(crate) enum Provider {
     OpenAi,
     Anthropic,
+    Gemini,
 }
 
 /// What is wrong with a request.
@@ -31,6 +34,8 @@ pub(crate) enum Problem {
     TooSmall(i64, i64),
     Empty,
     InvalidValue(String),
+    /// A field the API does not know.
+    Unknown,
 }
 
 /// A validation error; rendered in the provider's error shape by [`ApiError::body`].
@@ -78,6 +83,10 @@ impl ApiError {
                         format!("Invalid value for '{f}': {m}"),
                         Some("invalid_value"),
                     ),
+                    Problem::Unknown => (
+                        format!("Unrecognized request argument supplied: {f}"),
+                        None,
+                    ),
                 };
                 let param = if f.is_empty() { None } else { Some(f.as_str()) };
                 openai_error(&message, "invalid_request_error", param, code)
@@ -96,8 +105,31 @@ impl ApiError {
                         format!("{f}: List should have at least 1 item after validation, not 0")
                     }
                     Problem::InvalidValue(m) => format!("{f}: {m}"),
+                    Problem::Unknown => format!("{f}: Extra inputs are not permitted"),
                 };
                 anthropic_error("invalid_request_error", &message)
+            }
+            Provider::Gemini => {
+                let message = match &self.problem {
+                    Problem::InvalidJson => {
+                        "Invalid JSON payload received. Unexpected token.".to_string()
+                    }
+                    Problem::Unknown => format!(
+                        "Invalid JSON payload received. Unknown name \"{}\" at '{}': Cannot find field.",
+                        f.rsplit('.').next().unwrap_or(f),
+                        f.rsplit_once('.').map_or("", |(p, _)| p)
+                    ),
+                    Problem::Missing => format!("* GenerateContentRequest.{f}: {f} is not specified"),
+                    Problem::InvalidType(t) => format!(
+                        "Invalid value at '{f}': expected {t}"
+                    ),
+                    Problem::TooSmall(min, got) => format!(
+                        "* GenerateContentRequest.{f}: must be at least {min}, got {got}"
+                    ),
+                    Problem::Empty => format!("* GenerateContentRequest.{f}: must not be empty"),
+                    Problem::InvalidValue(m) => format!("* GenerateContentRequest.{f}: {m}"),
+                };
+                gemini_error(400, "INVALID_ARGUMENT", &message, None)
             }
         }
     }
@@ -150,6 +182,20 @@ pub(crate) fn anthropic_error(kind: &str, message: &str) -> Bytes {
         kind: "error",
         error: Inner { kind, message },
     })
+}
+
+/// `{"error":{"code","message","status","details"?}}`, Google's error shape.
+pub(crate) fn gemini_error(
+    code: u16,
+    status: &str,
+    message: &str,
+    details: Option<Value>,
+) -> Bytes {
+    let mut error = serde_json::json!({"code": code, "message": message, "status": status});
+    if let Some(d) = details {
+        error["details"] = d;
+    }
+    to_bytes(&serde_json::json!({ "error": error }))
 }
 
 pub(crate) fn to_bytes<T: Serialize>(v: &T) -> Bytes {
@@ -258,6 +304,12 @@ pub(crate) enum Parsed {
         input: u64,
         max_tokens: u32,
         stream: bool,
+    },
+    Generate {
+        model: String,
+        input: u64,
+        max_out: Option<u32>,
+        candidates: u32,
     },
 }
 
@@ -397,8 +449,33 @@ pub(crate) fn parse_embeddings(body: &[u8]) -> Result<Parsed, ApiError> {
     })
 }
 
+/// The top-level fields of Anthropic's `CreateMessageParams` (its spec forbids others).
+const MESSAGES_FIELDS: [&str; 18] = [
+    "cache_control",
+    "container",
+    "inference_geo",
+    "max_tokens",
+    "messages",
+    "metadata",
+    "model",
+    "output_config",
+    "service_tier",
+    "stop_sequences",
+    "stream",
+    "system",
+    "temperature",
+    "thinking",
+    "tool_choice",
+    "tools",
+    "top_k",
+    "top_p",
+];
+
 pub(crate) fn parse_messages(body: &[u8]) -> Result<Parsed, ApiError> {
     let obj = parse_object(body)?;
+    if let Some(extra) = obj.keys().find(|k| !MESSAGES_FIELDS.contains(&k.as_str())) {
+        return Err(err(extra.as_str(), Problem::Unknown));
+    }
     let model = req_str(&obj, "model")?.to_string();
     let max_tokens = match opt_int(&obj, "max_tokens", 1, u32::MAX as i64)? {
         Some(m) => m,
@@ -433,6 +510,183 @@ pub(crate) fn parse_messages(body: &[u8]) -> Result<Parsed, ApiError> {
         input,
         max_tokens,
         stream,
+    })
+}
+
+const GENERATE_FIELDS: [&str; 8] = [
+    "contents",
+    "systemInstruction",
+    "generationConfig",
+    "safetySettings",
+    "tools",
+    "toolConfig",
+    "cachedContent",
+    "labels",
+];
+
+const GENERATION_CONFIG_FIELDS: [&str; 19] = [
+    "stopSequences",
+    "responseMimeType",
+    "responseSchema",
+    "responseJsonSchema",
+    "responseModalities",
+    "candidateCount",
+    "maxOutputTokens",
+    "temperature",
+    "topP",
+    "topK",
+    "seed",
+    "presencePenalty",
+    "frequencyPenalty",
+    "responseLogprobs",
+    "logprobs",
+    "thinkingConfig",
+    "mediaResolution",
+    "speechConfig",
+    "enableEnhancedCivicAnswers",
+];
+
+/// The data fields of a `Part`: exactly one must be set.
+const PART_FIELDS: [&str; 7] = [
+    "text",
+    "inlineData",
+    "fileData",
+    "functionCall",
+    "functionResponse",
+    "executableCode",
+    "codeExecutionResult",
+];
+
+/// Tokens of a `Content`'s `parts` (text only), after checking them.
+fn gemini_parts(v: Option<&Value>, field: &str) -> Result<u64, ApiError> {
+    let parts = match v {
+        None | Some(Value::Null) => return Err(err(format!("{field}.parts"), Problem::Empty)),
+        Some(Value::Array(p)) if p.is_empty() => {
+            return Err(err(format!("{field}.parts"), Problem::Empty))
+        }
+        Some(Value::Array(p)) => p,
+        Some(_) => {
+            return Err(err(
+                format!("{field}.parts"),
+                Problem::InvalidType("a list"),
+            ))
+        }
+    };
+    let mut tokens = 0;
+    for (j, p) in parts.iter().enumerate() {
+        let pf = format!("{field}.parts[{j}]");
+        let Value::Object(p) = p else {
+            return Err(err(pf, Problem::InvalidType("an object")));
+        };
+        if let Some(k) = p.keys().find(|k| {
+            !PART_FIELDS.contains(&k.as_str()) && *k != "thought" && *k != "thoughtSignature"
+        }) {
+            return Err(err(format!("{pf}.{k}"), Problem::Unknown));
+        }
+        let data = p
+            .keys()
+            .filter(|k| PART_FIELDS.contains(&k.as_str()))
+            .count();
+        if data != 1 {
+            return Err(err(
+                pf,
+                Problem::InvalidValue("a part must set exactly one of text, inlineData, fileData, functionCall, functionResponse, executableCode, codeExecutionResult".into()),
+            ));
+        }
+        match p.get("text") {
+            Some(Value::String(s)) => tokens += text_tokens(s),
+            Some(_) => return Err(err(format!("{pf}.text"), Problem::InvalidType("a string"))),
+            None => {}
+        }
+    }
+    Ok(tokens)
+}
+
+pub(crate) fn parse_generate(body: &[u8], model: &str) -> Result<Parsed, ApiError> {
+    let obj = parse_object(body)?;
+    if let Some(extra) = obj.keys().find(|k| !GENERATE_FIELDS.contains(&k.as_str())) {
+        return Err(err(extra.as_str(), Problem::Unknown));
+    }
+    let contents = match obj.get("contents") {
+        None | Some(Value::Null) => return Err(err("contents", Problem::Missing)),
+        Some(Value::Array(c)) if c.is_empty() => return Err(err("contents", Problem::Missing)),
+        Some(Value::Array(c)) => c,
+        Some(_) => return Err(err("contents", Problem::InvalidType("a list"))),
+    };
+    let mut input = 3;
+    for (i, c) in contents.iter().enumerate() {
+        let field = format!("contents[{i}]");
+        let Value::Object(c) = c else {
+            return Err(err(field, Problem::InvalidType("an object")));
+        };
+        if let Some(k) = c.keys().find(|k| *k != "role" && *k != "parts") {
+            return Err(err(format!("{field}.{k}"), Problem::Unknown));
+        }
+        match c.get("role") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(r)) if r == "user" || r == "model" => {}
+            Some(_) => {
+                return Err(err(
+                    format!("{field}.role"),
+                    Problem::InvalidValue("Please use a valid role: user, model.".into()),
+                ))
+            }
+        }
+        input += 4 + gemini_parts(c.get("parts"), &field)?;
+    }
+    match obj.get("systemInstruction") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(s)) => {
+            if let Some(k) = s.keys().find(|k| *k != "role" && *k != "parts") {
+                return Err(err(format!("systemInstruction.{k}"), Problem::Unknown));
+            }
+            input += gemini_parts(s.get("parts"), "systemInstruction")?;
+        }
+        Some(_) => return Err(err("systemInstruction", Problem::InvalidType("an object"))),
+    }
+    let (max_out, candidates) = match obj.get("generationConfig") {
+        None | Some(Value::Null) => (None, 1),
+        Some(Value::Object(g)) => {
+            if let Some(k) = g
+                .keys()
+                .find(|k| !GENERATION_CONFIG_FIELDS.contains(&k.as_str()))
+            {
+                return Err(err(format!("generationConfig.{k}"), Problem::Unknown));
+            }
+            let scoped = |e: ApiError| err(format!("generationConfig.{}", e.field), e.problem);
+            let max_out = opt_int(g, "maxOutputTokens", 1, u32::MAX as i64).map_err(scoped)?;
+            let n = opt_int(g, "candidateCount", 1, 8)
+                .map_err(scoped)?
+                .unwrap_or(1);
+            match g.get("temperature") {
+                None | Some(Value::Null) => {}
+                Some(v) if v.as_f64().is_some_and(|t| (0.0..=2.0).contains(&t)) => {}
+                Some(_) => {
+                    return Err(err(
+                        "generationConfig.temperature",
+                        Problem::InvalidValue("temperature must be between 0 and 2".into()),
+                    ))
+                }
+            }
+            match g.get("stopSequences") {
+                None | Some(Value::Null) => {}
+                Some(Value::Array(s)) if s.len() <= 5 && s.iter().all(Value::is_string) => {}
+                Some(_) => {
+                    return Err(err(
+                        "generationConfig.stopSequences",
+                        Problem::InvalidValue("at most 5 strings".into()),
+                    ))
+                }
+            }
+            (max_out, n)
+        }
+        Some(_) => return Err(err("generationConfig", Problem::InvalidType("an object"))),
+    };
+    Ok(Parsed::Generate {
+        model: model.to_string(),
+        input,
+        max_out,
+        candidates,
     })
 }
 
@@ -481,6 +735,16 @@ impl Parsed {
                 input_tokens: *input,
                 output_tokens: u64::from(*max_tokens),
             },
+            Parsed::Generate {
+                input,
+                max_out,
+                candidates,
+                ..
+            } => Cost {
+                tokens: input
+                    + u64::from(max_out.unwrap_or(config.output_tokens.1)) * u64::from(*candidates),
+                ..Default::default()
+            },
         }
     }
 
@@ -503,7 +767,8 @@ impl Parsed {
         match self {
             Parsed::Chat { model, .. }
             | Parsed::Embeddings { model, .. }
-            | Parsed::Messages { model, .. } => model,
+            | Parsed::Messages { model, .. }
+            | Parsed::Generate { model, .. } => model,
         }
     }
 
@@ -557,7 +822,57 @@ impl Parsed {
                     messages_json(rng, config, ids, model, *input, *max_tokens)
                 }
             }
+            Parsed::Generate {
+                model,
+                input,
+                max_out,
+                candidates,
+            } => generate_json(rng, config, ids, model, *input, *max_out, *candidates),
         }
+    }
+}
+
+/// A `GenerateContentResponse`.
+#[allow(clippy::too_many_arguments)]
+fn generate_json(
+    rng: &mut SmallRng,
+    config: &SimConfig,
+    ids: &Ids,
+    model: &str,
+    prompt: u64,
+    max_out: Option<u32>,
+    n: u32,
+) -> Generated {
+    let mut completion = 0u64;
+    let candidates: Vec<Value> = (0..n)
+        .map(|index| {
+            let (len, capped) = draw_length(rng, config.output_tokens, max_out);
+            completion += u64::from(len);
+            let mut text = String::with_capacity(len as usize * 7);
+            push_words(rng, len, &mut text);
+            serde_json::json!({
+                "content": {"parts": [{"text": text}], "role": "model"},
+                "finishReason": if capped { "MAX_TOKENS" } else { "STOP" },
+                "index": index,
+            })
+        })
+        .collect();
+    let body = serde_json::json!({
+        "candidates": candidates,
+        "usageMetadata": {
+            "promptTokenCount": prompt,
+            "candidatesTokenCount": completion,
+            "totalTokenCount": prompt + completion,
+            "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt}],
+        },
+        "modelVersion": model,
+        "responseId": format!("sim{:016x}", ids.unique),
+    });
+    Generated {
+        segments: vec![to_bytes(&body)],
+        stream: false,
+        prompt,
+        completion,
     }
 }
 
@@ -1047,7 +1362,8 @@ const ANTHROPIC_MODELS: [(&str, &str); 4] = [
 
 pub(crate) fn models(provider: Provider) -> Bytes {
     match provider {
-        Provider::OpenAi => {
+        // `GET /v1/models` is never Gemini's; its listing would be `/v1beta/models`.
+        Provider::OpenAi | Provider::Gemini => {
             let data: Vec<Value> = OPENAI_MODELS
                 .iter()
                 .map(|id| serde_json::json!({"id": id, "object": "model", "created": 1_700_000_000u64, "owned_by": "sluice-sim"}))

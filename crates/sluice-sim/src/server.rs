@@ -23,7 +23,9 @@ use tokio::time::Instant;
 
 use crate::hash::{combine, hash_bytes, unit, IdentityBuild};
 use crate::limiter::{Cost, LimitKind, LimitView, Limiter, Rejection};
-use crate::protocol::{self, anthropic_error, openai_error, Generated, Ids, Parsed, Provider};
+use crate::protocol::{
+    self, anthropic_error, gemini_error, openai_error, Generated, Ids, Parsed, Provider,
+};
 use crate::stats::{inc, Stats};
 use crate::text::{go_duration, rfc3339_in};
 use crate::{FaultKind, SimConfig};
@@ -185,7 +187,7 @@ async fn connection(
 
 async fn handle(sim: Arc<Sim>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path();
-    if path.starts_with("/v1/") {
+    if path.starts_with("/v1/") || path.starts_with("/v1beta/") {
         return api(sim, req).await;
     }
     match (req.method(), path) {
@@ -253,6 +255,15 @@ enum Endpoint {
     Embeddings,
     Messages,
     Models,
+    /// Gemini `POST /v1beta/models/{model}:generateContent`.
+    Generate,
+}
+
+/// The model of a Gemini `generateContent` path.
+fn gemini_model(path: &str) -> Option<&str> {
+    path.strip_prefix("/v1beta/models/")?
+        .strip_suffix(":generateContent")
+        .filter(|m| !m.is_empty() && !m.contains('/'))
 }
 
 /// Response headers common to one request.
@@ -287,14 +298,36 @@ impl Meta {
         self.response(status, "application/json", Body::from(body))
     }
 
+    /// An error in the provider's shape. Gemini's body is built from the status: its
+    /// `status` names (`INVALID_ARGUMENT`...) follow the HTTP code.
     fn error(&self, status: StatusCode, openai: Bytes, anthropic: Bytes) -> Response<Body> {
-        self.json(
-            status,
-            match self.provider {
-                Provider::OpenAi => openai,
-                Provider::Anthropic => anthropic,
-            },
-        )
+        let body = match self.provider {
+            Provider::OpenAi => openai,
+            Provider::Anthropic => anthropic,
+            Provider::Gemini => {
+                let message = serde_json::from_slice::<serde_json::Value>(&anthropic)
+                    .ok()
+                    .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                gemini_error(status.as_u16(), gemini_status(status), &message, None)
+            }
+        };
+        self.json(status, body)
+    }
+}
+
+/// Google's canonical status name for an HTTP code.
+fn gemini_status(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "INVALID_ARGUMENT",
+        401 => "UNAUTHENTICATED",
+        403 => "PERMISSION_DENIED",
+        404 => "NOT_FOUND",
+        405 => "UNIMPLEMENTED",
+        429 => "RESOURCE_EXHAUSTED",
+        503 => "UNAVAILABLE",
+        504 => "DEADLINE_EXCEEDED",
+        _ => "INTERNAL",
     }
 }
 
@@ -312,17 +345,21 @@ async fn api(sim: Arc<Sim>, req: Request<Incoming>) -> Response<Body> {
         .unwrap_or(HeaderValue::from_static("req_sim"));
 
     let headers = req.headers();
-    let endpoint = match (req.method(), req.uri().path()) {
+    let path = req.uri().path().to_string();
+    let endpoint = match (req.method(), path.as_str()) {
         (&Method::POST, "/v1/chat/completions") => Some(Endpoint::Chat),
         (&Method::POST, "/v1/embeddings") => Some(Endpoint::Embeddings),
         (&Method::POST, "/v1/messages") => Some(Endpoint::Messages),
         (&Method::GET, "/v1/models") => Some(Endpoint::Models),
+        (&Method::POST, p) if gemini_model(p).is_some() => Some(Endpoint::Generate),
         _ => None,
     };
     let anthropic_headers =
         headers.contains_key("anthropic-version") || headers.contains_key("x-api-key");
     let provider = match endpoint {
         Some(Endpoint::Messages) => Provider::Anthropic,
+        Some(Endpoint::Generate) => Provider::Gemini,
+        _ if path.starts_with("/v1beta/") => Provider::Gemini,
         Some(Endpoint::Models) | None if anthropic_headers => Provider::Anthropic,
         _ => Provider::OpenAi,
     };
@@ -335,7 +372,7 @@ async fn api(sim: Arc<Sim>, req: Request<Incoming>) -> Response<Body> {
         let known = matches!(
             req.uri().path(),
             "/v1/chat/completions" | "/v1/embeddings" | "/v1/messages" | "/v1/models"
-        );
+        ) || gemini_model(&path).is_some();
         let (status, msg) = if known {
             (
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -368,9 +405,44 @@ async fn api(sim: Arc<Sim>, req: Request<Incoming>) -> Response<Body> {
             Provider::Anthropic => header_str(headers, "x-api-key").or_else(|| {
                 header_str(headers, "authorization").and_then(|v| v.strip_prefix("Bearer "))
             }),
+            // Gemini: the `x-goog-api-key` header, or `?key=` in the URL.
+            Provider::Gemini => header_str(headers, "x-goog-api-key").or_else(|| {
+                req.uri()
+                    .query()
+                    .into_iter()
+                    .flat_map(|q| q.split('&'))
+                    .find_map(|kv| kv.strip_prefix("key="))
+            }),
         };
         if given.map(str::trim) != Some(key.as_str()) {
             inc(&sim.stats.unauthorized);
+            if provider == Provider::Gemini {
+                // What Google answers: 403 without a key, 400 with a wrong one.
+                return match given {
+                    None => meta.json(
+                        StatusCode::FORBIDDEN,
+                        gemini_error(
+                            403,
+                            "PERMISSION_DENIED",
+                            "Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.",
+                            None,
+                        ),
+                    ),
+                    Some(_) => meta.json(
+                        StatusCode::BAD_REQUEST,
+                        gemini_error(
+                            400,
+                            "INVALID_ARGUMENT",
+                            "API key not valid. Please pass a valid API key.",
+                            Some(serde_json::json!([{
+                                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                                "reason": "API_KEY_INVALID",
+                                "domain": "googleapis.com",
+                            }])),
+                        ),
+                    ),
+                };
+            }
             let msg = if given.is_none() {
                 "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
             } else {
@@ -419,6 +491,7 @@ async fn api(sim: Arc<Sim>, req: Request<Incoming>) -> Response<Body> {
     let parsed = match endpoint {
         Endpoint::Chat => protocol::parse_chat(&body),
         Endpoint::Embeddings => protocol::parse_embeddings(&body),
+        Endpoint::Generate => protocol::parse_generate(&body, gemini_model(&path).unwrap_or("")),
         _ => protocol::parse_messages(&body),
     };
     let parsed = match parsed {
@@ -622,6 +695,10 @@ fn paced_body(pieces: Vec<Bytes>, total: Duration, fail: bool, guards: Guards) -
 }
 
 fn rate_headers(r: &mut Response<Body>, provider: Provider, v: &LimitView) {
+    if provider == Provider::Gemini {
+        // Gemini sends no rate-limit headers.
+        return;
+    }
     let h = r.headers_mut();
     let mut put = |name: String, value: String| {
         if let (Ok(n), Ok(v)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {
@@ -644,6 +721,7 @@ fn rate_headers(r: &mut Response<Body>, provider: Provider, v: &LimitView) {
                 }
             }
         }
+        Provider::Gemini => {}
         Provider::Anthropic => {
             for (name, b) in [
                 ("requests", v.requests),
@@ -704,6 +782,29 @@ fn rate_limited(sim: &Sim, meta: &Meta, parsed: &Parsed, rej: Rejection) -> Resp
         "This request would exceed the rate limit for your organization of {} {unit}. Please try again in {wait}.",
         rej.limit
     );
+    if meta.provider == Provider::Gemini {
+        // No retry headers: the wait is in the body's RetryInfo, as Google sends it.
+        let quota_id = match rej.kind {
+            LimitKind::Requests | LimitKind::Concurrency => {
+                "GenerateRequestsPerMinutePerProjectPerModel"
+            }
+            _ => "GenerateContentInputTokensPerModelPerMinute",
+        };
+        let delay = format!("{:.3}s", rej.wait.as_secs_f64().max(0.001));
+        return meta.json(
+            StatusCode::TOO_MANY_REQUESTS,
+            gemini_error(
+                429,
+                "RESOURCE_EXHAUSTED",
+                "You exceeded your current quota, please check your plan and billing details. For more information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits.",
+                Some(serde_json::json!([
+                    {"@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                     "violations": [{"quotaMetric": "generativelanguage.googleapis.com/generate_content_requests", "quotaId": quota_id, "quotaValue": rej.limit.to_string()}]},
+                    {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay},
+                ])),
+            ),
+        );
+    }
     let mut r = meta.error(
         StatusCode::TOO_MANY_REQUESTS,
         openai_error(&message, openai_type, None, Some("rate_limit_exceeded")),
@@ -785,10 +886,27 @@ async fn error_fault(
                 "This request would exceed your organization's rate limit. Please try again later.",
             ),
         ),
+        FaultKind::InsufficientQuota if meta.provider == Provider::Gemini => {
+            // A per-day quota: no point waiting for the next minute.
+            let mut r = meta.json(
+                StatusCode::TOO_MANY_REQUESTS,
+                gemini_error(
+                    429,
+                    "RESOURCE_EXHAUSTED",
+                    "You exceeded your current quota, please check your plan and billing details.",
+                    Some(serde_json::json!([
+                        {"@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                         "violations": [{"quotaMetric": "generativelanguage.googleapis.com/generate_content_requests", "quotaId": "GenerateRequestsPerDayPerProjectPerModel", "quotaValue": "10000"}]},
+                    ])),
+                ),
+            );
+            rate_headers(&mut r, meta.provider, &limits);
+            return r;
+        }
         FaultKind::InsufficientQuota => {
             let status = match meta.provider {
-                Provider::OpenAi => StatusCode::TOO_MANY_REQUESTS,
                 Provider::Anthropic => StatusCode::BAD_REQUEST,
+                _ => StatusCode::TOO_MANY_REQUESTS,
             };
             (
                 status,
@@ -802,6 +920,17 @@ async fn error_fault(
                 .insert(http::header::SERVER, HeaderValue::from_static("nginx"));
             return r;
         }
+    };
+    let (status, anthropic) = match (meta.provider, kind) {
+        // Gemini has no 529: its overload is a 503 UNAVAILABLE.
+        (Provider::Gemini, FaultKind::Overloaded529 | FaultKind::Http503) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            anthropic_error(
+                "overloaded_error",
+                "The model is overloaded. Please try again later.",
+            ),
+        ),
+        _ => (status, anthropic),
     };
     let mut r = meta.error(status, openai, anthropic);
     rate_headers(&mut r, meta.provider, &limits);

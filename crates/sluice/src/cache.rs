@@ -74,7 +74,7 @@ pub fn key(target: &str, request: &Request) -> CacheKey {
     h.update(b"sluice-cache-v1\0");
     h.update(target.as_bytes());
     h.update(b"\0");
-    h.update(request.endpoint.path().as_bytes());
+    h.update(format!("{:?}", request.endpoint).as_bytes());
     h.update(b"\0");
     h.update(request.model.as_bytes());
     h.update(b"\0");
@@ -270,6 +270,7 @@ impl Cache {
                     prompt_tokens: p,
                     completion_tokens: c,
                     total_tokens: p + c,
+                    ..Usage::default()
                 })
             }
         };
@@ -407,6 +408,7 @@ mod tests {
                     prompt_tokens: 3,
                     completion_tokens: 4,
                     total_tokens: 7,
+                    ..Usage::default()
                 }),
             }])
             .unwrap();

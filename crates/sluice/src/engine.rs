@@ -36,11 +36,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::limiter::{Limiter, SendWindow};
+use crate::cost::Price;
+use crate::limiter::{Limiter, SendWindow, Tokens};
 use crate::outcome::{ErrorInfo, ErrorKind, Outcome, Status};
+use crate::provider::RateLimits;
 use crate::provider::{classify, Transport, TransportError, Verdict};
 use crate::request::Request;
-use crate::retry::RetryPolicy;
+use crate::retry::{BreakerPolicy, CircuitBreaker, Held, RetryPolicy};
 
 /// In which order outcomes come out of a run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -81,6 +83,35 @@ pub struct EngineConfig {
     /// a time). The buckets still bound what is sent; a request waits at most one step
     /// longer. Zero: wake for each request.
     pub send_quantum: Duration,
+    /// Spend limit in US dollars. No attempt is sent unless the money already spent plus
+    /// the worst-case cost of every attempt in flight, its own included, stays within it
+    /// (see [`worst_case_cost`]); when the next request cannot fit even with nothing in
+    /// flight, the run stops with [`StopReason::BudgetExhausted`]. Requests of models
+    /// without a price count as free.
+    pub budget_usd: Option<f64>,
+    /// One circuit breaker per model: while a model's circuit is open its requests move
+    /// to their fallback model ([`Request::fallback`]) or wait for the probe. `None`: no
+    /// breakers (a request still falls back on a model-specific permanent error).
+    pub breaker: Option<BreakerPolicy>,
+    /// Learn the limits not set here (requests, tokens, and Anthropic's input and output
+    /// tokens) from the provider's rate-limit headers, and pace by them
+    /// ([`Limiter::learn`]). Until a response announces one, the send window finds it.
+    pub learn_limits: bool,
+}
+
+/// The input-token estimate (tiktoken's `o200k_base`) times this is what a budget
+/// reserves: other providers' tokenizers count the same text differently, Anthropic's
+/// by up to about a fifth more.
+pub const BUDGET_INPUT_MARGIN: f64 = 1.25;
+
+/// The most one attempt of `request` can cost: its input estimate (with
+/// [`BUDGET_INPUT_MARGIN`]) and its whole output bound at the model's price; zero when the
+/// price is unknown.
+pub fn worst_case_cost(request: &Request) -> f64 {
+    request.price.map_or(0.0, |p: Price| {
+        let input = (f64::from(request.input_tokens) * BUDGET_INPUT_MARGIN).ceil() as u64;
+        p.bound(input, u64::from(request.max_output_tokens))
+    })
 }
 
 impl Default for EngineConfig {
@@ -97,6 +128,9 @@ impl Default for EngineConfig {
             reorder_window: 4096,
             seed: 0,
             send_quantum: Duration::from_millis(50),
+            budget_usd: None,
+            breaker: None,
+            learn_limits: false,
         }
     }
 }
@@ -151,6 +185,12 @@ impl EngineConfig {
         }
         if self.reorder_window == 0 {
             return err("reorder_window", "must be at least 1");
+        }
+        if self.budget_usd.is_some_and(|b| !(b.is_finite() && b > 0.0)) {
+            return err("budget", "must be a positive number of dollars");
+        }
+        if self.breaker.is_some_and(|b| b.threshold == 0) {
+            return err("breaker threshold", "must be at least 1");
         }
         Ok(())
     }
@@ -228,6 +268,21 @@ impl EngineConfigBuilder {
         self.config.send_quantum = d;
         self
     }
+    /// Spend limit in US dollars.
+    pub fn budget_usd(mut self, usd: f64) -> Self {
+        self.config.budget_usd = Some(usd);
+        self
+    }
+    /// A circuit breaker per model.
+    pub fn breaker(mut self, policy: BreakerPolicy) -> Self {
+        self.config.breaker = Some(policy);
+        self
+    }
+    /// Learn unset limits from the provider's rate-limit headers.
+    pub fn learn_limits(mut self, on: bool) -> Self {
+        self.config.learn_limits = on;
+        self
+    }
     /// The checked settings.
     pub fn build(self) -> Result<EngineConfig, ConfigError> {
         self.config.validate()?;
@@ -243,6 +298,19 @@ pub enum StopReason {
     QuotaExhausted,
     /// [`Run::stop`] was called (Ctrl-C).
     Interrupted,
+    /// The next request could not be sent without risking going over the budget.
+    BudgetExhausted,
+}
+
+impl StopReason {
+    /// Why, in words, for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            StopReason::QuotaExhausted => "quota exhausted",
+            StopReason::Interrupted => "interrupted",
+            StopReason::BudgetExhausted => "budget reached",
+        }
+    }
 }
 
 /// Live counters of a run, written only by the scheduler and readable at any time (for a
@@ -271,6 +339,10 @@ pub struct Progress {
     pub prompt_tokens: AtomicU64,
     /// Output tokens reported by the provider.
     pub completion_tokens: AtomicU64,
+    /// Money spent so far, in millionths of a US dollar.
+    pub cost_micro_usd: AtomicU64,
+    /// Requests moved to their fallback model.
+    pub fallbacks: AtomicU64,
 }
 
 /// A copy of [`Progress`] at one moment.
@@ -288,6 +360,8 @@ pub struct ProgressSnapshot {
     pub cooldowns: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    pub cost_micro_usd: u64,
+    pub fallbacks: u64,
 }
 
 impl Progress {
@@ -306,6 +380,8 @@ impl Progress {
             cooldowns: g(&self.cooldowns),
             prompt_tokens: g(&self.prompt_tokens),
             completion_tokens: g(&self.completion_tokens),
+            cost_micro_usd: g(&self.cost_micro_usd),
+            fallbacks: g(&self.fallbacks),
         }
     }
 
@@ -400,8 +476,13 @@ impl Engine {
         let now = Instant::now();
         let scheduler = Scheduler {
             limiter: Limiter::new(self.config.rpm, self.config.tpm, self.config.burst, now),
-            window: (self.config.rpm.is_none() && self.config.tpm.is_none())
-                .then(|| SendWindow::new(self.config.concurrency)),
+            window: (self.config.rpm.is_none() && self.config.tpm.is_none()).then(|| {
+                if self.config.learn_limits {
+                    SendWindow::starting_at(1, self.config.concurrency)
+                } else {
+                    SendWindow::new(self.config.concurrency)
+                }
+            }),
             config: self.config.clone(),
             transport: self.transport.clone(),
             observer: self.observer.clone(),
@@ -418,7 +499,10 @@ impl Engine {
             report_tx,
             report_rx,
             cooldown_streak: 0,
-            halted: false,
+            spent_usd: 0.0,
+            reserved_usd: 0.0,
+            breakers: HashMap::new(),
+            halted: None,
             interrupted: false,
             started: now,
         };
@@ -489,7 +573,11 @@ struct Live {
     /// 429s waited out.
     rate_limit_waits: u32,
     /// Tokens reserved by the attempt in flight.
-    reserved: u64,
+    reserved: Tokens,
+    /// Worst-case cost reserved by the attempt in flight.
+    reserved_usd: f64,
+    /// Estimated cost of attempts billed although their answer was lost.
+    billed_usd: f64,
     in_flight: bool,
 }
 
@@ -498,6 +586,8 @@ struct Report {
     seq: u64,
     generation: u64,
     verdict: Verdict,
+    /// The rate limits the response announced, when learning them.
+    limits: Option<RateLimits>,
 }
 
 struct Scheduler {
@@ -529,8 +619,15 @@ struct Scheduler {
     report_rx: mpsc::UnboundedReceiver<Report>,
     /// Cooldowns since the last success, for the default cooldown's doubling.
     cooldown_streak: u32,
-    /// Quota exhausted: nothing more is sent; the rest of the input is reported.
-    halted: bool,
+    /// Money spent: the cost of every answer, plus estimates for billed lost answers.
+    spent_usd: f64,
+    /// Worst-case cost of the attempts in flight.
+    reserved_usd: f64,
+    /// Circuit breakers by model, when [`EngineConfig::breaker`] is set.
+    breakers: HashMap<String, CircuitBreaker>,
+    /// Quota exhausted or budget reached: nothing more is sent; the rest of the input is
+    /// reported not attempted.
+    halted: Option<StopReason>,
     /// Interrupted: no more input is taken; live requests finish.
     interrupted: bool,
     /// When the run started: the origin of the send grid.
@@ -569,7 +666,7 @@ impl Scheduler {
             // After a quota stop the rest of the input is read and reported not attempted.
             let can_pull = !input_done
                 && !self.interrupted
-                && (self.halted
+                && (self.halted.is_some()
                     || (self.live.len() < self.config.concurrency && self.window_open()));
             let wake = [
                 next_send.map(|t| self.on_grid(t)),
@@ -619,8 +716,8 @@ impl Scheduler {
     }
 
     fn stop_reason(&self) -> Option<StopReason> {
-        if self.halted {
-            Some(StopReason::QuotaExhausted)
+        if self.halted.is_some() {
+            self.halted
         } else if self.interrupted {
             Some(StopReason::Interrupted)
         } else {
@@ -647,16 +744,17 @@ impl Scheduler {
         self.next_seq += 1;
         Progress::add(&self.progress.admitted, 1);
         let now = Instant::now();
-        if self.halted {
+        if let Some(reason) = self.halted {
             let outcome = failed_outcome(
                 request,
                 ErrorInfo {
                     kind: ErrorKind::NotAttempted,
                     status: None,
-                    message: "not sent: the run stopped (quota exhausted)".into(),
+                    message: format!("not sent: the run stopped ({})", reason.describe()),
                 },
                 0,
                 Duration::ZERO,
+                0.0,
             );
             self.emit(seq, outcome);
             return;
@@ -674,7 +772,9 @@ impl Scheduler {
                 attempts: 0,
                 failures: 0,
                 rate_limit_waits: 0,
-                reserved: 0,
+                reserved: Tokens::default(),
+                reserved_usd: 0.0,
+                billed_usd: 0.0,
                 in_flight: false,
             },
         );
@@ -712,7 +812,7 @@ impl Scheduler {
     /// Sends what the limiter allows; returns when the head of the queue may go next (a
     /// full send window is waited out by the next report, not a timer).
     fn dispatch(&mut self, now: Instant) -> Option<Instant> {
-        if self.halted {
+        if self.halted.is_some() {
             return None;
         }
         while let Some(&seq) = self.ready.front() {
@@ -723,19 +823,103 @@ impl Scheduler {
             {
                 return None;
             }
-            let tokens = self.live[&seq].request.reserved_tokens();
+            if let Some(policy) = self.config.breaker {
+                let model = &self.live[&seq].request.model;
+                if !self.breakers.contains_key(model) {
+                    self.breakers
+                        .insert(model.clone(), CircuitBreaker::new(policy));
+                }
+                let breaker = self.breakers.get_mut(model).expect("inserted");
+                if let Err(held) = breaker.check(now) {
+                    if self.fall_back(seq) {
+                        // The same request, now for its next model.
+                        continue;
+                    }
+                    return match held {
+                        Held::Until(t) => Some(t),
+                        // The probe's report wakes the scheduler.
+                        Held::Probing => None,
+                    };
+                }
+            }
+            let request = &self.live[&seq].request;
+            let tokens = Tokens {
+                input: u64::from(request.input_tokens),
+                output: u64::from(request.max_output_tokens),
+            };
+            let cost = match self.config.budget_usd {
+                Some(budget) => {
+                    let cost = worst_case_cost(request);
+                    if self.spent_usd + self.reserved_usd + cost > budget {
+                        if self.in_flight() == 0 {
+                            // Spending only grows: it will never fit.
+                            self.halt(StopReason::BudgetExhausted);
+                        }
+                        // Otherwise an answer may come in cheaper than reserved.
+                        return None;
+                    }
+                    cost
+                }
+                None => 0.0,
+            };
             let at = self.limiter.ready_at(tokens, now);
             if at > now {
                 return Some(at);
             }
             self.ready.pop_front();
             self.limiter.acquire(tokens, now);
+            self.reserved_usd += cost;
+            self.live
+                .get_mut(&seq)
+                .expect("queued requests are live")
+                .reserved_usd = cost;
+            if self.config.breaker.is_some() {
+                if let Some(b) = self.breakers.get_mut(&self.live[&seq].request.model) {
+                    b.on_send();
+                }
+            }
             self.send(seq, tokens, now);
         }
         None
     }
 
-    fn send(&mut self, seq: u64, tokens: u64, now: Instant) {
+    /// Moves a live request (not in flight) to its fallback model; false when it has
+    /// none. Its transient-failure count starts again; its attempts keep counting.
+    fn fall_back(&mut self, seq: u64) -> bool {
+        let live = self
+            .live
+            .get_mut(&seq)
+            .expect("falling back a live request");
+        debug_assert!(!live.in_flight);
+        let Some(next) = live.request.fallback.take() else {
+            return false;
+        };
+        let mut next = *next;
+        next.metadata = live.request.metadata.take();
+        live.request = next;
+        live.failures = 0;
+        Progress::add(&self.progress.fallbacks, 1);
+        true
+    }
+
+    /// Tells the breaker of the model an attempt went to what came back; returns whether
+    /// its circuit is open after it.
+    fn feed_breaker(&mut self, model: &str, verdict: &Verdict, now: Instant) -> bool {
+        let Some(b) = self.breakers.get_mut(model) else {
+            return false;
+        };
+        match verdict {
+            Verdict::Success { .. } => b.on_success(),
+            Verdict::Permanent { error } if model_specific(error.kind) => b.on_neutral(),
+            // A refusal shows the model is up.
+            Verdict::Permanent { .. } => b.on_success(),
+            Verdict::RateLimited { .. } | Verdict::QuotaExhausted { .. } => b.on_neutral(),
+            Verdict::Retry { .. } => return b.on_failure(now),
+        }
+        matches!(b.state(), crate::retry::BreakerState::Open { .. })
+    }
+
+    fn send(&mut self, seq: u64, tokens: Tokens, now: Instant) {
         let generation = self.limiter.generation();
         let live = self.live.get_mut(&seq).expect("queued requests are live");
         live.attempts += 1;
@@ -763,19 +947,30 @@ impl Scheduler {
             });
         }
         let attempt = self.transport.send(&live.request);
+        let provider = live.request.endpoint.provider();
+        let learn = self.config.learn_limits;
         let tx = self.report_tx.clone();
         tokio::spawn(async move {
             let result = match tokio::time::timeout(timeout, attempt).await {
                 Ok(result) => result,
                 Err(_) => Err(TransportError::Timeout(timeout)),
             };
-            let verdict = classify(result);
+            let limits = match (&result, learn) {
+                (Ok(resp), true) => Some(
+                    provider
+                        .api()
+                        .rate_limits(&resp.headers, std::time::SystemTime::now()),
+                ),
+                _ => None,
+            };
+            let verdict = classify(result, provider);
             // The scheduler outlives every attempt it spawned, except when the consumer
             // dropped the run; then nobody is listening and the report can go.
             let _ = tx.send(Report {
                 seq,
                 generation,
                 verdict,
+                limits,
             });
         });
     }
@@ -790,9 +985,38 @@ impl Scheduler {
         debug_assert!(live.in_flight);
         live.in_flight = false;
         Progress::sub(&self.progress.in_flight, 1);
+        if let Some(limits) = &report.limits {
+            // Once a limit is known the buckets pace; the send window was for finding it.
+            if self.limiter.learn(limits, now) {
+                self.window = None;
+            }
+        }
+        let live = self.live.get_mut(&seq).expect("live");
+        let reserved_usd = std::mem::take(&mut live.reserved_usd);
+        // Back to exactly zero when nothing is in flight, whatever the float rounding.
+        self.reserved_usd = if self.progress.in_flight.load(Ordering::Relaxed) == 0 {
+            0.0
+        } else {
+            (self.reserved_usd - reserved_usd).max(0.0)
+        };
+        if report.verdict.billed_failure() {
+            let estimate = worst_case_cost(&live.request);
+            live.billed_usd += estimate;
+            self.spend(estimate);
+        }
+        let circuit_open = if self.config.breaker.is_some() {
+            let model = self.live[&seq].request.model.clone();
+            self.feed_breaker(&model, &report.verdict, now)
+        } else {
+            false
+        };
+        let live = self.live.get_mut(&seq).expect("live");
         match report.verdict {
             Verdict::Success { response, usage } => {
-                let actual = usage.map_or(live.reserved, |u| u.total());
+                let actual = usage.map_or(live.reserved, |u| Tokens {
+                    input: u.prompt_tokens,
+                    output: u.completion_tokens,
+                });
                 self.limiter.settle(live.reserved, actual, now);
                 self.cooldown_streak = 0;
                 if let Some(w) = &mut self.window {
@@ -803,6 +1027,16 @@ impl Scheduler {
                     Progress::add(&self.progress.completion_tokens, u.completion_tokens);
                 }
                 let live = self.end(seq);
+                // A success without usage was billed all the same: count its worst case.
+                let cost = match usage {
+                    Some(u) => live.request.price.map_or(0.0, |p| p.cost(&u)),
+                    None => worst_case_cost(&live.request),
+                };
+                self.spend(cost);
+                let cost_usd = live
+                    .request
+                    .price
+                    .map(|_| round_usd(cost + live.billed_usd));
                 let outcome = Outcome {
                     custom_id: live.request.custom_id,
                     status: Status::Succeeded,
@@ -811,6 +1045,7 @@ impl Scheduler {
                     error: None,
                     attempts: live.attempts,
                     usage,
+                    cost_usd,
                     latency_ms: millis(now - live.admitted_at),
                     metadata: live.request.metadata,
                     cached: false,
@@ -818,10 +1053,17 @@ impl Scheduler {
                 };
                 self.emit(seq, outcome);
             }
-            Verdict::Permanent { error } => self.fail(seq, error),
+            Verdict::Permanent { error } => {
+                if model_specific(error.kind) && self.halted.is_none() && self.fall_back(seq) {
+                    self.ready.push_front(seq);
+                    Progress::add(&self.progress.waiting, 1);
+                } else {
+                    self.fail(seq, error);
+                }
+            }
             Verdict::QuotaExhausted { error } => {
                 self.fail(seq, error);
-                self.halt();
+                self.halt(StopReason::QuotaExhausted);
             }
             Verdict::RateLimited { retry_after, error } => {
                 Progress::add(&self.progress.rate_limited, 1);
@@ -846,7 +1088,7 @@ impl Scheduler {
                 let live = self.live.get_mut(&seq).expect("live");
                 live.rate_limit_waits += 1;
                 let waits = live.rate_limit_waits;
-                if self.halted {
+                if self.halted.is_some() {
                     self.fail_stopped(seq, error);
                 } else if waits > self.config.retry.max_rate_limit_waits {
                     let error = ErrorInfo {
@@ -873,10 +1115,17 @@ impl Scheduler {
             Verdict::Retry { retry_after, error } => {
                 live.failures += 1;
                 let failures = live.failures;
-                if self.halted {
+                if self.halted.is_some() {
                     self.fail_stopped(seq, error);
                     return;
                 }
+                // Its model's circuit just opened: straight to the fallback, no backoff.
+                if circuit_open && self.fall_back(seq) {
+                    self.ready.push_front(seq);
+                    Progress::add(&self.progress.waiting, 1);
+                    return;
+                }
+                let live = self.live.get_mut(&seq).expect("live");
                 if failures >= self.config.retry.max_attempts {
                     let error = ErrorInfo {
                         message: format!(
@@ -930,31 +1179,43 @@ impl Scheduler {
     fn fail(&mut self, seq: u64, error: ErrorInfo) {
         let live = self.end(seq);
         let latency = Instant::now() - live.admitted_at;
-        let outcome = failed_outcome(live.request, error, live.attempts, latency);
+        let outcome = failed_outcome(live.request, error, live.attempts, latency, live.billed_usd);
         self.emit(seq, outcome);
+    }
+
+    /// Counts money spent.
+    fn spend(&mut self, usd: f64) {
+        self.spent_usd += usd;
+        Progress::add(
+            &self.progress.cost_micro_usd,
+            (usd * 1e6).round().max(0.0) as u64,
+        );
     }
 
     /// Ends a live request that cannot be retried because the run is stopping.
     fn fail_stopped(&mut self, seq: u64, last: ErrorInfo) {
+        let reason = self.halted.unwrap_or(StopReason::QuotaExhausted);
         let error = ErrorInfo {
             kind: ErrorKind::Stopped,
             status: last.status,
             message: format!(
-                "run stopped (quota exhausted) before a retry; last error: {}",
+                "run stopped ({}) before a retry; last error: {}",
+                reason.describe(),
                 last.message
             ),
         };
         self.fail(seq, error);
     }
 
-    /// Quota exhausted: nothing more is sent; everything not on the wire ends now.
-    fn halt(&mut self) {
-        if self.halted {
+    /// Quota exhausted or budget reached: nothing more is sent; everything not on the
+    /// wire ends now.
+    fn halt(&mut self, reason: StopReason) {
+        if self.halted.is_some() {
             return;
         }
-        self.halted = true;
+        self.halted = Some(reason);
         self.observe(|| EngineEvent::Stopping {
-            reason: StopReason::QuotaExhausted,
+            reason,
             at: Instant::now(),
         });
         let mut waiting: Vec<u64> = self
@@ -973,13 +1234,16 @@ impl Scheduler {
                 ErrorInfo {
                     kind: ErrorKind::NotAttempted,
                     status: None,
-                    message: "not sent: the run stopped (quota exhausted)".into(),
+                    message: format!("not sent: the run stopped ({})", reason.describe()),
                 }
             } else {
                 ErrorInfo {
                     kind: ErrorKind::Stopped,
                     status: None,
-                    message: format!("run stopped (quota exhausted) after {attempts} attempts"),
+                    message: format!(
+                        "run stopped ({}) after {attempts} attempts",
+                        reason.describe()
+                    ),
                 }
             };
             self.fail(seq, error);
@@ -1005,8 +1269,15 @@ impl Scheduler {
     }
 }
 
-fn failed_outcome(request: Request, error: ErrorInfo, attempts: u32, latency: Duration) -> Outcome {
+fn failed_outcome(
+    request: Request,
+    error: ErrorInfo,
+    attempts: u32,
+    latency: Duration,
+    billed_usd: f64,
+) -> Outcome {
     Outcome {
+        cost_usd: request.price.map(|_| round_usd(billed_usd)),
         custom_id: request.custom_id,
         status: Status::Failed,
         model: request.model,
@@ -1019,6 +1290,16 @@ fn failed_outcome(request: Request, error: ErrorInfo, attempts: u32, latency: Du
         cached: false,
         line: request.line,
     }
+}
+
+/// Errors that belong to one model, not to the request: another model may succeed.
+fn model_specific(kind: ErrorKind) -> bool {
+    matches!(kind, ErrorKind::NotFound | ErrorKind::ContextLengthExceeded)
+}
+
+/// Dollars to a billionth, so float noise does not show in the output.
+fn round_usd(usd: f64) -> f64 {
+    (usd * 1e9).round() / 1e9
 }
 
 fn millis(d: Duration) -> u64 {

@@ -147,7 +147,7 @@ impl Entry {
             attempts: outcome.attempts,
             prompt_tokens: outcome.usage.map(|u| u.prompt_tokens),
             completion_tokens: outcome.usage.map(|u| u.completion_tokens),
-            cost_usd: None,
+            cost_usd: outcome.cost_usd,
             output: outcome.to_json_line(),
         }
     }

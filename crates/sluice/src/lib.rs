@@ -3,13 +3,16 @@
 //!
 //! The pieces, in the order a request meets them:
 //!
-//! * [`request`]: input lines in OpenAI Batch, chat-body or prompt form become [`Request`]s
-//!   with their input tokens estimated ([`tokens`]).
+//! * [`request`]: input lines in OpenAI Batch, Anthropic batch, chat-body or prompt form
+//!   become [`Request`]s with their input tokens estimated ([`tokens`]), routed by the model
+//!   [`catalog`] to their provider and translated into its wire format ([`provider`]:
+//!   OpenAI and compatible servers, Anthropic Messages, Gemini `generateContent`).
 //! * [`engine`]: the scheduler. It owns every request's state, admits requests through the
 //!   [`limiter`] (RPM, TPM, cooldown after 429), sends attempts through a
 //!   [`provider::Transport`], classifies what comes back ([`provider::classify`]) and retries
 //!   by the [`retry::RetryPolicy`].
-//! * [`outcome`]: what comes out, one [`Outcome`] per request; [`summary`] adds them up.
+//! * [`outcome`]: what comes out, one [`Outcome`] per request, priced by [`cost`];
+//!   [`summary`] adds them up.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -30,6 +33,8 @@
 #![warn(missing_docs)]
 
 pub mod cache;
+pub mod catalog;
+pub mod cost;
 pub mod engine;
 pub mod input;
 pub mod journal;
@@ -41,10 +46,13 @@ pub mod retry;
 pub mod summary;
 pub mod tokens;
 
+pub use catalog::{Catalog, Router};
+pub use cost::Price;
 pub use engine::{
     Engine, EngineConfig, EngineConfigBuilder, EngineEvent, Order, Progress, ProgressSnapshot, Run,
     RunEnd, StopReason, Stopper,
 };
 pub use outcome::{ErrorInfo, ErrorKind, Outcome, Status, Usage};
+pub use provider::ProviderKind;
 pub use request::{BadLine, Endpoint, LineParser, Request};
 pub use retry::RetryPolicy;

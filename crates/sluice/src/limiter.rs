@@ -1,5 +1,7 @@
-//! Admission control: requests per minute, tokens per minute, and the coordinated
-//! cooldown after a 429 (invariants 3 and 4 of DESIGN.md).
+//! Admission control: requests per minute, tokens per minute (and Anthropic's separate
+//! input- and output-token limits), and the coordinated cooldown after a 429 (invariants
+//! 3 and 4 of DESIGN.md). Limits come from the settings, or are learned from the
+//! provider's rate-limit headers ([`Limiter::learn`]).
 //!
 //! The limiter is plain state owned by the scheduler task; it never sleeps. The scheduler
 //! asks [`Limiter::ready_at`] when the head of its queue may go, sleeps until then, and
@@ -8,6 +10,12 @@
 
 use std::time::Duration;
 use tokio::time::Instant;
+
+use crate::provider::{LimitReading, RateLimits};
+
+/// Learned limits pace at this share of what the headers announce, to leave room for the
+/// difference between sluice's token estimates and the provider's counts.
+pub const LEARNED_SHARE: f64 = 0.98;
 
 /// Slack for float rounding when a bucket is checked exactly at its computed ready time.
 const EPSILON: f64 = 1e-6;
@@ -85,6 +93,36 @@ impl TokenBucket {
         self.refill(now);
         self.level = (self.level + reserved - actual).min(self.capacity);
     }
+
+    /// Paces at `per_minute` from now on, keeping the time span of its burst.
+    pub fn set_rate(&mut self, per_minute: f64, burst: Duration, now: Instant) {
+        self.refill(now);
+        self.rate = per_minute / 60.0;
+        self.capacity = (self.rate * burst.as_secs_f64()).max(1.0);
+        self.level = self.level.min(self.capacity);
+    }
+
+    /// Never more available than `remaining` (what the provider says is left).
+    pub fn cap_level(&mut self, remaining: f64, now: Instant) {
+        self.refill(now);
+        self.level = self.level.min(remaining);
+    }
+}
+
+/// What a request reserves against token limits: its input estimate and its output bound.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tokens {
+    /// Input tokens (estimated).
+    pub input: u64,
+    /// Output tokens (the bound), or the actual count when settling.
+    pub output: u64,
+}
+
+impl Tokens {
+    /// Input and output together.
+    pub fn total(self) -> u64 {
+        self.input + self.output
+    }
 }
 
 /// A cooldown the limiter started.
@@ -98,11 +136,17 @@ pub struct Cooldown {
     pub until: Instant,
 }
 
-/// Requests-per-minute and tokens-per-minute buckets, and the shared cooldown.
+/// Requests-per-minute and tokens-per-minute buckets (input and output tokens apart
+/// when the provider limits them apart), and the shared cooldown.
 #[derive(Clone, Debug)]
 pub struct Limiter {
     rpm: Option<TokenBucket>,
     tpm: Option<TokenBucket>,
+    itpm: Option<TokenBucket>,
+    otpm: Option<TokenBucket>,
+    /// Which of rpm, tpm, itpm, otpm were learned (the rest were configured and are kept).
+    learned: [bool; 4],
+    burst: Duration,
     pause_until: Option<Instant>,
     generation: u64,
 }
@@ -113,9 +157,66 @@ impl Limiter {
         Limiter {
             rpm: rpm.map(|r| TokenBucket::per_minute(r, burst, now)),
             tpm: tpm.map(|t| TokenBucket::per_minute(t, burst, now)),
+            itpm: None,
+            otpm: None,
+            learned: [false; 4],
+            burst,
             pause_until: None,
             generation: 0,
         }
+    }
+
+    /// Takes in the limits a response's headers announce. A limit that was not configured
+    /// gets a bucket at [`LEARNED_SHARE`] of it, starting conservatively from what the
+    /// provider says is left; a learned one follows later announcements of the limit.
+    /// Later `remaining` figures are not applied: they were counted when the attempt was
+    /// admitted, a latency ago, before the refills and refunds since, and capping by them
+    /// halves throughput (measured). Configured limits are left alone. Returns whether
+    /// any limit is now known.
+    pub fn learn(&mut self, limits: &RateLimits, now: Instant) -> bool {
+        let readings: [Option<LimitReading>; 4] = [
+            limits.requests,
+            limits.tokens,
+            limits.input_tokens,
+            limits.output_tokens,
+        ];
+        let burst = self.burst;
+        for (i, reading) in readings.into_iter().enumerate() {
+            let Some(r) = reading.filter(|r| r.limit > 0) else {
+                continue;
+            };
+            let rate = r.limit as f64 * LEARNED_SHARE;
+            let slot = match i {
+                0 => &mut self.rpm,
+                1 => &mut self.tpm,
+                2 => &mut self.itpm,
+                _ => &mut self.otpm,
+            };
+            match slot {
+                None => {
+                    let mut b = TokenBucket::per_minute(rate, burst, now);
+                    b.cap_level(r.remaining as f64, now);
+                    *slot = Some(b);
+                    self.learned[i] = true;
+                }
+                Some(b) if self.learned[i] => {
+                    if (b.rate() * 60.0 - rate).abs() > 1e-9 {
+                        b.set_rate(rate, burst, now);
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        self.rpm.is_some() || self.tpm.is_some() || self.itpm.is_some() || self.otpm.is_some()
+    }
+
+    /// The requests-per-minute and tokens-per-minute rates paced at now (configured or
+    /// learned).
+    pub fn rates(&self) -> (Option<f64>, Option<f64>) {
+        (
+            self.rpm.as_ref().map(|b| b.rate() * 60.0),
+            self.tpm.as_ref().map(|b| b.rate() * 60.0),
+        )
     }
 
     /// The cooldown generation: bumped by every cooldown. Attempts record it when sent.
@@ -128,9 +229,9 @@ impl Limiter {
         self.pause_until.filter(|p| *p > now)
     }
 
-    /// When a request reserving `tokens` may be sent: after any cooldown, and when both
-    /// buckets hold enough.
-    pub fn ready_at(&mut self, tokens: u64, now: Instant) -> Instant {
+    /// When a request reserving `tokens` may be sent: after any cooldown, and when every
+    /// bucket holds enough.
+    pub fn ready_at(&mut self, tokens: Tokens, now: Instant) -> Instant {
         let mut at = now;
         if let Some(p) = self.pause_until {
             at = at.max(p);
@@ -139,26 +240,44 @@ impl Limiter {
             at = at.max(b.available_at(1.0, now));
         }
         if let Some(b) = &mut self.tpm {
-            at = at.max(b.available_at(tokens as f64, now));
+            at = at.max(b.available_at(tokens.total() as f64, now));
+        }
+        if let Some(b) = &mut self.itpm {
+            at = at.max(b.available_at(tokens.input as f64, now));
+        }
+        if let Some(b) = &mut self.otpm {
+            at = at.max(b.available_at(tokens.output as f64, now));
         }
         at
     }
 
     /// Takes one request and `tokens` from the buckets.
-    pub fn acquire(&mut self, tokens: u64, now: Instant) {
+    pub fn acquire(&mut self, tokens: Tokens, now: Instant) {
         debug_assert!(self.ready_at(tokens, now) <= now, "acquire before ready");
         if let Some(b) = &mut self.rpm {
             b.take(1.0, now);
         }
         if let Some(b) = &mut self.tpm {
-            b.take(tokens as f64, now);
+            b.take(tokens.total() as f64, now);
+        }
+        if let Some(b) = &mut self.itpm {
+            b.take(tokens.input as f64, now);
+        }
+        if let Some(b) = &mut self.otpm {
+            b.take(tokens.output as f64, now);
         }
     }
 
-    /// Settles a reservation of `reserved` tokens to the `actual` usage the provider reported.
-    pub fn settle(&mut self, reserved: u64, actual: u64, now: Instant) {
+    /// Settles a reservation to the `actual` usage the provider reported.
+    pub fn settle(&mut self, reserved: Tokens, actual: Tokens, now: Instant) {
         if let Some(b) = &mut self.tpm {
-            b.settle(reserved as f64, actual as f64, now);
+            b.settle(reserved.total() as f64, actual.total() as f64, now);
+        }
+        if let Some(b) = &mut self.itpm {
+            b.settle(reserved.input as f64, actual.input as f64, now);
+        }
+        if let Some(b) = &mut self.otpm {
+            b.settle(reserved.output as f64, actual.output as f64, now);
         }
     }
 
@@ -208,6 +327,17 @@ impl SendWindow {
     pub fn new(max: usize) -> Self {
         let max = max.max(1) as f64;
         SendWindow { size: max, max }
+    }
+
+    /// A window that starts at `initial` attempts and grows to `max` (slow start: when
+    /// the limit is about to be learned from the first responses, sending a whole
+    /// window blind would only collect 429s).
+    pub fn starting_at(initial: usize, max: usize) -> Self {
+        let max = max.max(1) as f64;
+        SendWindow {
+            size: (initial.max(1) as f64).min(max),
+            max,
+        }
     }
 
     /// Whether one more attempt may go out while `in_flight` are out. One always may when
@@ -300,6 +430,88 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn learns_unconfigured_limits_from_headers_and_keeps_configured_ones() {
+        let t0 = Instant::now();
+        let reading = |limit, remaining| {
+            Some(LimitReading {
+                limit,
+                remaining,
+                reset: Duration::ZERO,
+            })
+        };
+        // RPM configured at 6000; TPM, input and output tokens unknown.
+        let mut l = Limiter::new(Some(6000.0), None, Duration::from_secs(1), t0);
+        assert!(l.learn(
+            &RateLimits {
+                requests: reading(6000, 6000),
+                tokens: None,
+                input_tokens: reading(60_000, 500),
+                output_tokens: reading(6_000, 6_000),
+            },
+            t0
+        ));
+        assert_eq!(l.rates(), (Some(6000.0), None), "the configured RPM stays");
+        // Input tokens: 980/s, but only 500 left now.
+        let big_input = Tokens {
+            input: 800,
+            output: 10,
+        };
+        let at = l.ready_at(big_input, t0);
+        let wait = (at - t0).as_secs_f64();
+        assert!((wait - 300.0 / 980.0).abs() < 1e-3, "{wait}");
+        // Output tokens are paced apart: 98/s with a one-second burst.
+        let long_output = Tokens {
+            input: 1,
+            output: 98,
+        };
+        assert_eq!(l.ready_at(long_output, t0), t0);
+        l.acquire(long_output, t0);
+        let at = l.ready_at(long_output, t0);
+        assert!(((at - t0).as_secs_f64() - 1.0).abs() < 1e-3);
+        // A later announcement changes the learned rate (and the burst with it).
+        let t2 = t0 + Duration::from_secs(2);
+        l.learn(
+            &RateLimits {
+                output_tokens: reading(600, 0),
+                ..RateLimits::default()
+            },
+            t2,
+        );
+        let all = Tokens {
+            input: 0,
+            output: 9,
+        };
+        assert_eq!(l.ready_at(all, t2), t2, "a full bucket of the new size");
+        l.acquire(all, t2);
+        let at = l.ready_at(
+            Tokens {
+                input: 0,
+                output: 5,
+            },
+            t2,
+        );
+        let wait = (at - t2).as_secs_f64();
+        assert!((wait - (5.0 - 0.8) / 9.8).abs() < 1e-3, "{wait}");
+        // Settling refunds each bucket its own way.
+        l.settle(
+            Tokens {
+                input: 0,
+                output: 5,
+            },
+            Tokens {
+                input: 0,
+                output: 0,
+            },
+            t0 + Duration::from_secs(2),
+        );
+        let mut none = Limiter::new(None, None, Duration::from_secs(1), t0);
+        assert!(
+            !none.learn(&RateLimits::default(), t0),
+            "nothing announced, nothing known"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn one_cooldown_per_generation_and_late_429s_do_nothing() {
         let t0 = Instant::now();
         let mut l = Limiter::new(None, None, Duration::from_secs(1), t0);
@@ -312,13 +524,16 @@ mod tests {
         for _ in 0..10 {
             assert!(l.on_rate_limited(g, Duration::from_secs(30), t0).is_none());
         }
-        assert_eq!(l.ready_at(0, t0), t0 + Duration::from_secs(2));
+        assert_eq!(
+            l.ready_at(Tokens::default(), t0),
+            t0 + Duration::from_secs(2)
+        );
         // After it expired, a late 429 from the old generation does not restart it.
         let later = t0 + Duration::from_secs(5);
         assert!(l
             .on_rate_limited(g, Duration::from_secs(2), later)
             .is_none());
-        assert_eq!(l.ready_at(0, later), later);
+        assert_eq!(l.ready_at(Tokens::default(), later), later);
         assert_eq!(l.paused_until(later), None);
         // A 429 from the new generation starts the next cooldown.
         assert!(l

@@ -13,18 +13,31 @@ pub enum Status {
     Failed,
 }
 
-/// Token usage as the provider reported it.
+/// Token usage as the provider reported it, in one shape for every provider (each
+/// provider module converts its own).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
-    /// Input tokens (`prompt_tokens`; Anthropic's `input_tokens`).
+    /// Every input token, cached ones included (OpenAI's `prompt_tokens`; Anthropic's
+    /// `input_tokens` plus its cache reads and writes; Gemini's `promptTokenCount`).
     #[serde(default, alias = "input_tokens")]
     pub prompt_tokens: u64,
-    /// Output tokens (`completion_tokens`; Anthropic's `output_tokens`).
+    /// Output tokens, reasoning ones included.
     #[serde(default, alias = "output_tokens")]
     pub completion_tokens: u64,
     /// Their sum.
     #[serde(default)]
     pub total_tokens: u64,
+    /// Input tokens read from the provider's prompt cache (billed at the cached price).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cached_tokens: u64,
+    /// Input tokens written to the prompt cache (Anthropic; billed at the cache-write
+    /// price).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_write_tokens: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Usage {
@@ -143,6 +156,10 @@ pub struct Outcome {
     pub attempts: u32,
     /// Token usage of the successful attempt.
     pub usage: Option<Usage>,
+    /// What the request cost in US dollars: its usage at the catalog price of the model
+    /// that answered, plus the estimated cost of attempts that were billed but whose
+    /// answer was lost. `None` when the model's price is unknown.
+    pub cost_usd: Option<f64>,
     /// From the request's admission to its outcome, waiting included.
     pub latency_ms: u64,
     /// The input's `metadata`, passed through.
@@ -173,6 +190,7 @@ impl Outcome {
             }),
             attempts: 0,
             usage: None,
+            cost_usd: None,
             latency_ms: 0,
             metadata: None,
             cached: false,

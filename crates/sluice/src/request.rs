@@ -8,7 +8,12 @@
 //!   `metadata` (both removed from the body before it is sent);
 //! * a prompt: `{"prompt": "...", "system"?, "model"?, "custom_id"?, "metadata"?, ...}`,
 //!   turned into a chat body with one user message (and a system message when given);
-//!   every other field is passed through to the chat body.
+//!   every other field is passed through to the chat body;
+//! * a native Anthropic Message Batches line: `{"custom_id", "params": {...}}`, whose
+//!   `params` go to an Anthropic model untranslated.
+//!
+//! Each request's model is routed ([`crate::catalog::Router`]) to its provider, and a chat
+//! body is translated into that provider's wire format ([`crate::provider::WireApi`]).
 //!
 //! [`LineParser::parse`] turns a line into a [`Request`] with its body serialised once, its
 //! input tokens estimated and its output tokens bounded, or into a [`BadLine`] that names
@@ -18,32 +23,33 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use std::fmt;
+use std::sync::Arc;
 
+use crate::catalog::{Route, Router};
+use crate::cost::Price;
+use crate::provider::{ChatTranslation, ProviderKind};
 use crate::tokens::TokenEstimator;
 
-/// The API endpoint a request goes to.
+/// The API endpoint a request goes to; each belongs to one provider.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Endpoint {
-    /// `POST /v1/chat/completions`.
+    /// OpenAI `POST /v1/chat/completions`.
     ChatCompletions,
-    /// `POST /v1/embeddings`.
+    /// OpenAI `POST /v1/embeddings`.
     Embeddings,
+    /// Anthropic `POST /v1/messages`.
+    Messages,
+    /// Gemini `POST /v1beta/models/{model}:generateContent`.
+    GenerateContent,
 }
 
 impl Endpoint {
-    /// The path below the API base URL (which carries `/v1`).
-    pub fn path(self) -> &'static str {
+    /// The provider whose endpoint this is.
+    pub fn provider(self) -> ProviderKind {
         match self {
-            Endpoint::ChatCompletions => "/chat/completions",
-            Endpoint::Embeddings => "/embeddings",
-        }
-    }
-
-    /// The OpenAI Batch `url` of this endpoint.
-    pub fn batch_url(self) -> &'static str {
-        match self {
-            Endpoint::ChatCompletions => "/v1/chat/completions",
-            Endpoint::Embeddings => "/v1/embeddings",
+            Endpoint::ChatCompletions | Endpoint::Embeddings => ProviderKind::OpenAi,
+            Endpoint::Messages => ProviderKind::Anthropic,
+            Endpoint::GenerateContent => ProviderKind::Gemini,
         }
     }
 
@@ -63,10 +69,14 @@ pub struct Request {
     pub custom_id: String,
     /// 1-based line number in the input (0 when the request did not come from a file).
     pub line: u64,
-    /// Where it goes.
+    /// Where it goes (and so which provider's wire format its body is in).
     pub endpoint: Endpoint,
-    /// The model named in the body.
+    /// Which of the transport's targets (base URL and key) it goes to.
+    pub target: u16,
+    /// The model, as the provider knows it.
     pub model: String,
+    /// The model's price, when the catalog knows it.
+    pub price: Option<Price>,
     /// The JSON body sent to the provider.
     pub body: Bytes,
     /// Estimated input tokens, reserved against the TPM limit before sending: tiktoken's
@@ -76,6 +86,10 @@ pub struct Request {
     pub max_output_tokens: u32,
     /// The caller's `metadata`, passed through to the outcome untouched.
     pub metadata: Option<Box<RawValue>>,
+    /// The same request for the next model of a fallback chain (`--model a,b,c`), built
+    /// when the line is read: the engine moves to it when this model cannot serve the
+    /// request (not found, context too long, circuit open).
+    pub fallback: Option<Box<Request>>,
 }
 
 impl Request {
@@ -124,6 +138,14 @@ pub struct LineParser {
     /// Count input tokens with tiktoken (needed to pace a tokens-per-minute limit). Off, the
     /// estimate is a quarter of the body's bytes and tiktoken's tables are never loaded.
     pub count_tokens: bool,
+    /// Send the output bound (`assumed_output_tokens`) to providers even for requests that
+    /// set none, so it is a real bound (a budget relies on it).
+    pub enforce_output_bound: bool,
+    /// Routes models to providers; without one, every request goes to target 0, OpenAI.
+    pub router: Option<Arc<Router>>,
+    /// Models to fall back to, in order, for lines that name no model (so use
+    /// `default_model`).
+    pub fallback_models: Vec<String>,
     estimator: TokenEstimator,
 }
 
@@ -143,6 +165,9 @@ impl LineParser {
             default_model,
             assumed_output_tokens: DEFAULT_ASSUMED_OUTPUT_TOKENS,
             count_tokens: true,
+            enforce_output_bound: false,
+            router: None,
+            fallback_models: Vec::new(),
             estimator: TokenEstimator::new(),
         }
     }
@@ -154,16 +179,58 @@ impl LineParser {
 
     /// Parses one line into a request. `line` is 1-based.
     pub fn parse(&self, line: u64, text: &str) -> Result<Request, BadLine> {
-        self.parse_inner(line, text, true)
+        self.parse_chain(line, text, true)
     }
 
     /// Checks one line and returns its `custom_id`, without estimating tokens or building
     /// the body: the cheap pass that finds every bad line before anything is sent.
     pub fn check(&self, line: u64, text: &str) -> Result<String, BadLine> {
-        self.parse_inner(line, text, false).map(|r| r.custom_id)
+        self.parse_chain(line, text, false).map(|r| r.custom_id)
     }
 
-    fn parse_inner(&self, line: u64, text: &str, full: bool) -> Result<Request, BadLine> {
+    /// The line for the default model, and for each fallback model when it uses the
+    /// default.
+    fn parse_chain(&self, line: u64, text: &str, full: bool) -> Result<Request, BadLine> {
+        let (mut first, defaulted) =
+            self.parse_inner(line, text, full, self.default_model.as_deref())?;
+        if defaulted && !self.fallback_models.is_empty() {
+            let mut next: Option<Box<Request>> = None;
+            for model in self.fallback_models.iter().rev() {
+                let (mut r, _) =
+                    self.parse_inner(line, text, full, Some(model))
+                        .map_err(|mut bad| {
+                            bad.reason = format!("for fallback model {model:?}: {}", bad.reason);
+                            bad
+                        })?;
+                r.metadata = None;
+                r.fallback = next;
+                next = Some(Box::new(r));
+            }
+            first.fallback = next;
+        }
+        Ok(first)
+    }
+
+    fn route(&self, model: &str) -> Result<Route, String> {
+        match &self.router {
+            Some(r) => r.route(model),
+            None => Ok(Route {
+                target: 0,
+                provider: ProviderKind::OpenAi,
+                model: model.to_string(),
+                price: None,
+            }),
+        }
+    }
+
+    /// One line for one default model; also says whether the default was used.
+    fn parse_inner(
+        &self,
+        line: u64,
+        text: &str,
+        full: bool,
+        default_model: Option<&str>,
+    ) -> Result<(Request, bool), BadLine> {
         let bad = |custom_id: Option<&str>, field: Option<&str>, reason: String| BadLine {
             line,
             custom_id: custom_id.map(str::to_owned),
@@ -194,7 +261,7 @@ impl LineParser {
             ),
         };
 
-        let (endpoint, mut body) = if obj.contains_key("url") || obj.contains_key("body") {
+        let (shape, mut body) = if obj.contains_key("url") || obj.contains_key("body") {
             // OpenAI Batch line.
             match obj.get("method").and_then(Value::as_str) {
                 Some(m) if m.eq_ignore_ascii_case("POST") => {}
@@ -212,17 +279,20 @@ impl LineParser {
                     format!("{url:?} is not supported; use /v1/chat/completions or /v1/embeddings"),
                 )
             })?;
+            let shape = match endpoint {
+                Endpoint::Embeddings => Shape::Embeddings,
+                _ => Shape::Chat,
+            };
             match obj.remove("body") {
-                Some(Value::Object(b)) => (endpoint, b),
+                Some(Value::Object(b)) => (shape, b),
                 _ => return Err(bad(id, Some("body"), "missing or not an object".into())),
             }
         } else if obj.contains_key("params") {
-            return Err(bad(
-                id,
-                Some("params"),
-                "Anthropic batch lines need an Anthropic target, which this build does not support yet"
-                    .into(),
-            ));
+            // Anthropic Message Batches line: sent as it is.
+            match obj.remove("params") {
+                Some(Value::Object(p)) => (Shape::AnthropicNative, p),
+                _ => return Err(bad(id, Some("params"), "must be an object".into())),
+            }
         } else if obj.contains_key("prompt") && obj.contains_key("messages") {
             return Err(bad(
                 id,
@@ -243,41 +313,61 @@ impl LineParser {
             }
             messages.push(serde_json::json!({"role": "user", "content": prompt}));
             obj.insert("messages".into(), Value::Array(messages));
-            (Endpoint::ChatCompletions, obj)
+            (Shape::Chat, obj)
         } else if obj.contains_key("messages") {
-            (Endpoint::ChatCompletions, obj)
+            (Shape::Chat, obj)
         } else if obj.contains_key("input") && obj.contains_key("model") {
-            (Endpoint::Embeddings, obj)
+            (Shape::Embeddings, obj)
         } else {
             return Err(bad(
                 id,
                 None,
                 "unknown shape: expected an OpenAI Batch line (custom_id, method, url, body), \
-                 a chat body with `messages`, or {\"prompt\": ...}"
+                 an Anthropic batch line (custom_id, params), a chat body with `messages`, \
+                 or {\"prompt\": ...}"
                     .into(),
             ));
         };
 
-        let model = match body.get("model") {
+        let model_field = if shape == Shape::AnthropicNative {
+            "params.model"
+        } else {
+            "model"
+        };
+        let mut defaulted = false;
+        let named = match body.get("model") {
             Some(Value::String(m)) if !m.is_empty() => m.clone(),
-            Some(Value::String(_)) | None | Some(Value::Null) => match &self.default_model {
+            Some(Value::String(_)) | None | Some(Value::Null) => match default_model {
                 Some(m) => {
-                    body.insert("model".into(), Value::String(m.clone()));
-                    m.clone()
+                    defaulted = true;
+                    m.to_string()
                 }
                 None => {
                     return Err(bad(
                         id,
-                        Some("model"),
+                        Some(model_field),
                         "missing, and no default model is set (pass --model)".into(),
                     ))
                 }
             },
-            Some(_) => return Err(bad(id, Some("model"), "must be a string".into())),
+            Some(_) => return Err(bad(id, Some(model_field), "must be a string".into())),
+        };
+        let route = self
+            .route(&named)
+            .map_err(|reason| bad(id, Some(model_field), reason))?;
+        let wrong_provider = |what: &str, want: &str| {
+            bad(
+                id,
+                Some(model_field),
+                format!(
+                    "{what} go to {want} models only, and {named:?} is a {} model",
+                    route.provider
+                ),
+            )
         };
 
-        let (input_tokens, max_output_tokens) = match endpoint {
-            Endpoint::ChatCompletions => {
+        let (endpoint, body, input_tokens, max_output_tokens) = match shape {
+            Shape::Chat => {
                 let messages = match body.get("messages") {
                     Some(Value::Array(m)) if !m.is_empty() => m,
                     Some(Value::Array(_)) => {
@@ -297,17 +387,33 @@ impl LineParser {
                         }
                     }
                 }
-                let max_out = output_bound(&body)
-                    .map_err(|(field, reason)| bad(id, Some(field), reason))?
-                    .unwrap_or(self.assumed_output_tokens);
+                let given = output_bound(&body, &["max_completion_tokens", "max_tokens"])
+                    .map_err(|(field, reason)| bad(id, Some(field), reason))?;
+                let max_out = given.unwrap_or(self.assumed_output_tokens);
                 let input = if full && self.count_tokens {
                     self.estimator.chat_input_tokens(messages)
                 } else {
                     0
                 };
-                (input, max_out)
+                if !body.contains_key("model") || body.get("model").is_some_and(Value::is_null) {
+                    body.insert("model".into(), Value::String(named.clone()));
+                }
+                let api = route.provider.api();
+                let translation = ChatTranslation {
+                    model: &route.model,
+                    max_output_tokens: max_out,
+                    bound_given: given.is_some(),
+                    enforce_bound: self.enforce_output_bound,
+                };
+                let body = api
+                    .translate_chat(body, &translation)
+                    .map_err(|(field, reason)| bad(id, Some(&field), reason))?;
+                (api.chat_endpoint(), body, input, max_out)
             }
-            Endpoint::Embeddings => {
+            Shape::Embeddings => {
+                if route.provider != ProviderKind::OpenAi {
+                    return Err(wrong_provider("embeddings", "OpenAI-compatible"));
+                }
                 let input = match body.get("input") {
                     Some(v @ (Value::String(_) | Value::Array(_))) => v,
                     _ => {
@@ -323,7 +429,50 @@ impl LineParser {
                 } else {
                     0
                 };
-                (tokens, 0)
+                if body.get("model").and_then(Value::as_str) != Some(route.model.as_str()) {
+                    body.insert("model".into(), Value::String(route.model.clone()));
+                }
+                (Endpoint::Embeddings, body, tokens, 0)
+            }
+            Shape::AnthropicNative => {
+                if route.provider != ProviderKind::Anthropic {
+                    return Err(wrong_provider("Anthropic batch lines", "Anthropic"));
+                }
+                let max_out = output_bound(&body, &["max_tokens"])
+                    .map_err(|(_, reason)| bad(id, Some("params.max_tokens"), reason))?
+                    .ok_or_else(|| {
+                        bad(
+                            id,
+                            Some("params.max_tokens"),
+                            "missing; Anthropic requires it".into(),
+                        )
+                    })?;
+                let messages = match body.get("messages") {
+                    Some(Value::Array(m)) if !m.is_empty() => m,
+                    _ => {
+                        return Err(bad(
+                            id,
+                            Some("params.messages"),
+                            "missing, empty or not an array".into(),
+                        ))
+                    }
+                };
+                let input = if full && self.count_tokens {
+                    let system = match body.get("system") {
+                        Some(Value::String(s)) => self.estimator.text_tokens(s),
+                        Some(v @ Value::Array(_)) => self
+                            .estimator
+                            .chat_input_tokens(&[serde_json::json!({"content": v})]),
+                        _ => 0,
+                    };
+                    self.estimator.chat_input_tokens(messages) + system
+                } else {
+                    0
+                };
+                if body.get("model").and_then(Value::as_str) != Some(route.model.as_str()) {
+                    body.insert("model".into(), Value::String(route.model.clone()));
+                }
+                (Endpoint::Messages, body, input, max_out)
             }
         };
 
@@ -337,22 +486,37 @@ impl LineParser {
         } else {
             input_tokens
         };
-        Ok(Request {
+        let request = Request {
             custom_id,
             line,
             endpoint,
-            model,
+            target: route.target,
+            model: route.model,
+            price: route.price,
             body,
             input_tokens,
             max_output_tokens,
             metadata,
-        })
+            fallback: None,
+        };
+        Ok((request, defaulted))
     }
 }
 
-/// Reads `max_completion_tokens` or `max_tokens` from a chat body.
-fn output_bound(body: &Map<String, Value>) -> Result<Option<u32>, (&'static str, String)> {
-    for field in ["max_completion_tokens", "max_tokens"] {
+/// The input shapes, once recognised.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Chat,
+    Embeddings,
+    AnthropicNative,
+}
+
+/// Reads the first of `fields` (an output bound) that a body sets.
+fn output_bound(
+    body: &Map<String, Value>,
+    fields: &[&'static str],
+) -> Result<Option<u32>, (&'static str, String)> {
+    for &field in fields {
         match body.get(field) {
             None | Some(Value::Null) => {}
             Some(v) => {
@@ -476,6 +640,151 @@ mod tests {
             assert_eq!(err.field.as_deref(), field, "{text}");
             assert!(err.reason.contains(reason), "{text}: {}", err.reason);
             assert!(err.to_string().starts_with("line 42"));
+        }
+    }
+
+    fn routed() -> LineParser {
+        let mut p = LineParser::new(Some("claude-haiku-4-5".into()));
+        p.router = Some(Arc::new(Router::new(
+            crate::catalog::Catalog::builtin(),
+            crate::catalog::RouterOptions::default(),
+        )));
+        p
+    }
+
+    #[test]
+    fn one_line_in_each_wire_format() {
+        let p = routed();
+        let line = r#"{"custom_id":"x","prompt":"Name a colour.","system":"Be brief.","max_tokens":20,"temperature":0.5,"stop":["\n"]}"#;
+        let r = p.parse(1, line).unwrap();
+        assert_eq!(
+            (r.endpoint, r.model.as_str()),
+            (Endpoint::Messages, "claude-haiku-4-5")
+        );
+        assert_eq!(r.price.unwrap().input_per_mtok, 1.0);
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"model": "claude-haiku-4-5", "system": "Be brief.",
+                "messages": [{"role": "user", "content": "Name a colour."}],
+                "max_tokens": 20, "temperature": 0.5, "stop_sequences": ["\n"]})
+        );
+
+        let gemini = line.replacen('{', r#"{"model":"gemini-2.5-flash","#, 1);
+        let r = p.parse(2, &gemini).unwrap();
+        assert_eq!(
+            (r.endpoint, r.model.as_str()),
+            (Endpoint::GenerateContent, "gemini-2.5-flash")
+        );
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"contents": [{"role": "user", "parts": [{"text": "Name a colour."}]}],
+                "systemInstruction": {"parts": [{"text": "Be brief."}]},
+                "generationConfig": {"maxOutputTokens": 20, "temperature": 0.5, "stopSequences": ["\n"]}})
+        );
+
+        let openai = line.replacen('{', r#"{"model":"openai:gpt-4.1-mini","#, 1);
+        let r = p.parse(3, &openai).unwrap();
+        assert_eq!(
+            (r.endpoint, r.model.as_str()),
+            (Endpoint::ChatCompletions, "gpt-4.1-mini")
+        );
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["model"], "gpt-4.1-mini");
+        assert_eq!(
+            body["messages"][0],
+            serde_json::json!({"role": "system", "content": "Be brief."})
+        );
+        assert_eq!(body["stop"], serde_json::json!(["\n"]));
+        // Each provider is its own target.
+        let targets = p.router.as_ref().unwrap().targets();
+        assert_eq!(targets.len(), 3);
+    }
+
+    #[test]
+    fn anthropic_native_lines_pass_through_untranslated() {
+        let p = routed();
+        let line = r#"{"custom_id":"n1","params":{"model":"claude-sonnet-4-5","max_tokens":50,"system":[{"type":"text","text":"Terse.","cache_control":{"type":"ephemeral"}}],"messages":[{"role":"user","content":"hi"}],"top_k":5}}"#;
+        let r = p.parse(1, line).unwrap();
+        assert_eq!(
+            (r.custom_id.as_str(), r.endpoint),
+            ("n1", Endpoint::Messages)
+        );
+        assert_eq!(r.max_output_tokens, 50);
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        let want: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(body, want["params"]);
+        assert!(r.input_tokens > 4);
+    }
+
+    #[test]
+    fn enforced_bound_is_sent_to_every_provider() {
+        let mut p = routed();
+        p.enforce_output_bound = true;
+        p.assumed_output_tokens = 77;
+        for (model, path) in [
+            ("gpt-4.1-mini", "/max_completion_tokens"),
+            ("gemini-2.5-flash", "/generationConfig/maxOutputTokens"),
+            ("claude-haiku-4-5", "/max_tokens"),
+        ] {
+            let r = p
+                .parse(1, &format!(r#"{{"model":"{model}","prompt":"hi"}}"#))
+                .unwrap();
+            let body: Value = serde_json::from_slice(&r.body).unwrap();
+            assert_eq!(
+                body.pointer(path),
+                Some(&Value::from(77)),
+                "{model}: {body}"
+            );
+            assert_eq!(r.max_output_tokens, 77);
+        }
+    }
+
+    #[test]
+    fn routing_errors_name_the_field() {
+        let p = routed();
+        for (text, field, reason) in [
+            (
+                r#"{"model":"mistral:large","prompt":"x"}"#,
+                "model",
+                "unknown provider",
+            ),
+            (
+                r#"{"model":"claude-haiku-4-5","input":"x"}"#,
+                "model",
+                "OpenAI-compatible models only",
+            ),
+            (
+                r#"{"custom_id":"a","params":{"model":"gpt-4.1","max_tokens":5,"messages":[{"role":"user","content":"x"}]}}"#,
+                "params.model",
+                "Anthropic models only",
+            ),
+            (
+                r#"{"custom_id":"a","params":{"messages":[{"role":"user","content":"x"}]}}"#,
+                "params.max_tokens",
+                "requires",
+            ),
+            (
+                r#"{"custom_id":"a","params":{"max_tokens":5}}"#,
+                "params.messages",
+                "missing",
+            ),
+            (
+                r#"{"prompt":"x","temperature":1.7}"#,
+                "temperature",
+                "0 to 1",
+            ),
+            (
+                r#"{"model":"gemini-2.5-pro","prompt":"x","logprobs":true}"#,
+                "logprobs",
+                "Gemini",
+            ),
+        ] {
+            let err = p.parse(7, text).unwrap_err();
+            assert_eq!(err.field.as_deref(), Some(field), "{text}: {err}");
+            assert!(err.reason.contains(reason), "{text}: {err}");
+            assert_eq!(p.check(7, text).unwrap_err(), err, "check finds it too");
         }
     }
 

@@ -68,6 +68,131 @@ impl RetryPolicy {
     }
 }
 
+/// When a model's circuit opens and how long it stays open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BreakerPolicy {
+    /// Consecutive transient failures (5xx, 529, timeouts, dropped connections) that
+    /// open the circuit.
+    pub threshold: u32,
+    /// How long it stays open before one probe may go.
+    pub cool_off: Duration,
+}
+
+impl Default for BreakerPolicy {
+    fn default() -> Self {
+        BreakerPolicy {
+            threshold: 5,
+            cool_off: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where a circuit is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Requests go; `failures` transient failures in a row so far.
+    Closed {
+        /// Consecutive transient failures.
+        failures: u32,
+    },
+    /// Nothing goes until `until`.
+    Open {
+        /// When one probe may go.
+        until: tokio::time::Instant,
+    },
+    /// One probe may go (or is out); its result closes or reopens the circuit.
+    HalfOpen {
+        /// Whether the probe is on the wire.
+        probing: bool,
+    },
+}
+
+/// A model's circuit breaker: opens after [`BreakerPolicy::threshold`] consecutive
+/// transient failures, lets one probe through after [`BreakerPolicy::cool_off`], closes
+/// on a success and reopens on a failure. Plain state owned by the scheduler; time comes
+/// in as an argument.
+#[derive(Clone, Debug)]
+pub struct CircuitBreaker {
+    policy: BreakerPolicy,
+    state: BreakerState,
+}
+
+/// Why a breaker holds a request back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Held {
+    /// Open: a probe may go at this instant.
+    Until(tokio::time::Instant),
+    /// Half-open with its probe on the wire: wait for its result.
+    Probing,
+}
+
+impl CircuitBreaker {
+    /// A closed breaker.
+    pub fn new(policy: BreakerPolicy) -> Self {
+        CircuitBreaker {
+            policy,
+            state: BreakerState::Closed { failures: 0 },
+        }
+    }
+
+    /// Where it is.
+    pub fn state(&self) -> BreakerState {
+        self.state
+    }
+
+    /// Whether a request may be sent at `now` (an open circuit whose cool-off is over
+    /// becomes half-open here).
+    pub fn check(&mut self, now: tokio::time::Instant) -> Result<(), Held> {
+        match self.state {
+            BreakerState::Closed { .. } => Ok(()),
+            BreakerState::Open { until } if now >= until => {
+                self.state = BreakerState::HalfOpen { probing: false };
+                Ok(())
+            }
+            BreakerState::Open { until } => Err(Held::Until(until)),
+            BreakerState::HalfOpen { probing: false } => Ok(()),
+            BreakerState::HalfOpen { probing: true } => Err(Held::Probing),
+        }
+    }
+
+    /// A request was sent (after [`check`](Self::check) allowed it).
+    pub fn on_send(&mut self) {
+        if let BreakerState::HalfOpen { .. } = self.state {
+            self.state = BreakerState::HalfOpen { probing: true };
+        }
+    }
+
+    /// The model answered (a success, or a refusal that shows it is up).
+    pub fn on_success(&mut self) {
+        self.state = BreakerState::Closed { failures: 0 };
+    }
+
+    /// A transient failure at `now`; returns whether the circuit is open after it.
+    pub fn on_failure(&mut self, now: tokio::time::Instant) -> bool {
+        let open = BreakerState::Open {
+            until: now + self.policy.cool_off,
+        };
+        self.state = match self.state {
+            BreakerState::Closed { failures } if failures + 1 < self.policy.threshold => {
+                BreakerState::Closed {
+                    failures: failures + 1,
+                }
+            }
+            BreakerState::Open { until } => BreakerState::Open { until },
+            _ => open,
+        };
+        matches!(self.state, BreakerState::Open { .. })
+    }
+
+    /// An attempt ended saying nothing about the model's health (a 429): a probe that
+    /// got one leaves the circuit half-open for the next probe.
+    pub fn on_neutral(&mut self) {
+        if let BreakerState::HalfOpen { .. } = self.state {
+            self.state = BreakerState::HalfOpen { probing: false };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,6 +215,48 @@ mod tests {
             }
             assert!(max_seen > cap / 2, "jitter spans the range");
         }
+    }
+
+    #[test]
+    fn breaker_opens_half_opens_with_one_probe_and_closes() {
+        let t0 = tokio::time::Instant::now();
+        let sec = Duration::from_secs(1);
+        let mut b = CircuitBreaker::new(BreakerPolicy {
+            threshold: 3,
+            cool_off: Duration::from_secs(10),
+        });
+        assert!(!b.on_failure(t0) && !b.on_failure(t0));
+        b.on_success();
+        assert_eq!(
+            b.state(),
+            BreakerState::Closed { failures: 0 },
+            "a success resets the count"
+        );
+        assert!(!b.on_failure(t0) && !b.on_failure(t0));
+        assert!(b.on_failure(t0), "the third in a row opens it");
+        let reopen = t0 + Duration::from_secs(10);
+        assert_eq!(b.check(t0 + sec), Err(Held::Until(reopen)));
+        // Cool-off over: one probe, and only one.
+        assert_eq!(b.check(reopen), Ok(()));
+        b.on_send();
+        assert_eq!(b.check(reopen), Err(Held::Probing));
+        // The probe fails: open again for a whole cool-off.
+        assert!(b.on_failure(reopen + sec));
+        assert_eq!(
+            b.check(reopen + sec),
+            Err(Held::Until(reopen + sec + Duration::from_secs(10)))
+        );
+        // Next probe gets a 429: still half-open, another probe may go.
+        let later = reopen + Duration::from_secs(20);
+        assert_eq!(b.check(later), Ok(()));
+        b.on_send();
+        b.on_neutral();
+        assert_eq!(b.state(), BreakerState::HalfOpen { probing: false });
+        assert_eq!(b.check(later), Ok(()));
+        b.on_send();
+        b.on_success();
+        assert_eq!(b.state(), BreakerState::Closed { failures: 0 });
+        assert_eq!(b.check(later), Ok(()));
     }
 
     #[test]

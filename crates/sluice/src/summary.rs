@@ -42,10 +42,17 @@ pub struct Summary {
     pub rate_limited: u64,
     /// Cooldowns started by 429 bursts.
     pub cooldowns: u64,
+    /// Requests moved to their fallback model.
+    pub fallbacks: u64,
     /// Input tokens of successful requests.
     pub prompt_tokens: u64,
     /// Output tokens of successful requests.
     pub completion_tokens: u64,
+    /// What the run cost in US dollars: every answer at its model's price, plus
+    /// estimates for attempts billed although their answer was lost.
+    pub cost_usd: f64,
+    /// Requests sent to models without a known price, not in `cost_usd`.
+    pub unpriced_requests: u64,
     /// Wall time of the run, seconds.
     pub wall_secs: f64,
     /// The least time the rate limits allowed for the requests that were sent, seconds
@@ -67,6 +74,8 @@ pub struct SummaryBuilder {
     sent: u64,
     prompt_tokens: u64,
     completion_tokens: u64,
+    cost_usd: f64,
+    unpriced_requests: u64,
     failures: BTreeMap<ErrorKind, FailureGroup>,
 }
 
@@ -88,6 +97,11 @@ impl SummaryBuilder {
         }
         if outcome.cached {
             self.cache_hits += 1;
+        }
+        match outcome.cost_usd {
+            Some(c) => self.cost_usd += c,
+            None if outcome.attempts > 0 => self.unpriced_requests += 1,
+            None => {}
         }
         // Nothing was sent or paid for a cached outcome.
         if let Some(u) = outcome.usage.filter(|_| !outcome.cached) {
@@ -132,8 +146,11 @@ impl SummaryBuilder {
             retries: progress.retries,
             rate_limited: progress.rate_limited,
             cooldowns: progress.cooldowns,
+            fallbacks: progress.fallbacks,
             prompt_tokens: self.prompt_tokens,
             completion_tokens: self.completion_tokens,
+            cost_usd: self.cost_usd,
+            unpriced_requests: self.unpriced_requests,
             wall_secs: wall.as_secs_f64(),
             ideal_secs,
             stopped: end.and_then(|e| e.stopped),
@@ -168,11 +185,23 @@ impl fmt::Display for Summary {
             "attempts {}, retries {}, 429s {}, cooldowns {}",
             self.attempts, self.retries, self.rate_limited, self.cooldowns
         )?;
+        if self.fallbacks > 0 {
+            writeln!(f, "fallbacks to the next model: {}", self.fallbacks)?;
+        }
         writeln!(
             f,
             "tokens: {} in, {} out",
             self.prompt_tokens, self.completion_tokens
         )?;
+        write!(f, "cost: ${:.4}", self.cost_usd)?;
+        if self.unpriced_requests > 0 {
+            write!(
+                f,
+                " (not counting {} requests to models without a known price)",
+                self.unpriced_requests
+            )?;
+        }
+        writeln!(f)?;
         write!(f, "wall time {:.2}s", self.wall_secs)?;
         if let Some(ideal) = self.ideal_secs {
             write!(f, ", ideal {ideal:.2}s under the limits")?;
@@ -185,6 +214,10 @@ impl fmt::Display for Summary {
             Some(StopReason::QuotaExhausted) => writeln!(
                 f,
                 "stopped: the provider reports the quota or spend limit exhausted; requests not sent are marked not_attempted"
+            )?,
+            Some(StopReason::BudgetExhausted) => writeln!(
+                f,
+                "stopped: the next request could have taken spending past --budget; requests not sent are marked not_attempted"
             )?,
             Some(StopReason::Interrupted) => writeln!(
                 f,

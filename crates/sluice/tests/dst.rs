@@ -3,7 +3,7 @@
 //! invariants of DESIGN.md.
 //!
 //! Each schedule draws its own settings (concurrency, limits, budgets, timeouts, deadline,
-//! output order) and its own provider behaviour: 429 storms with and without Retry-After
+//! output order, a circuit breaker) and its own provider behaviour: 429 storms with and without Retry-After
 //! (whose late responses arrive after the cooldown they caused has ended), isolated 429s,
 //! 5xx, 529, 408, hangs past the timeout, dropped connections, truncated and HTML bodies,
 //! permanently bad requests, one-off 404s and quota exhaustion.
@@ -22,6 +22,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use sluice::engine::EngineEvent;
 use sluice::provider::{AttemptFuture, HttpResponse, Transport, TransportError};
+use sluice::retry::BreakerPolicy;
 use sluice::summary::SummaryBuilder;
 use sluice::{
     Engine, EngineConfig, ErrorKind, LineParser, Order, Outcome, Request, RetryPolicy, Status,
@@ -272,6 +273,14 @@ fn draw(seed: u64) -> Schedule {
     }
     if rng.random_bool(0.3) {
         b = b.deadline(Duration::from_secs(rng.random_range(2..60)));
+    }
+    if rng.random_bool(0.3) {
+        // The model's circuit opens on transient failures; with no fallback model its
+        // requests wait for the probe.
+        b = b.breaker(BreakerPolicy {
+            threshold: rng.random_range(1..6),
+            cool_off: Duration::from_millis(rng.random_range(100..10_000)),
+        });
     }
     Schedule {
         n,

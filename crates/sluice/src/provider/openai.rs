@@ -1,31 +1,53 @@
-//! OpenAI's wire API (and every OpenAI-compatible server): reading responses and
-//! classifying errors.
+//! OpenAI's wire API (and every OpenAI-compatible server): addressing, response reading
+//! and error classification. Bodies are already in OpenAI's shape, so there is nothing to
+//! translate.
 //!
-//! The decision table, in order:
-//!
-//! | response | verdict |
-//! |---|---|
-//! | 2xx with a JSON body | success |
-//! | 2xx whose body is not JSON (truncated) | retry (`invalid_response`) |
-//! | `insufficient_quota`, `billing_hard_limit_reached`, `enforced_spend_limit_reached`, "credit balance is too low" | stop the run |
-//! | `x-should-retry: false` | permanent |
-//! | 429 | rate limited: one coordinated cooldown |
-//! | `x-should-retry: true` | retry |
-//! | 408, 409, 5xx, 529, `overloaded_error` | retry with backoff |
-//! | 400 `context_length_exceeded` / content policy, 401, 403, 404, 422, other 4xx | permanent |
+//! Errors are `{"error": {"message", "type", "param", "code"}}`. `insufficient_quota`,
+//! `billing_hard_limit_reached` and `enforced_spend_limit_reached` (as code or type) stop
+//! the run; so does Anthropic's "credit balance is too low", which OpenAI-compatible
+//! proxies in front of Claude pass on.
 
 use std::time::SystemTime;
 
+use ::http::{HeaderMap, HeaderValue};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use serde_json::{Map, Value};
 
-use super::{retry_after, should_retry, HttpResponse, Verdict};
-use crate::outcome::{ErrorInfo, ErrorKind, Usage};
+use super::http::TransportBuildError;
+use super::{
+    body_excerpt, compact, kind_of_status, ratelimit, ChatTranslation, ErrorFacts, HttpResponse,
+    ProviderKind, RateLimits, TranslateError, WireApi,
+};
+use crate::outcome::{ErrorKind, Usage};
+use crate::request::Endpoint;
+
+/// OpenAI's wire API.
+#[derive(Clone, Copy, Debug)]
+pub struct OpenAi;
 
 #[derive(Deserialize)]
 struct UsageOnly {
     #[serde(default)]
-    usage: Option<Usage>,
+    usage: Option<WireUsage>,
+}
+
+#[derive(Deserialize)]
+struct WireUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    #[serde(default)]
+    total_tokens: u64,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptDetails>,
+}
+
+#[derive(Deserialize)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: u64,
 }
 
 #[derive(Deserialize, Default)]
@@ -45,89 +67,106 @@ struct ErrorDetail {
 }
 
 /// Codes and types that mean the account cannot pay for more requests.
-const QUOTA_MARKERS: [&str; 3] = [
+pub const QUOTA_MARKERS: [&str; 3] = [
     "insufficient_quota",
     "billing_hard_limit_reached",
     "enforced_spend_limit_reached",
 ];
 
-/// Classifies a complete HTTP response.
-pub fn classify_response(resp: &HttpResponse) -> Verdict {
-    let status = resp.status;
-    if (200..300).contains(&status) {
-        return match parse_success(&resp.body) {
-            Ok((response, usage)) => Verdict::Success { response, usage },
-            Err(e) => Verdict::Retry {
-                retry_after: None,
-                error: ErrorInfo {
-                    kind: ErrorKind::InvalidResponse,
-                    status: Some(status),
-                    message: format!("response body is not valid JSON: {e}"),
-                },
-            },
-        };
+impl WireApi for OpenAi {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::OpenAi
     }
 
-    let detail = serde_json::from_slice::<ErrorEnvelope>(&resp.body)
-        .ok()
-        .and_then(|e| e.error)
-        .unwrap_or_default();
-    let code = match &detail.code {
-        Some(serde_json::Value::String(s)) => s.as_str(),
-        _ => "",
-    };
-    let etype = detail.kind.as_deref().unwrap_or("");
-    let message = detail
-        .message
-        .clone()
-        .unwrap_or_else(|| body_excerpt(&resp.body));
-    let error = |kind| ErrorInfo {
-        kind,
-        status: Some(status),
-        message: message.clone(),
-    };
-
-    let quota = QUOTA_MARKERS.iter().any(|m| code == *m || etype == *m)
-        || message.contains("credit balance is too low");
-    if quota {
-        return Verdict::QuotaExhausted {
-            error: error(ErrorKind::QuotaExhausted),
-        };
+    fn chat_endpoint(&self) -> Endpoint {
+        Endpoint::ChatCompletions
     }
 
-    let wait = retry_after(&resp.headers, SystemTime::now());
-    let natural = natural_kind(status, code, etype, &message);
-    match should_retry(&resp.headers) {
-        Some(false) => {
-            return Verdict::Permanent {
-                error: error(natural),
-            }
+    fn default_base_url(&self) -> &'static str {
+        "https://api.openai.com/v1"
+    }
+
+    fn url(&self, base: &str, endpoint: Endpoint, _model: &str) -> String {
+        let path = match endpoint {
+            Endpoint::Embeddings => "/embeddings",
+            _ => "/chat/completions",
+        };
+        format!("{base}{path}")
+    }
+
+    fn headers(&self, api_key: Option<&str>) -> Result<HeaderMap, TransportBuildError> {
+        let mut h = HeaderMap::new();
+        if let Some(k) = api_key {
+            let mut v = HeaderValue::from_str(&format!("Bearer {k}"))
+                .map_err(|_| TransportBuildError::BadKey)?;
+            v.set_sensitive(true);
+            h.insert(::http::header::AUTHORIZATION, v);
         }
-        Some(true) if status != 429 => {
-            return Verdict::Retry {
-                retry_after: wait,
-                error: error(natural),
-            }
+        Ok(h)
+    }
+
+    fn translate_chat(
+        &self,
+        mut body: Map<String, Value>,
+        t: &ChatTranslation<'_>,
+    ) -> Result<Map<String, Value>, TranslateError> {
+        if t.model != body.get("model").and_then(Value::as_str).unwrap_or("") {
+            body.insert("model".into(), Value::String(t.model.to_string()));
         }
-        _ => {}
+        if t.enforce_bound && !t.bound_given {
+            // `max_completion_tokens`: the reasoning models refuse `max_tokens`.
+            body.insert(
+                "max_completion_tokens".into(),
+                Value::from(t.max_output_tokens),
+            );
+        }
+        Ok(body)
     }
-    if status == 429 {
-        return Verdict::RateLimited {
-            retry_after: wait,
-            error: error(ErrorKind::RateLimited),
+
+    fn parse_success(
+        &self,
+        body: &[u8],
+    ) -> Result<(Box<RawValue>, Option<Usage>), serde_json::Error> {
+        let raw: Box<RawValue> = serde_json::from_slice(&compact(body))?;
+        let usage = serde_json::from_str::<UsageOnly>(raw.get())
+            .ok()
+            .and_then(|u| u.usage)
+            .map(|u| Usage {
+                prompt_tokens: u.prompt_tokens,
+                completion_tokens: u.completion_tokens,
+                total_tokens: u.total_tokens,
+                cached_tokens: u.prompt_tokens_details.map_or(0, |d| d.cached_tokens),
+                cache_write_tokens: 0,
+            });
+        Ok((raw, usage))
+    }
+
+    fn error_facts(&self, resp: &HttpResponse) -> ErrorFacts {
+        let detail = serde_json::from_slice::<ErrorEnvelope>(&resp.body)
+            .ok()
+            .and_then(|e| e.error)
+            .unwrap_or_default();
+        let code = match &detail.code {
+            Some(serde_json::Value::String(s)) => s.as_str(),
+            _ => "",
         };
+        let etype = detail.kind.as_deref().unwrap_or("");
+        let message = detail
+            .message
+            .clone()
+            .unwrap_or_else(|| body_excerpt(&resp.body));
+        let quota = QUOTA_MARKERS.iter().any(|m| code == *m || etype == *m)
+            || message.contains("credit balance is too low");
+        ErrorFacts {
+            kind: natural_kind(resp.status, code, etype, &message),
+            quota,
+            message,
+            body_retry_after: None,
+        }
     }
-    match natural {
-        ErrorKind::ServerError
-        | ErrorKind::Overloaded
-        | ErrorKind::RequestTimeout
-        | ErrorKind::Conflict => Verdict::Retry {
-            retry_after: wait,
-            error: error(natural),
-        },
-        _ => Verdict::Permanent {
-            error: error(natural),
-        },
+
+    fn rate_limits(&self, headers: &HeaderMap, _now: SystemTime) -> RateLimits {
+        ratelimit::openai(headers)
     }
 }
 
@@ -141,74 +180,19 @@ fn natural_kind(status: u16, code: &str, etype: &str, message: &str) -> ErrorKin
     if code == "content_policy_violation" || code == "content_filter" {
         return ErrorKind::ContentPolicy;
     }
-    match status {
-        408 => ErrorKind::RequestTimeout,
-        409 => ErrorKind::Conflict,
-        429 => ErrorKind::RateLimited,
-        401 => ErrorKind::Authentication,
-        403 => ErrorKind::PermissionDenied,
-        404 => ErrorKind::NotFound,
-        422 => ErrorKind::Unprocessable,
-        500..=599 => ErrorKind::ServerError,
-        _ => ErrorKind::BadRequest,
-    }
-}
-
-fn parse_success(body: &[u8]) -> Result<(Box<RawValue>, Option<Usage>), serde_json::Error> {
-    let raw: Box<RawValue> = serde_json::from_slice(&compact(body))?;
-    let usage = serde_json::from_str::<UsageOnly>(raw.get())
-        .ok()
-        .and_then(|u| u.usage);
-    Ok((raw, usage))
-}
-
-/// A JSON text without its insignificant whitespace, so that a pretty-printed response
-/// stays on one output line. Compact bodies (the usual case) are returned as they are.
-///
-/// Whitespace outside strings is all that is removed; a raw newline cannot occur inside a
-/// valid JSON string, so a body without one needs no work.
-fn compact(body: &[u8]) -> std::borrow::Cow<'_, [u8]> {
-    if !body.contains(&b'\n') {
-        return std::borrow::Cow::Borrowed(body);
-    }
-    let mut out = Vec::with_capacity(body.len());
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in body {
-        if in_string {
-            out.push(b);
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-        } else if !matches!(b, b' ' | b'\n' | b'\r' | b'\t') {
-            out.push(b);
-            in_string = b == b'"';
-        }
-    }
-    std::borrow::Cow::Owned(out)
-}
-
-/// The start of a non-JSON body (an HTML error page, say), as one line.
-fn body_excerpt(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(&body[..body.len().min(300)]);
-    let squeezed: Vec<&str> = text.split_whitespace().collect();
-    if squeezed.is_empty() {
-        "empty response body".to_string()
-    } else {
-        squeezed.join(" ")
-    }
+    kind_of_status(status)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
-    use http::{HeaderMap, HeaderValue};
+    use crate::provider::Verdict;
     use std::time::Duration;
+
+    fn classify_response(r: &HttpResponse) -> Verdict {
+        crate::provider::classify_response(r, ProviderKind::OpenAi)
+    }
+    use bytes::Bytes;
 
     fn resp(status: u16, body: &str, headers: &[(&'static str, &str)]) -> HttpResponse {
         let mut h = HeaderMap::new();

@@ -1,0 +1,212 @@
+//! Limits learned from the provider's headers, under paused time: a fake provider
+//! enforces a limit sluice is not told, announcing it only in its rate-limit headers
+//! (OpenAI's requests limit; Anthropic's output-tokens limit), and sluice must converge
+//! to at least 95% of it with at most 0.5% of requests getting a 429.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{HeaderMap, HeaderValue};
+use sluice::catalog::{Catalog, Router, RouterOptions};
+use sluice::provider::{AttemptFuture, HttpResponse, Transport};
+use sluice::{Engine, EngineConfig, LineParser, Request, Status};
+use tokio::time::Instant;
+
+/// The provider's limit, and which header family announces it.
+#[derive(Clone, Copy)]
+enum Limit {
+    /// OpenAI: requests per minute.
+    Requests(u64),
+    /// Anthropic: output tokens per minute, charged `max_tokens` at admission and
+    /// refunded the unused part on success.
+    OutputTokens(u64),
+}
+
+struct Provider {
+    limit: Limit,
+    latency: Duration,
+    /// Bucket level and when it was last refilled (one second of burst, like the
+    /// simulator).
+    bucket: Mutex<(f64, Instant)>,
+    /// Every answer: when it was admitted and whether it was a 429.
+    log: Mutex<Vec<(Instant, bool)>>,
+    start: Instant,
+}
+
+impl Provider {
+    fn new(limit: Limit, latency: Duration) -> Provider {
+        let per_minute = match limit {
+            Limit::Requests(n) | Limit::OutputTokens(n) => n,
+        };
+        Provider {
+            limit,
+            latency,
+            bucket: Mutex::new((per_minute as f64 / 60.0, Instant::now())),
+            log: Mutex::new(Vec::new()),
+            start: Instant::now(),
+        }
+    }
+}
+
+impl Transport for Provider {
+    fn send(&self, request: &Request) -> AttemptFuture {
+        let now = Instant::now();
+        let (per_minute, cost, used) = match self.limit {
+            Limit::Requests(n) => (n, 1.0, 0.0),
+            // The answer uses a third of its bound.
+            Limit::OutputTokens(n) => {
+                let max = f64::from(request.max_output_tokens);
+                (n, max, (max / 3.0).floor())
+            }
+        };
+        let rate = per_minute as f64 / 60.0;
+        let (admitted, remaining) = {
+            let mut b = self.bucket.lock().unwrap();
+            b.0 = (b.0 + (now - b.1).as_secs_f64() * rate).min(rate);
+            b.1 = now;
+            if b.0 >= cost {
+                b.0 -= cost;
+                (true, b.0)
+            } else {
+                (false, b.0)
+            }
+        };
+        self.log.lock().unwrap().push((now, !admitted));
+        let mut headers = HeaderMap::new();
+        let mut put = |k: &'static str, v: String| {
+            headers.insert(k, HeaderValue::from_str(&v).unwrap());
+        };
+        let body = match self.limit {
+            Limit::Requests(_) => {
+                put("x-ratelimit-limit-requests", per_minute.to_string());
+                put(
+                    "x-ratelimit-remaining-requests",
+                    (remaining.floor() as u64).to_string(),
+                );
+                put("x-ratelimit-reset-requests", "1s".into());
+                format!(
+                    r#"{{"id":"c","usage":{{"prompt_tokens":5,"completion_tokens":{used},"total_tokens":5}}}}"#
+                )
+            }
+            Limit::OutputTokens(_) => {
+                put(
+                    "anthropic-ratelimit-output-tokens-limit",
+                    per_minute.to_string(),
+                );
+                put(
+                    "anthropic-ratelimit-output-tokens-remaining",
+                    (remaining.floor() as u64).to_string(),
+                );
+                put(
+                    "anthropic-ratelimit-output-tokens-reset",
+                    "2030-01-01T00:00:00Z".into(),
+                );
+                format!(
+                    r#"{{"id":"m","type":"message","usage":{{"input_tokens":5,"output_tokens":{used}}}}}"#
+                )
+            }
+        };
+        let (status, body) = if admitted {
+            if let Limit::OutputTokens(_) = self.limit {
+                // Settle: give back what the answer did not use.
+                let mut b = self.bucket.lock().unwrap();
+                b.0 = (b.0 + cost - used).min(rate);
+            }
+            (200, body)
+        } else {
+            headers.insert("retry-after", HeaderValue::from_static("1"));
+            (
+                429,
+                r#"{"error":{"code":"rate_limit_exceeded","message":"slow down"},"type":"error"}"#
+                    .to_string(),
+            )
+        };
+        let latency = self.latency;
+        Box::pin(async move {
+            tokio::time::sleep(latency).await;
+            Ok(HttpResponse {
+                status,
+                headers,
+                body: Bytes::from(body),
+            })
+        })
+    }
+}
+
+/// Runs `n` requests for `model`, learning limits; returns the provider and the
+/// outcomes' completion times.
+async fn run(
+    limit: Limit,
+    model: &str,
+    max_tokens: u32,
+    n: usize,
+) -> (Arc<Provider>, Vec<Duration>) {
+    let provider = Arc::new(Provider::new(limit, Duration::from_millis(300)));
+    let mut parser = LineParser::new(Some(model.into()));
+    parser.router = Some(Arc::new(Router::new(
+        Catalog::builtin(),
+        RouterOptions::default(),
+    )));
+    let requests: Vec<Request> = (0..n)
+        .map(|i| {
+            parser
+                .parse(
+                    i as u64 + 1,
+                    &format!(r#"{{"prompt":"request {i}","max_tokens":{max_tokens}}}"#),
+                )
+                .unwrap()
+        })
+        .collect();
+    let config = EngineConfig::builder()
+        .concurrency(64)
+        .learn_limits(true)
+        .build()
+        .unwrap();
+    let mut run = Engine::new(config, provider.clone()).run(futures::stream::iter(requests));
+    let mut done = Vec::new();
+    while let Some(o) = run.next().await {
+        assert_eq!(o.status, Status::Succeeded, "{o:?}");
+        done.push(provider.start.elapsed());
+    }
+    run.finish().await;
+    assert_eq!(done.len(), n);
+    (provider, done)
+}
+
+fn check(provider: &Provider, done: &[Duration], per_second: f64, n: usize) {
+    let log = provider.log.lock().unwrap();
+    let rejected = log.iter().filter(|(_, r)| *r).count();
+    assert!(
+        rejected as f64 <= 0.005 * n as f64,
+        "{rejected} 429s for {n} requests"
+    );
+    // Converged: over the middle of the run, completions at 95% of the limit or more.
+    let from = Duration::from_secs(10);
+    let to = *done.last().unwrap() - Duration::from_secs(5);
+    let in_window = done.iter().filter(|t| **t >= from && **t < to).count() as f64;
+    let rate = in_window / (to - from).as_secs_f64();
+    assert!(
+        rate >= 0.95 * per_second,
+        "{rate:.2}/s against a limit of {per_second:.2}/s"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_openai_requests_limit_is_learned_from_headers() {
+    // 1,200 RPM = 20/s; 1,600 requests take about 80 s.
+    let n = 1600;
+    let (provider, done) = run(Limit::Requests(1200), "gpt-4.1-mini", 64, n).await;
+    check(&provider, &done, 20.0, n);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_anthropic_output_tokens_limit_is_learned_and_paced_apart() {
+    // 60,000 output tokens a minute (1,000/s), each request reserving 100 when admitted;
+    // each answer uses a third of its bound and the rest is refunded on both sides, so
+    // the sustained rate is 1,000 / 33.3 = 30 requests/s. (Requests are not limited.)
+    let n = 1500;
+    let (provider, done) = run(Limit::OutputTokens(60_000), "claude-haiku-4-5", 100, n).await;
+    check(&provider, &done, 30.0, n);
+}
