@@ -794,8 +794,8 @@ async fn execute(
     };
     if let (true, Some(s)) = (resumed, &overall) {
         eprintln!(
-            "all sessions: {} of {} requests done ({} succeeded, {} failed), {} pending",
-            s.done, s.requests, s.succeeded, s.failed, s.pending
+            "all sessions: {} of {} requests done ({} succeeded, {} failed), {} pending, cost ${:.4}",
+            s.done, s.requests, s.succeeded, s.failed, s.pending, s.cost_usd
         );
     }
     if let Some(path) = &args.output {
