@@ -32,7 +32,7 @@ pub const NON_SEMANTIC_FIELDS: &[&str] = &[
 ];
 
 /// The cache format this build reads and writes.
-pub const CACHE_VERSION: u32 = 1;
+pub const CACHE_VERSION: u32 = 2;
 
 /// A cache key: 32 bytes of BLAKE3.
 pub type CacheKey = [u8; 32];
@@ -155,7 +155,15 @@ pub struct Cache {
     conn: Connection,
     path: PathBuf,
     read_only: bool,
+    /// Lookups made in the read transaction now open (0: none is open).
+    reads: std::cell::Cell<u32>,
 }
+
+/// Lookups share one read transaction, this many at most: on its own, every lookup took
+/// and released SQLite's shared locks (two `fcntl` calls and a scan of the WAL index),
+/// which cost more than the lookup. A lookup may miss what another process stored since
+/// the transaction began, which only means that request is sent.
+const READS_PER_TRANSACTION: u32 = 512;
 
 impl std::fmt::Debug for Cache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -224,6 +232,7 @@ impl Cache {
             conn,
             path: path.to_path_buf(),
             read_only,
+            reads: std::cell::Cell::new(0),
         })
     }
 
@@ -238,6 +247,15 @@ impl Cache {
             path: self.path.clone(),
             source,
         };
+        match self.reads.get() {
+            0 => self.conn.execute_batch("BEGIN").map_err(sql)?,
+            READS_PER_TRANSACTION.. => {
+                self.conn.execute_batch("COMMIT; BEGIN").map_err(sql)?;
+                self.reads.set(0);
+            }
+            _ => {}
+        }
+        self.reads.set(self.reads.get() + 1);
         let mut q = self
             .conn
             .prepare_cached(
@@ -254,6 +272,11 @@ impl Cache {
             .optional()
             .map_err(sql)?;
         let Some((body, prompt, completion)) = row else {
+            return Ok(None);
+        };
+        // Stored as an LZ4 block after its length: responses are JSON and shrink several
+        // times, which halves what SQLite writes (to the WAL and again at a checkpoint).
+        let Ok(body) = lz4_flex::block::decompress_size_prepended(&body) else {
             return Ok(None);
         };
         let Ok(text) = String::from_utf8(body) else {
@@ -287,6 +310,7 @@ impl Cache {
             path: path.clone(),
             source,
         };
+        self.end_reads().map_err(sql)?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
@@ -303,7 +327,7 @@ impl Cache {
                     .execute(params![
                         &s.key[..],
                         s.model,
-                        s.response.get().as_bytes(),
+                        lz4_flex::block::compress_prepend_size(s.response.get().as_bytes()),
                         s.usage.map(|u| u.prompt_tokens as i64),
                         s.usage.map(|u| u.completion_tokens as i64),
                         now,
@@ -312,6 +336,15 @@ impl Cache {
             }
         }
         tx.commit().map_err(sql)
+    }
+
+    /// Ends the read transaction of the lookups, if one is open.
+    fn end_reads(&self) -> rusqlite::Result<()> {
+        if self.reads.get() > 0 {
+            self.reads.set(0);
+            self.conn.execute_batch("COMMIT")?;
+        }
+        Ok(())
     }
 
     /// Responses stored.
