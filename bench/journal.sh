@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What durability costs (issue 4):
 #   1. overhead: unpaced N_OVERHEAD [20000] requests, simulator latency 0, journal on
-#      (--fresh) against --no-journal, PAIRS [5] alternating pairs; client CPU µs/request
-#      (user+sys of the client process, GNU time) and peak RSS, medians.
+#      (--fresh), journal and an empty --cache, and --no-journal, PAIRS [5] rounds in turn;
+#      client CPU µs/request (user+sys of the client process, GNU time) and peak RSS,
+#      medians.
 #   2. resume:   a N_RESUME [1000000]-request run killed (-9) once RESUME_DONE [999000]
 #      outcomes are in the journal, then resumed: seconds from starting the resume to the
 #      first request reaching the simulator, and to the end.
@@ -56,10 +57,13 @@ if [[ $only == all || $only == overhead ]]; then
     start_sim
     : > "$out/overhead.rows"
     for i in $(seq "$PAIRS"); do
-        for mode in journal none; do
-            flag=--fresh; [[ $mode == none ]] && flag=--no-journal
+        for mode in journal none cache; do
+            rm -f "$out/cache.sqlite"*
+            flags=(--fresh)
+            [[ $mode == none ]] && flags=(--no-journal)
+            [[ $mode == cache ]] && flags=(--fresh --cache "$out/cache.sqlite")
             /usr/bin/time -f "%U %S %M" -o "$out/t" "$bin" run "$out/in-$N_OVERHEAD.jsonl" \
-                -o "$out/overhead.out.jsonl" --base-url "$base" --no-progress $flag 2>/dev/null
+                -o "$out/overhead.out.jsonl" --base-url "$base" --no-progress "${flags[@]}" 2>/dev/null
             echo "$mode $(cat "$out/t")" >> "$out/overhead.rows"
         done
     done
@@ -67,20 +71,27 @@ if [[ $only == all || $only == overhead ]]; then
     python3 - "$out/overhead.rows" "$N_OVERHEAD" <<'PY' | tee -a "$report"
 import statistics, sys
 rows, n = sys.argv[1], int(sys.argv[2])
-by = {"journal": [], "none": []}
-rss = {"journal": [], "none": []}
+modes = ("none", "journal", "cache")
+by = {m: [] for m in modes}
+rss = {m: [] for m in modes}
 for line in open(rows):
     mode, u, s, m = line.split()
     by[mode].append((float(u) + float(s)) * 1e6 / n)
     rss[mode].append(int(m) / 1024)
-j, b = statistics.median(by["journal"]), statistics.median(by["none"])
-print(f"## Overhead: {n} unpaced requests, {len(by['none'])} alternating pairs (medians)\n")
-print("| | CPU µs/request | peak RSS MB |\n|---|---|---|")
-print(f"| --no-journal | {b:.1f} | {statistics.median(rss['none']):.1f} |")
-print(f"| journal | {j:.1f} | {statistics.median(rss['journal']):.1f} |")
-print(f"| journal cost | {j - b:+.1f} ({100 * (j - b) / b:+.1f}%) | |\n")
-print("all runs (µs/request): journal " + ", ".join(f"{x:.1f}" for x in by["journal"])
-      + "; none " + ", ".join(f"{x:.1f}" for x in by["none"]) + "\n")
+med = {m: statistics.median(by[m]) for m in modes if by[m]}
+b = med["none"]
+print(f"## Overhead: {n} unpaced requests, {len(by['none'])} alternating rounds (medians)\n")
+print("| | CPU µs/request | against --no-journal | peak RSS MB |\n|---|---|---|---|")
+label = {"none": "--no-journal", "journal": "journal (default)",
+         "cache": "journal + --cache (empty cache: every request a miss, then stored)"}
+for m in modes:
+    if m in med:
+        d = med[m] - b
+        print(f"| {label[m]} | {med[m]:.1f} | {d:+.1f} ({100 * d / b:+.1f}%) | "
+              f"{statistics.median(rss[m]):.1f} |")
+print()
+print("all runs (µs/request): " + "; ".join(
+    m + " " + ", ".join(f"{x:.1f}" for x in by[m]) for m in modes) + "\n")
 PY
 fi
 
