@@ -101,6 +101,7 @@ if [[ $only == all || $only == resume ]]; then
     o="$out/resume.out.jsonl"
     rm -f "$o" "$o.journal" "$o.journal-wal" "$o.journal-shm"
     "$bin" run "$out/in-$N_RESUME.jsonl" -o "$o" --base-url "$base" --no-progress 2>/dev/null
+    sizes="journal $(stat -c %s "$o.journal") bytes for an output of $(stat -c %s "$o") bytes"
     # The state a crash leaves when RESUME_DONE outcomes were committed: the journal's
     # later rows and their output lines gone. (Killing the client at exactly that moment
     # cannot be timed: the last thousand requests take 30 ms.)
@@ -139,13 +140,14 @@ PY
     t_end=$(date +%s.%N)
     lines=$(wc -l < "$o")
     stop_sim
-    python3 - "$t0" "${first:-}" "$t_end" "$done_before" "$N_RESUME" "$lines" <<'PY' | tee -a "$report"
+    python3 - "$t0" "${first:-}" "$t_end" "$done_before" "$N_RESUME" "$lines" "$sizes" <<'PY' | tee -a "$report"
 import sys
-t0, first, end, done, n, lines = sys.argv[1:]
+t0, first, end, done, n, lines, sizes = sys.argv[1:]
 t0, end = float(t0), float(end)
 start = f"{float(first) - t0:.2f}" if first else "never (nothing left to send)"
 print(f"## Resume: {int(n):,} requests, {int(done):,} done at the kill\n")
 print(f"- first request reached the simulator {start} s after the resume started")
-print(f"- the resume finished in {end - t0:.2f} s; the output has {int(lines):,} lines\n")
+print(f"- the resume finished in {end - t0:.2f} s; the output has {int(lines):,} lines")
+print(f"- the whole run's {sizes}\n")
 PY
 fi
