@@ -1,4 +1,6 @@
-//! The scheduler: one task owns every request's state and the limiter (invariant 2).
+//! The scheduler: one task owns every request's state and the limiters (invariant 2):
+//! one lane per model, each with its own limiter, cooldowns, send window and queue, since
+//! providers limit each model apart.
 //!
 //! Each request is a small state machine:
 //!
@@ -6,7 +8,7 @@
 //!            admit                  limiter allows        2xx / permanent / quota
 //! input ───────────► Ready ─────────────────────► InFlight ──────────────────────► outcome
 //!                      ▲                              │
-//!                      │  429: shared cooldown        │
+//!                      │  429: the model's cooldown   │
 //!                      ├──────────────────────────────┤
 //!                      │  transient: backoff timer    │
 //!                      └──── Waiting ◄────────────────┘
@@ -400,6 +402,8 @@ pub enum EngineEvent {
     Sent {
         /// The request.
         custom_id: String,
+        /// The model it went to (each model has its own cooldowns and generations).
+        model: String,
         /// 1-based attempt number.
         attempt: u32,
         /// The cooldown generation it was sent in.
@@ -409,6 +413,8 @@ pub enum EngineEvent {
     },
     /// A 429 started a cooldown.
     Cooldown {
+        /// The model whose sending it pauses.
+        model: String,
         /// Generation of the attempt whose 429 started it.
         trigger_generation: u64,
         /// When it started.
@@ -475,21 +481,14 @@ impl Engine {
         let progress = Arc::new(Progress::default());
         let now = Instant::now();
         let scheduler = Scheduler {
-            limiter: Limiter::new(self.config.rpm, self.config.tpm, self.config.burst, now),
-            window: (self.config.rpm.is_none() && self.config.tpm.is_none()).then(|| {
-                if self.config.learn_limits {
-                    SendWindow::starting_at(1, self.config.concurrency)
-                } else {
-                    SendWindow::new(self.config.concurrency)
-                }
-            }),
+            lanes: Vec::new(),
+            lane_by_model: HashMap::new(),
             config: self.config.clone(),
             transport: self.transport.clone(),
             observer: self.observer.clone(),
             progress: progress.clone(),
             rng: SmallRng::seed_from_u64(self.config.seed),
             live: HashMap::new(),
-            ready: VecDeque::new(),
             retries: BinaryHeap::new(),
             deadlines: BTreeSet::new(),
             next_seq: 0,
@@ -498,7 +497,6 @@ impl Engine {
             outbox: VecDeque::new(),
             report_tx,
             report_rx,
-            cooldown_streak: 0,
             spent_usd: 0.0,
             reserved_usd: 0.0,
             breakers: HashMap::new(),
@@ -590,20 +588,62 @@ struct Report {
     limits: Option<RateLimits>,
 }
 
+/// The pacing of one model: its own limiter (limits, learned limits, cooldowns), send
+/// window and queue. Providers limit each model apart, so a burst of 429s or a learned
+/// limit of one model never holds back another (a fallback model goes at its own pace).
+/// `--rpm` / `--tpm` are the limits of each model.
+struct Lane {
+    limiter: Limiter,
+    /// Attempts allowed in flight, halved by each burst of 429s; only when no RPM or TPM
+    /// limit is set (a bucket paces the release after a cooldown instead).
+    window: Option<SendWindow>,
+    /// Requests waiting for the limiter, oldest (or retried) first.
+    ready: VecDeque<u64>,
+    /// Attempts of this model on the wire.
+    in_flight: usize,
+    /// Cooldowns since the last success, for the default cooldown's doubling.
+    cooldown_streak: u32,
+}
+
+impl Lane {
+    fn new(config: &EngineConfig, now: Instant) -> Self {
+        Lane {
+            limiter: Limiter::new(config.rpm, config.tpm, config.burst, now),
+            window: (config.rpm.is_none() && config.tpm.is_none()).then(|| {
+                if config.learn_limits {
+                    SendWindow::starting_at(1, config.concurrency)
+                } else {
+                    SendWindow::new(config.concurrency)
+                }
+            }),
+            ready: VecDeque::new(),
+            in_flight: 0,
+            cooldown_streak: 0,
+        }
+    }
+}
+
+/// What stopped [`Scheduler::dispatch_lane`].
+enum LaneHeld {
+    /// Nothing to send, or its window is full (a report reopens it).
+    Idle,
+    /// The head may go at this instant.
+    Until(Instant),
+    /// The budget holds every lane until an answer comes in.
+    Budget,
+}
+
 struct Scheduler {
     config: EngineConfig,
     transport: Arc<dyn Transport>,
     observer: Option<Observer>,
     progress: Arc<Progress>,
-    limiter: Limiter,
-    /// Attempts allowed in flight, halved by each burst of 429s; only when no RPM or TPM
-    /// limit is set (a bucket paces the release after a cooldown instead).
-    window: Option<SendWindow>,
+    /// One lane per model, in the order they were first seen.
+    lanes: Vec<Lane>,
+    lane_by_model: HashMap<String, usize>,
     rng: SmallRng,
     /// Every admitted request without an outcome, by sequence number.
     live: HashMap<u64, Live>,
-    /// Requests waiting for the limiter, oldest (or retried) first.
-    ready: VecDeque<u64>,
     /// Backoffs in progress: when each request goes back to the queue.
     retries: BinaryHeap<Reverse<(Instant, u64)>>,
     /// Deadlines of live requests (removed when they end, so this stays bounded).
@@ -617,8 +657,6 @@ struct Scheduler {
     outbox: VecDeque<Outcome>,
     report_tx: mpsc::UnboundedSender<Report>,
     report_rx: mpsc::UnboundedReceiver<Report>,
-    /// Cooldowns since the last success, for the default cooldown's doubling.
-    cooldown_streak: u32,
     /// Money spent: the cost of every answer, plus estimates for billed lost answers.
     spent_usd: f64,
     /// Worst-case cost of the attempts in flight.
@@ -657,7 +695,9 @@ impl Scheduler {
                 }
             }
             if self.live.is_empty() && (input_done || self.interrupted) {
-                debug_assert!(self.reorder.is_empty() && self.ready.is_empty());
+                debug_assert!(
+                    self.reorder.is_empty() && self.lanes.iter().all(|l| l.ready.is_empty())
+                );
                 return RunEnd {
                     stopped: self.stop_reason(),
                     input_left: !input_done,
@@ -778,8 +818,27 @@ impl Scheduler {
                 in_flight: false,
             },
         );
-        self.ready.push_back(seq);
+        let lane = self.lane_of(seq);
+        self.lanes[lane].ready.push_back(seq);
         Progress::add(&self.progress.waiting, 1);
+    }
+
+    /// The lane of the model live request `seq` is for now (made on first use).
+    fn lane_of(&mut self, seq: u64) -> usize {
+        let model = &self.live[&seq].request.model;
+        if let Some(&lane) = self.lane_by_model.get(model) {
+            return lane;
+        }
+        let lane = self.lanes.len();
+        self.lanes.push(Lane::new(&self.config, Instant::now()));
+        self.lane_by_model.insert(model.clone(), lane);
+        lane
+    }
+
+    /// Puts live request `seq` at the front of its model's queue.
+    fn requeue_front(&mut self, seq: u64) {
+        let lane = self.lane_of(seq);
+        self.lanes[lane].ready.push_front(seq);
     }
 
     fn fire_timers(&mut self, now: Instant) {
@@ -789,7 +848,7 @@ impl Scheduler {
             }
             self.retries.pop();
             if self.live.contains_key(&seq) {
-                self.ready.push_front(seq);
+                self.requeue_front(seq);
             }
         }
         while let Some((at, seq)) = self.deadlines.first().copied() {
@@ -801,7 +860,8 @@ impl Scheduler {
                 // Its attempt's timeout ends at the deadline; the report fails it.
                 continue;
             }
-            self.ready.retain(|s| *s != seq);
+            let lane = self.lane_of(seq);
+            self.lanes[lane].ready.retain(|s| *s != seq);
             self.retries.retain(|Reverse((_, s))| *s != seq);
             Progress::sub(&self.progress.waiting, 1);
             let error = self.deadline_error(seq);
@@ -809,19 +869,36 @@ impl Scheduler {
         }
     }
 
-    /// Sends what the limiter allows; returns when the head of the queue may go next (a
-    /// full send window is waited out by the next report, not a timer).
+    /// Sends what each model's limiter allows; returns when the head of a queue may go
+    /// next (a full send window is waited out by the next report, not a timer).
     fn dispatch(&mut self, now: Instant) -> Option<Instant> {
-        if self.halted.is_some() {
-            return None;
+        let mut next: Option<Instant> = None;
+        // A request whose circuit is open moves to its fallback model's lane, which may
+        // have had its turn already: go round again until no request moved.
+        loop {
+            let mut moved = false;
+            for lane in 0..self.lanes.len() {
+                if self.halted.is_some() {
+                    return None;
+                }
+                match self.dispatch_lane(lane, now, &mut moved) {
+                    LaneHeld::Idle => {}
+                    LaneHeld::Until(t) => next = Some(next.map_or(t, |n| n.min(t))),
+                    LaneHeld::Budget => return None,
+                }
+            }
+            if !moved {
+                return next;
+            }
         }
-        while let Some(&seq) = self.ready.front() {
-            if self
-                .window
-                .as_ref()
-                .is_some_and(|w| !w.allows(self.in_flight()))
-            {
-                return None;
+    }
+
+    /// Sends what the limiter of `lane` allows, oldest first.
+    fn dispatch_lane(&mut self, lane: usize, now: Instant, moved: &mut bool) -> LaneHeld {
+        while let Some(&seq) = self.lanes[lane].ready.front() {
+            let l = &self.lanes[lane];
+            if l.window.as_ref().is_some_and(|w| !w.allows(l.in_flight)) {
+                return LaneHeld::Idle;
             }
             if let Some(policy) = self.config.breaker {
                 let model = &self.live[&seq].request.model;
@@ -832,13 +909,16 @@ impl Scheduler {
                 let breaker = self.breakers.get_mut(model).expect("inserted");
                 if let Err(held) = breaker.check(now) {
                     if self.fall_back(seq) {
-                        // The same request, now for its next model.
+                        // The same request, now for its next model, in that model's lane.
+                        self.lanes[lane].ready.pop_front();
+                        self.requeue_front(seq);
+                        *moved = true;
                         continue;
                     }
                     return match held {
-                        Held::Until(t) => Some(t),
+                        Held::Until(t) => LaneHeld::Until(t),
                         // The probe's report wakes the scheduler.
-                        Held::Probing => None,
+                        Held::Probing => LaneHeld::Idle,
                     };
                 }
             }
@@ -856,18 +936,19 @@ impl Scheduler {
                             self.halt(StopReason::BudgetExhausted);
                         }
                         // Otherwise an answer may come in cheaper than reserved.
-                        return None;
+                        return LaneHeld::Budget;
                     }
                     cost
                 }
                 None => 0.0,
             };
-            let at = self.limiter.ready_at(tokens, now);
+            let l = &mut self.lanes[lane];
+            let at = l.limiter.ready_at(tokens, now);
             if at > now {
-                return Some(at);
+                return LaneHeld::Until(at);
             }
-            self.ready.pop_front();
-            self.limiter.acquire(tokens, now);
+            l.ready.pop_front();
+            l.limiter.acquire(tokens, now);
             self.reserved_usd += cost;
             self.live
                 .get_mut(&seq)
@@ -878,9 +959,9 @@ impl Scheduler {
                     b.on_send();
                 }
             }
-            self.send(seq, tokens, now);
+            self.send(seq, lane, tokens, now);
         }
-        None
+        LaneHeld::Idle
     }
 
     /// Moves a live request (not in flight) to its fallback model; false when it has
@@ -919,8 +1000,9 @@ impl Scheduler {
         matches!(b.state(), crate::retry::BreakerState::Open { .. })
     }
 
-    fn send(&mut self, seq: u64, tokens: Tokens, now: Instant) {
-        let generation = self.limiter.generation();
+    fn send(&mut self, seq: u64, lane: usize, tokens: Tokens, now: Instant) {
+        let generation = self.lanes[lane].limiter.generation();
+        self.lanes[lane].in_flight += 1;
         let live = self.live.get_mut(&seq).expect("queued requests are live");
         live.attempts += 1;
         live.in_flight = true;
@@ -941,6 +1023,7 @@ impl Scheduler {
         if let Some(obs) = &self.observer {
             obs(EngineEvent::Sent {
                 custom_id: live.request.custom_id.clone(),
+                model: live.request.model.clone(),
                 attempt: live.attempts,
                 generation,
                 at: now,
@@ -985,10 +1068,15 @@ impl Scheduler {
         debug_assert!(live.in_flight);
         live.in_flight = false;
         Progress::sub(&self.progress.in_flight, 1);
+        // The lane of the model this attempt went to (a request changes model only
+        // between attempts).
+        let lane = self.lane_of(seq);
+        self.lanes[lane].in_flight -= 1;
         if let Some(limits) = &report.limits {
             // Once a limit is known the buckets pace; the send window was for finding it.
-            if self.limiter.learn(limits, now) {
-                self.window = None;
+            let l = &mut self.lanes[lane];
+            if l.limiter.learn(limits, now) {
+                l.window = None;
             }
         }
         let live = self.live.get_mut(&seq).expect("live");
@@ -1017,9 +1105,10 @@ impl Scheduler {
                     input: u.prompt_tokens,
                     output: u.completion_tokens,
                 });
-                self.limiter.settle(live.reserved, actual, now);
-                self.cooldown_streak = 0;
-                if let Some(w) = &mut self.window {
+                let l = &mut self.lanes[lane];
+                l.limiter.settle(live.reserved, actual, now);
+                l.cooldown_streak = 0;
+                if let Some(w) = &mut l.window {
                     w.on_success();
                 }
                 if let Some(u) = usage {
@@ -1055,7 +1144,7 @@ impl Scheduler {
             }
             Verdict::Permanent { error } => {
                 if model_specific(error.kind) && self.halted.is_none() && self.fall_back(seq) {
-                    self.ready.push_front(seq);
+                    self.requeue_front(seq);
                     Progress::add(&self.progress.waiting, 1);
                 } else {
                     self.fail(seq, error);
@@ -1067,19 +1156,23 @@ impl Scheduler {
             }
             Verdict::RateLimited { retry_after, error } => {
                 Progress::add(&self.progress.rate_limited, 1);
+                let l = &mut self.lanes[lane];
                 let wait = match retry_after {
                     Some(w) => self.config.retry.bound_retry_after(w),
-                    None => self.config.retry.default_cooldown(self.cooldown_streak),
+                    None => self.config.retry.default_cooldown(l.cooldown_streak),
                 };
-                if let Some(c) = self.limiter.on_rate_limited(report.generation, wait, now) {
-                    self.cooldown_streak += 1;
-                    // Every attempt out now was sent into the same burst, as was this one.
-                    let in_flight = self.in_flight() + 1;
-                    if let Some(w) = &mut self.window {
+                if let Some(c) = l.limiter.on_rate_limited(report.generation, wait, now) {
+                    l.cooldown_streak += 1;
+                    // Every attempt of this model out now was sent into the same burst, as
+                    // was this one.
+                    let in_flight = l.in_flight + 1;
+                    if let Some(w) = &mut l.window {
                         w.on_cooldown(in_flight);
                     }
                     Progress::add(&self.progress.cooldowns, 1);
+                    let model = &self.live[&seq].request.model;
                     self.observe(|| EngineEvent::Cooldown {
+                        model: model.clone(),
                         trigger_generation: c.trigger_generation,
                         at: now,
                         until: c.until,
@@ -1102,13 +1195,13 @@ impl Scheduler {
                     self.fail(seq, error);
                 } else if live
                     .deadline
-                    .is_some_and(|d| self.limiter.paused_until(now).unwrap_or(now) >= d)
+                    .is_some_and(|d| self.lanes[lane].limiter.paused_until(now).unwrap_or(now) >= d)
                 {
                     let error = self.deadline_error(seq);
                     self.fail(seq, error);
                 } else {
                     // Straight back to the front of the queue; the cooldown holds it.
-                    self.ready.push_front(seq);
+                    self.lanes[lane].ready.push_front(seq);
                     Progress::add(&self.progress.waiting, 1);
                 }
             }
@@ -1121,7 +1214,7 @@ impl Scheduler {
                 }
                 // Its model's circuit just opened: straight to the fallback, no backoff.
                 if circuit_open && self.fall_back(seq) {
-                    self.ready.push_front(seq);
+                    self.requeue_front(seq);
                     Progress::add(&self.progress.waiting, 1);
                     return;
                 }
@@ -1225,7 +1318,9 @@ impl Scheduler {
             .map(|(s, _)| *s)
             .collect();
         waiting.sort_unstable();
-        self.ready.clear();
+        for lane in &mut self.lanes {
+            lane.ready.clear();
+        }
         self.retries.clear();
         for seq in waiting {
             Progress::sub(&self.progress.waiting, 1);

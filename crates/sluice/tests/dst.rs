@@ -202,6 +202,8 @@ impl Transport for FakeTransport {
 
 struct Schedule {
     n: usize,
+    /// Lines name this many models in turn (each has its own limits and cooldowns).
+    models: usize,
     config: EngineConfig,
     behaviour: Behaviour,
 }
@@ -282,19 +284,24 @@ fn draw(seed: u64) -> Schedule {
             cool_off: Duration::from_millis(rng.random_range(100..10_000)),
         });
     }
+    let models = if rng.random_bool(1.0 / 3.0) { 2 } else { 1 };
     Schedule {
         n,
+        models,
         config: b.build().unwrap(),
         behaviour,
     }
 }
 
-fn requests(n: usize) -> Vec<Request> {
+const MODELS: [&str; 2] = ["gpt-4.1-mini", "gpt-4.1-nano"];
+
+fn requests(n: usize, models: usize) -> Vec<Request> {
     let parser = LineParser::new(Some("gpt-4.1-mini".into()));
     (0..n)
         .map(|i| {
             let line = format!(
-                r#"{{"custom_id":"r{i}","prompt":"question number {i}","max_tokens":{}}}"#,
+                r#"{{"custom_id":"r{i}","model":"{}","prompt":"question number {i}","max_tokens":{}}}"#,
+                MODELS[i % models],
                 16 + i * 7
             );
             parser.parse(i as u64 + 1, &line).unwrap()
@@ -324,6 +331,7 @@ fn check_inner(seed: u64) -> Result<(), String> {
     rt.block_on(async move {
         let Schedule {
             n,
+            models,
             config,
             behaviour,
         } = draw(seed);
@@ -337,7 +345,7 @@ fn check_inner(seed: u64) -> Result<(), String> {
         let sink = events.clone();
         let engine = Engine::new(config.clone(), Arc::new(FakeTransport(fake.clone())))
             .with_observer(Arc::new(move |e| sink.lock().unwrap().push(e)));
-        let reqs = requests(n);
+        let reqs = requests(n, models);
         let started = Instant::now();
         let mut run = engine.run(futures::stream::iter(reqs));
         let progress = run.progress();
@@ -477,7 +485,8 @@ fn check_inner(seed: u64) -> Result<(), String> {
             }
         }
 
-        // Invariant 4: one cooldown per burst, and nothing sent during one.
+        // Invariant 4: one cooldown per burst, and nothing sent during one, for each
+        // model (each has its own cooldowns and generations).
         let events = events.lock().unwrap();
         let mut triggers = std::collections::HashSet::new();
         let mut cooldowns = Vec::new();
@@ -486,18 +495,24 @@ fn check_inner(seed: u64) -> Result<(), String> {
         for (i, e) in events.iter().enumerate() {
             match e {
                 EngineEvent::Cooldown {
+                    model,
                     trigger_generation,
                     at,
                     until,
                 } => {
-                    if !triggers.insert(*trigger_generation) {
+                    if !triggers.insert((model.clone(), *trigger_generation)) {
                         return Err(format!(
-                            "two cooldowns from generation {trigger_generation}"
+                            "two cooldowns of {model} from generation {trigger_generation}"
                         ));
                     }
-                    cooldowns.push((i, *at, *until));
+                    cooldowns.push((i, model.as_str(), *at, *until));
                 }
-                EngineEvent::Sent { at, generation, .. } => sends.push((i, *at, *generation)),
+                EngineEvent::Sent {
+                    model,
+                    at,
+                    generation,
+                    ..
+                } => sends.push((i, model.as_str(), *at, *generation)),
                 EngineEvent::Stopping { .. } => stop_index = stop_index.or(Some(i)),
             }
         }
@@ -509,25 +524,31 @@ fn check_inner(seed: u64) -> Result<(), String> {
         }
         // A send at the very instant a cooldown starts, but before the 429 arrived, is
         // fine: compare starts by event order and ends by time.
-        for (i, at, _) in &sends {
+        for (i, model, at, _) in &sends {
             if let Some((s, u)) = cooldowns
                 .iter()
-                .find(|(ci, _, u)| i > ci && at < u)
-                .map(|(_, s, u)| (s, u))
+                .find(|(ci, m, _, u)| m == model && i > ci && at < u)
+                .map(|(_, _, s, u)| (s, u))
             {
                 return Err(format!(
-                    "sent at {:?} during a cooldown [{:?}, {:?})",
+                    "{model} sent at {:?} during its cooldown [{:?}, {:?})",
                     *at - fake.start,
                     *s - fake.start,
                     *u - fake.start
                 ));
             }
         }
-        // Generations only grow, one per cooldown.
-        if sends.windows(2).any(|w| w[1].2 < w[0].2)
-            || sends.last().is_some_and(|s| s.2 > snap.cooldowns)
-        {
-            return Err("generations out of order".into());
+        // Generations only grow, one per cooldown of the model.
+        for model in &MODELS[..models] {
+            let gens: Vec<u64> = sends
+                .iter()
+                .filter(|s| s.1 == *model)
+                .map(|s| s.3)
+                .collect();
+            let own = cooldowns.iter().filter(|c| c.1 == *model).count() as u64;
+            if gens.windows(2).any(|w| w[1] < w[0]) || gens.last().is_some_and(|g| *g > own) {
+                return Err(format!("generations of {model} out of order"));
+            }
         }
         // Quota exhaustion: nothing is sent after the engine learns of it.
         let quota_seen = log
@@ -538,7 +559,7 @@ fn check_inner(seed: u64) -> Result<(), String> {
             return Err(format!("quota seen {quota_seen}, run end {end:?}"));
         }
         if let Some(si) = stop_index {
-            if sends.iter().any(|(i, _, _)| *i > si) {
+            if sends.iter().any(|(i, ..)| *i > si) {
                 return Err("sent after the quota stop".into());
             }
         }

@@ -210,3 +210,169 @@ async fn an_anthropic_output_tokens_limit_is_learned_and_paced_apart() {
     let (provider, done) = run(Limit::OutputTokens(60_000), "claude-haiku-4-5", 100, n).await;
     check(&provider, &done, 30.0, n);
 }
+
+/// Two models behind one transport, each with its own limit (as OpenAI and Anthropic
+/// limit each model apart).
+struct ByModel {
+    slow: Arc<Provider>,
+    fast: Arc<Provider>,
+}
+
+impl Transport for ByModel {
+    fn send(&self, request: &Request) -> AttemptFuture {
+        if request.model == "gpt-4.1-mini" {
+            self.slow.send(request)
+        } else {
+            self.fast.send(request)
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_model_learns_and_keeps_its_own_limit() {
+    // gpt-4.1-mini allows 120 RPM (2/s), gpt-4.1-nano 1,200 (20/s). One line in ten is
+    // for the slow model, so it never backs the queue up to the concurrency limit. With
+    // one set of limits for the run, the slow model's limit would hold the fast one back
+    // (or the fast one's would overrun the slow one: 429s).
+    let latency = Duration::from_millis(300);
+    let slow = Arc::new(Provider::new(Limit::Requests(120), latency));
+    let fast = Arc::new(Provider::new(Limit::Requests(1200), latency));
+    let transport = Arc::new(ByModel {
+        slow: slow.clone(),
+        fast: fast.clone(),
+    });
+    let mut parser = LineParser::new(None);
+    parser.router = Some(Arc::new(Router::new(
+        Catalog::builtin(),
+        RouterOptions::default(),
+    )));
+    let n = 1500;
+    let requests: Vec<Request> = (0..n)
+        .map(|i| {
+            let model = if i % 10 == 0 {
+                "gpt-4.1-mini"
+            } else {
+                "gpt-4.1-nano"
+            };
+            parser
+                .parse(
+                    i as u64 + 1,
+                    &format!(
+                        r#"{{"model":"{model}","messages":[{{"role":"user","content":"request {i}"}}],"max_tokens":64}}"#
+                    ),
+                )
+                .unwrap()
+        })
+        .collect();
+    let config = EngineConfig::builder()
+        .concurrency(64)
+        .learn_limits(true)
+        .build()
+        .unwrap();
+    let mut run = Engine::new(config, transport).run(futures::stream::iter(requests));
+    let (mut done_slow, mut done_fast) = (Vec::new(), Vec::new());
+    while let Some(o) = run.next().await {
+        assert_eq!(o.status, Status::Succeeded, "{o:?}");
+        if o.model == "gpt-4.1-mini" {
+            done_slow.push(slow.start.elapsed());
+        } else {
+            done_fast.push(fast.start.elapsed());
+        }
+    }
+    run.finish().await;
+    assert_eq!((done_slow.len(), done_fast.len()), (n / 10, n - n / 10));
+    // The fast model at 95% of its own limit or more, with at most 0.5% 429s...
+    check(&fast, &done_fast, 20.0, n - n / 10);
+    // ...and the slow one never pushed past its limit.
+    let slow_429s = slow.log.lock().unwrap().iter().filter(|(_, r)| *r).count();
+    assert!(
+        slow_429s as f64 <= 0.005 * n as f64,
+        "{slow_429s} 429s on the slow model"
+    );
+}
+
+/// gpt-4.1-mini answers every first attempt with a 429 asking for 10 s; every other
+/// model, and every later attempt, succeeds.
+struct Cooling {
+    tried: Mutex<std::collections::HashSet<String>>,
+}
+
+impl Transport for Cooling {
+    fn send(&self, request: &Request) -> AttemptFuture {
+        let first = request.model == "gpt-4.1-mini"
+            && self.tried.lock().unwrap().insert(request.custom_id.clone());
+        let mut headers = HeaderMap::new();
+        let (status, body) = if first {
+            headers.insert("retry-after", HeaderValue::from_static("10"));
+            (
+                429,
+                r#"{"error":{"code":"rate_limit_exceeded","message":"slow down"}}"#,
+            )
+        } else {
+            (
+                200,
+                r#"{"id":"c","usage":{"prompt_tokens":5,"completion_tokens":5,"total_tokens":10}}"#,
+            )
+        };
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok(HttpResponse {
+                status,
+                headers,
+                body: Bytes::from(body),
+            })
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cooldown_of_one_model_does_not_hold_back_another() {
+    // 600 RPM: the 60 gpt-4.1-nano requests go out over about six seconds; the
+    // gpt-4.1-mini request at the head gets a 429 asking for 10 s at 0.3 s. Only that
+    // model waits.
+    let mut parser = LineParser::new(None);
+    parser.router = Some(Arc::new(Router::new(
+        Catalog::builtin(),
+        RouterOptions::default(),
+    )));
+    let requests: Vec<Request> = (0..61)
+        .map(|i| {
+            let model = if i == 0 { "gpt-4.1-mini" } else { "gpt-4.1-nano" };
+            parser
+                .parse(
+                    i + 1,
+                    &format!(
+                        r#"{{"model":"{model}","messages":[{{"role":"user","content":"request {i}"}}],"max_tokens":64}}"#
+                    ),
+                )
+                .unwrap()
+        })
+        .collect();
+    let config = EngineConfig::builder()
+        .concurrency(64)
+        .rpm(600.0)
+        .build()
+        .unwrap();
+    let transport = Arc::new(Cooling {
+        tried: Mutex::default(),
+    });
+    let start = Instant::now();
+    let mut run = Engine::new(config, transport).run(futures::stream::iter(requests));
+    let (mut last_nano, mut mini) = (Duration::ZERO, None);
+    while let Some(o) = run.next().await {
+        assert_eq!(o.status, Status::Succeeded, "{o:?}");
+        if o.model == "gpt-4.1-mini" {
+            assert_eq!(o.attempts, 2);
+            mini = Some(start.elapsed());
+        } else {
+            last_nano = last_nano.max(start.elapsed());
+        }
+    }
+    run.finish().await;
+    let mini = mini.expect("the mini request ended");
+    assert!(mini >= Duration::from_secs(10), "mini done at {mini:?}");
+    assert!(
+        last_nano < Duration::from_secs(8),
+        "the last nano request ended at {last_nano:?}, held by the other model's cooldown"
+    );
+}
