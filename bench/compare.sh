@@ -29,13 +29,15 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 repeats=1
+full=1
 table=bench/out/compare.md
 scenarios=()
 while [[ $# -gt 0 ]]; do
     case $1 in
         --repeats) repeats=$2; shift 2 ;;
-        --out) table=$2; shift 2 ;;
+        --out) table=$2; full=0; shift 2 ;;
         --smoke)
+            full=0
             : "${N_UNPACED:=2000}" "${N_PACED:=500}" "${N_FAULTS:=500}" "${N_SCALE:=5000}"
             : "${N_UNKNOWN:=100}" "${DELUGE_LIMIT_S:=120}" "${DELUGE_SCALE_LIMIT_S:=60}"
             shift ;;
@@ -52,6 +54,8 @@ done
 : "${DELUGE_LIMIT_S:=900}" "${DELUGE_SCALE_LIMIT_S:=600}" "${DELUGE_RSS_LIMIT_MB:=12000}"
 : "${CONCURRENCY_UNPACED:=64}" "${CONCURRENCY_PACED:=256}"
 NO_LIMIT=1000000000 # lm-deluge always paces; this many per minute never binds
+[[ $N_UNPACED == 20000 && $N_PACED == 10000 && $N_FAULTS == 10000 && $N_SCALE == 1000000 &&
+    $N_UNKNOWN == 1000 && $RPM == 6000 ]] || full=0
 
 # --- tools ---------------------------------------------------------------------------
 # SLUICE_BIN: a sluice binary to measure instead of building this checkout's.
@@ -191,3 +195,8 @@ mkdir -p "$(dirname "$table")"
 python3 bench/compare_report.py table "$rows" \
     --header "sluice $(git rev-parse --short HEAD 2>/dev/null || echo '?') vs lm-deluge $deluge_version, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $repeats repeat(s)" \
     | tee "$table"
+# A full run (every scenario at its default size) also writes the table into BENCHMARKS.md.
+if [[ $full == 1 && ${#scenarios[@]} -eq 5 ]]; then
+    python3 bench/compare_report.py inject "$table" BENCHMARKS.md
+    echo "table written to BENCHMARKS.md" >&2
+fi

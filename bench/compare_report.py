@@ -9,12 +9,13 @@ TAG.stats.json (the simulator's /_sim/stats after the run).
 """
 
 import argparse
+import os
 import json
 import statistics
 import sys
 
 NOTES = {
-    ("unknown", "sluice"): "header-learning not built yet: run without --rpm",
+    ("unknown", "sluice"): "not told the limits: paces by the limits its headers announce",
     ("unknown", "deluge"): "not told the limits: lm-deluge's defaults",
 }
 
@@ -208,6 +209,29 @@ def table(rows_path, header):
     return "\n".join(out)
 
 
+BEGIN = "<!-- compare.sh table: begin -->"
+END = "<!-- compare.sh table: end -->"
+
+
+def inject(table_path, doc_path):
+    """Puts the table between the markers of doc_path (BENCHMARKS.md)."""
+    with open(table_path) as f:
+        table_text = f.read().strip()
+    # The table's own title becomes a line of the section it goes into.
+    if table_text.startswith("# "):
+        title, _, body = table_text.partition("\n")
+        table_text = f"Run: {title[2:]}.\n{body}"
+    with open(doc_path) as f:
+        doc = f.read()
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"{doc_path} has no {BEGIN} ... {END} markers")
+    head, rest = doc.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    with open(doc_path + ".tmp", "w") as f:
+        f.write(f"{head}{BEGIN}\n{table_text}\n{END}{tail}")
+    os.replace(doc_path + ".tmp", doc_path)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -220,9 +244,14 @@ def main():
     t = sub.add_parser("table")
     t.add_argument("rows")
     t.add_argument("--header", default="sluice vs lm-deluge")
+    i = sub.add_parser("inject")
+    i.add_argument("table")
+    i.add_argument("doc")
     a = ap.parse_args()
     if a.cmd == "row":
         print(json.dumps(row(a.out, a.tag, a.tool, a.scenario, a.rep, a.n, a.ideal_rpm)))
+    elif a.cmd == "inject":
+        inject(a.table, a.doc)
     else:
         print(table(a.rows, a.header))
 

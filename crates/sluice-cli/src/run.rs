@@ -687,7 +687,8 @@ async fn execute(
     let mut flush_tick = tokio::time::interval(Duration::from_secs(1));
     let mut bad_open = true;
     let mut hits_open = true;
-    // Group commit: outcomes wait at most COMMIT_DELAY to share a journal transaction.
+    // Group commit: outcomes wait at most COMMIT_DELAY, rounded up to the send grid, to
+    // share a journal transaction.
     let commit_timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(commit_timer);
     let mut commit_armed = false;
@@ -717,7 +718,7 @@ async fn execute(
                     } else if !commit_armed && sink.pending() > 0 {
                         commit_timer
                             .as_mut()
-                            .reset(tokio::time::Instant::now() + durable::COMMIT_DELAY);
+                            .reset(run.on_send_grid(tokio::time::Instant::now() + durable::COMMIT_DELAY));
                         commit_armed = true;
                     }
                 }
@@ -735,7 +736,7 @@ async fn execute(
                     } else if !commit_armed {
                         commit_timer
                             .as_mut()
-                            .reset(tokio::time::Instant::now() + durable::COMMIT_DELAY);
+                            .reset(run.on_send_grid(tokio::time::Instant::now() + durable::COMMIT_DELAY));
                         commit_armed = true;
                     }
                 }

@@ -510,6 +510,8 @@ impl Engine {
             progress,
             stop_tx,
             task,
+            started: now,
+            send_quantum: self.config.send_quantum,
         }
     }
 }
@@ -520,12 +522,27 @@ pub struct Run {
     progress: Arc<Progress>,
     stop_tx: watch::Sender<bool>,
     task: JoinHandle<RunEnd>,
+    started: Instant,
+    send_quantum: Duration,
 }
 
 impl Run {
     /// Live counters.
     pub fn progress(&self) -> Arc<Progress> {
         self.progress.clone()
+    }
+
+    /// `t` rounded up to the scheduler's send grid (see [`EngineConfig::send_quantum`]):
+    /// the instants at which a paced run wakes up to send anyway. Work a consumer times
+    /// for then (a group commit, say) shares that wake-up instead of costing one of its
+    /// own.
+    pub fn on_send_grid(&self, t: Instant) -> Instant {
+        let q = self.send_quantum.as_nanos();
+        if q == 0 || t <= self.started {
+            return t;
+        }
+        let steps = (t - self.started).as_nanos().div_ceil(q);
+        self.started + Duration::from_nanos((steps * q) as u64)
     }
 
     /// A handle that stops the run gracefully: no more input is taken, live requests finish.
