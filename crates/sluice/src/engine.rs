@@ -516,6 +516,17 @@ impl Engine {
     }
 }
 
+/// `t` rounded up to the grid of step `quantum` from `origin` (`t` itself when the step is
+/// zero or `t` is not after the origin).
+fn round_up_to_grid(t: Instant, origin: Instant, quantum: Duration) -> Instant {
+    let q = quantum.as_nanos();
+    if q == 0 || t <= origin {
+        return t;
+    }
+    let steps = (t - origin).as_nanos().div_ceil(q);
+    origin + Duration::from_nanos((steps * q) as u64)
+}
+
 /// A running job: a [`Stream`] of [`Outcome`]s, plus its progress and a stop switch.
 pub struct Run {
     outcomes: mpsc::Receiver<Outcome>,
@@ -537,12 +548,7 @@ impl Run {
     /// for then (a group commit, say) shares that wake-up instead of costing one of its
     /// own.
     pub fn on_send_grid(&self, t: Instant) -> Instant {
-        let q = self.send_quantum.as_nanos();
-        if q == 0 || t <= self.started {
-            return t;
-        }
-        let steps = (t - self.started).as_nanos().div_ceil(q);
-        self.started + Duration::from_nanos((steps * q) as u64)
+        round_up_to_grid(t, self.started, self.send_quantum)
     }
 
     /// A handle that stops the run gracefully: no more input is taken, live requests finish.
@@ -758,13 +764,7 @@ impl Scheduler {
 
     /// `t` rounded up to the send grid (see [`EngineConfig::send_quantum`]).
     fn on_grid(&self, t: Instant) -> Instant {
-        let q = self.config.send_quantum.as_nanos();
-        if q == 0 {
-            return t;
-        }
-        let since = (t - self.started).as_nanos();
-        let steps = since.div_ceil(q);
-        self.started + Duration::from_nanos((steps * q) as u64)
+        round_up_to_grid(t, self.started, self.config.send_quantum)
     }
 
     /// Attempts on the wire (the gauge only the scheduler writes).

@@ -135,6 +135,30 @@ impl Transport for Provider {
     }
 }
 
+/// A line parser routing model names through the built-in catalog.
+fn parser(default_model: Option<&str>) -> LineParser {
+    let mut parser = LineParser::new(default_model.map(Into::into));
+    parser.router = Some(Arc::new(Router::new(
+        Catalog::builtin(),
+        RouterOptions::default(),
+    )));
+    parser
+}
+
+/// `n` chat requests (max_tokens 64), request `i` for `model(i)`.
+fn chat_requests(n: usize, model: impl Fn(usize) -> &'static str) -> Vec<Request> {
+    let parser = parser(None);
+    (0..n)
+        .map(|i| {
+            let line = format!(
+                r#"{{"model":"{}","messages":[{{"role":"user","content":"request {i}"}}],"max_tokens":64}}"#,
+                model(i)
+            );
+            parser.parse(i as u64 + 1, &line).unwrap()
+        })
+        .collect()
+}
+
 /// Runs `n` requests for `model`, learning limits; returns the provider and the
 /// outcomes' completion times.
 async fn run(
@@ -144,11 +168,7 @@ async fn run(
     n: usize,
 ) -> (Arc<Provider>, Vec<Duration>) {
     let provider = Arc::new(Provider::new(limit, Duration::from_millis(300)));
-    let mut parser = LineParser::new(Some(model.into()));
-    parser.router = Some(Arc::new(Router::new(
-        Catalog::builtin(),
-        RouterOptions::default(),
-    )));
+    let parser = parser(Some(model));
     let requests: Vec<Request> = (0..n)
         .map(|i| {
             parser
@@ -241,29 +261,14 @@ async fn each_model_learns_and_keeps_its_own_limit() {
         slow: slow.clone(),
         fast: fast.clone(),
     });
-    let mut parser = LineParser::new(None);
-    parser.router = Some(Arc::new(Router::new(
-        Catalog::builtin(),
-        RouterOptions::default(),
-    )));
     let n = 1500;
-    let requests: Vec<Request> = (0..n)
-        .map(|i| {
-            let model = if i % 10 == 0 {
-                "gpt-4.1-mini"
-            } else {
-                "gpt-4.1-nano"
-            };
-            parser
-                .parse(
-                    i as u64 + 1,
-                    &format!(
-                        r#"{{"model":"{model}","messages":[{{"role":"user","content":"request {i}"}}],"max_tokens":64}}"#
-                    ),
-                )
-                .unwrap()
-        })
-        .collect();
+    let requests = chat_requests(n, |i| {
+        if i % 10 == 0 {
+            "gpt-4.1-mini"
+        } else {
+            "gpt-4.1-nano"
+        }
+    });
     let config = EngineConfig::builder()
         .concurrency(64)
         .learn_limits(true)
@@ -330,24 +335,13 @@ async fn a_cooldown_of_one_model_does_not_hold_back_another() {
     // 600 RPM: the 60 gpt-4.1-nano requests go out over about six seconds; the
     // gpt-4.1-mini request at the head gets a 429 asking for 10 s at 0.3 s. Only that
     // model waits.
-    let mut parser = LineParser::new(None);
-    parser.router = Some(Arc::new(Router::new(
-        Catalog::builtin(),
-        RouterOptions::default(),
-    )));
-    let requests: Vec<Request> = (0..61)
-        .map(|i| {
-            let model = if i == 0 { "gpt-4.1-mini" } else { "gpt-4.1-nano" };
-            parser
-                .parse(
-                    i + 1,
-                    &format!(
-                        r#"{{"model":"{model}","messages":[{{"role":"user","content":"request {i}"}}],"max_tokens":64}}"#
-                    ),
-                )
-                .unwrap()
-        })
-        .collect();
+    let requests = chat_requests(61, |i| {
+        if i == 0 {
+            "gpt-4.1-mini"
+        } else {
+            "gpt-4.1-nano"
+        }
+    });
     let config = EngineConfig::builder()
         .concurrency(64)
         .rpm(600.0)
