@@ -4,13 +4,15 @@
 #      (--fresh), journal and an empty --cache, and --no-journal, PAIRS [5] rounds in turn;
 #      client CPU µs/request (user+sys of the client process, GNU time) and peak RSS,
 #      medians.
-#   2. resume:   a N_RESUME [1000000]-request run killed (-9) once RESUME_DONE [999000]
+#   2. paced:    N_PACED [10000] requests at 6,000 RPM (simulator latency 300 ms), --no-journal
+#      then the journal, PAIRS_PACED [1] pairs: client CPU and wall time.
+#   3. resume:   a N_RESUME [1000000]-request run killed (-9) once RESUME_DONE [999000]
 #      outcomes are in the journal, then resumed: seconds from starting the resume to the
 #      first request reaching the simulator, and to the end.
 # Results go to stdout and bench/out/journal.md.
 #
-#   bench/journal.sh              # both
-#   bench/journal.sh overhead     # one
+#   bench/journal.sh              # all three
+#   bench/journal.sh paced        # one (overhead, paced, resume)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 cargo build --release -p sluice-cli >&2
@@ -19,6 +21,7 @@ out=bench/out/journal
 mkdir -p "$out"
 only="${1:-all}"
 : "${N_OVERHEAD:=20000}" "${PAIRS:=5}" "${N_RESUME:=1000000}" "${RESUME_DONE:=999000}"
+: "${N_PACED:=10000}" "${PAIRS_PACED:=1}"
 
 gen() { # gen N FILE
     [[ -f $2 ]] && return
@@ -33,7 +36,7 @@ PY
 
 sim_pid=""
 start_sim() {
-    "$bin" sim --port 0 --latency-ms 0 > "$out/sim.log" 2>&1 &
+    "$bin" sim --port 0 "$@" > "$out/sim.log" 2>&1 &
     sim_pid=$!
     for _ in $(seq 100); do
         if grep -q "listening on" "$out/sim.log"; then break; fi
@@ -92,6 +95,37 @@ for m in modes:
 print()
 print("all runs (µs/request): " + "; ".join(
     m + " " + ", ".join(f"{x:.1f}" for x in by[m]) for m in modes) + "\n")
+PY
+fi
+
+if [[ $only == all || $only == paced ]]; then
+    # The paced benchmark (as bench/engine.sh paced): --no-journal, then the journal.
+    gen "$N_PACED" "$out/in-$N_PACED.jsonl"
+    start_sim --rpm 6000 --latency-ms 300
+    : > "$out/paced.rows"
+    for i in $(seq "$PAIRS_PACED"); do
+        for mode in none journal; do
+            flag=--fresh; [[ $mode == none ]] && flag=--no-journal
+            curl -s -X POST "$root/_sim/reset" > /dev/null
+            /usr/bin/time -f "%U %S %M %e" -o "$out/t" "$bin" run "$out/in-$N_PACED.jsonl" \
+                -o "$out/paced.out.jsonl" --base-url "$base" --no-progress --rpm 6000 \
+                --concurrency 256 --timeout 10s $flag 2>/dev/null
+            echo "$mode $(cat "$out/t")" >> "$out/paced.rows"
+        done
+    done
+    stop_sim
+    python3 - "$out/paced.rows" "$N_PACED" <<'PY' | tee -a "$report"
+import sys
+rows, n = sys.argv[1], int(sys.argv[2])
+print(f"## Paced: {n} requests at 6,000 RPM, latency 300 ms\n")
+print("| pair | --no-journal CPU s | journal CPU s | journal cost | wall s (none / journal) |")
+print("|---|---|---|---|---|")
+runs = [l.split() for l in open(rows)]
+for i in range(0, len(runs) - 1, 2):
+    (_, u0, s0, _, e0), (_, u1, s1, _, e1) = runs[i], runs[i + 1]
+    a, b = float(u0) + float(s0), float(u1) + float(s1)
+    print(f"| {i // 2 + 1} | {a:.2f} | {b:.2f} | {b - a:+.2f} ({100 * (b - a) / a:+.0f}%) | {e0} / {e1} |")
+print()
 PY
 fi
 
