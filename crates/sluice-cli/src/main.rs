@@ -79,6 +79,12 @@ fn main() -> ExitCode {
         Command::Run(_) => tokio::runtime::Builder::new_current_thread(),
         _ => tokio::runtime::Builder::new_multi_thread(),
     };
+    // In a paced run the thread sleeps to the send grid before it waits for responses, so
+    // one wake-up reads all that arrived since the last (see `sluice::wake`).
+    let grid = sluice::WakeGrid::new();
+    if matches!(cli.command, Command::Run(_)) {
+        builder.on_thread_park(grid.park_hook());
+    }
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -87,7 +93,10 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run(args) => ExitCode::from(runtime.block_on(run::run(*args))),
+        Command::Run(mut args) => {
+            args.wake_grid = Some(grid);
+            ExitCode::from(runtime.block_on(run::run(*args)))
+        }
         Command::Sim(args) => match runtime.block_on(sluice_sim::cli::run(args)) {
             Ok(()) => ExitCode::from(exit::OK),
             Err(e) => {

@@ -141,6 +141,10 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 
+    /// The park hook of the runtime this run is on, if it has one (see `sluice::wake`).
+    #[arg(skip)]
+    pub wake_grid: Option<sluice::WakeGrid>,
+
     /// The run's journal (SQLite), which makes it resumable: running the same command
     /// again continues where it stopped. Default: the output file's name + `.journal`.
     #[arg(long, value_name = "FILE", conflicts_with = "no_journal")]
@@ -317,6 +321,9 @@ fn prepare(args: &RunArgs, sim: Option<&sluice_sim::SimHandle>) -> Result<Option
         builder = builder.budget_usd(b);
     }
     builder = builder.learn_limits(!args.no_learn_limits);
+    if let Some(grid) = &args.wake_grid {
+        builder = builder.wake_grid(grid.clone());
+    }
     let chain: Vec<String> = args
         .model
         .iter()

@@ -45,6 +45,7 @@ use crate::provider::RateLimits;
 use crate::provider::{classify, Transport, TransportError, Verdict};
 use crate::request::Request;
 use crate::retry::{BreakerPolicy, CircuitBreaker, Held, RetryPolicy};
+use crate::wake::{WakeGrid, MIN_PER_STEP};
 
 /// In which order outcomes come out of a run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -99,6 +100,12 @@ pub struct EngineConfig {
     /// tokens) from the provider's rate-limit headers, and pace by them
     /// ([`Limiter::learn`]). Until a response announces one, the send window finds it.
     pub learn_limits: bool,
+    /// The runtime's park hook to drive (see [`crate::wake`]): while a rate limit holds
+    /// requests back and responses come in fast, the thread sleeps to the send grid
+    /// before it waits for I/O, so that one wake-up reads every response that arrived
+    /// since the last. `None`: each response wakes the process (the default; the CLI
+    /// installs one).
+    pub wake_grid: Option<WakeGrid>,
 }
 
 /// The input-token estimate (tiktoken's `o200k_base`) times this is what a budget
@@ -133,6 +140,7 @@ impl Default for EngineConfig {
             budget_usd: None,
             breaker: None,
             learn_limits: false,
+            wake_grid: None,
         }
     }
 }
@@ -285,6 +293,12 @@ impl EngineConfigBuilder {
         self.config.learn_limits = on;
         self
     }
+    /// Drive the runtime's park hook `grid` (see [`EngineConfig::wake_grid`]).
+    pub fn wake_grid(mut self, grid: WakeGrid) -> Self {
+        self.config.wake_grid = Some(grid);
+        self
+    }
+
     /// The checked settings.
     pub fn build(self) -> Result<EngineConfig, ConfigError> {
         self.config.validate()?;
@@ -503,6 +517,7 @@ impl Engine {
             halted: None,
             interrupted: false,
             started: now,
+            pace: PaceMeter::new(now),
         };
         let task = tokio::spawn(scheduler.run(Box::pin(requests), out_tx, stop_rx));
         Run {
@@ -693,6 +708,34 @@ struct Scheduler {
     interrupted: bool,
     /// When the run started: the origin of the send grid.
     started: Instant,
+    /// Attempts sent per second, for the wake grid.
+    pace: PaceMeter,
+}
+
+/// Attempts sent per second, over the last whole second.
+struct PaceMeter {
+    since: Instant,
+    sent: u32,
+    per_sec: f64,
+}
+
+impl PaceMeter {
+    fn new(now: Instant) -> Self {
+        PaceMeter {
+            since: now,
+            sent: 0,
+            per_sec: 0.0,
+        }
+    }
+
+    fn tick(&mut self, now: Instant) {
+        let span = now.saturating_duration_since(self.since);
+        if span >= Duration::from_secs(1) {
+            self.per_sec = f64::from(self.sent) / span.as_secs_f64();
+            self.sent = 0;
+            self.since = now;
+        }
+    }
 }
 
 impl Scheduler {
@@ -704,13 +747,27 @@ impl Scheduler {
     ) -> RunEnd {
         let mut input_done = false;
         let mut stop_seen = false;
+        if let Some(grid) = &self.config.wake_grid {
+            grid.set_grid(self.started.into_std(), self.config.send_quantum);
+        }
         loop {
             let now = Instant::now();
             self.fire_timers(now);
             let next_send = self.dispatch(now);
+            self.pace.tick(now);
+            if let Some(grid) = &self.config.wake_grid {
+                // Holding responses back to the grid costs nothing while a limiter holds
+                // the next requests back anyway, and saves wake-ups while they come in
+                // several per step.
+                let per_step = self.pace.per_sec * self.config.send_quantum.as_secs_f64();
+                grid.set_active(next_send.is_some() && per_step >= MIN_PER_STEP);
+            }
             while let Some(outcome) = self.outbox.pop_front() {
                 if out_tx.send(outcome).await.is_err() {
                     // The consumer is gone: nobody can see further outcomes.
+                    if let Some(grid) = &self.config.wake_grid {
+                        grid.set_active(false);
+                    }
                     return RunEnd {
                         stopped: Some(StopReason::Interrupted),
                         input_left: !input_done,
@@ -718,6 +775,9 @@ impl Scheduler {
                 }
             }
             if self.live.is_empty() && (input_done || self.interrupted) {
+                if let Some(grid) = &self.config.wake_grid {
+                    grid.set_active(false);
+                }
                 debug_assert!(
                     self.reorder.is_empty() && self.lanes.iter().all(|l| l.ready.is_empty())
                 );
@@ -1020,6 +1080,7 @@ impl Scheduler {
     fn send(&mut self, seq: u64, lane: usize, tokens: Tokens, now: Instant) {
         let generation = self.lanes[lane].limiter.generation();
         self.lanes[lane].in_flight += 1;
+        self.pace.sent += 1;
         let live = self.live.get_mut(&seq).expect("queued requests are live");
         live.attempts += 1;
         live.in_flight = true;

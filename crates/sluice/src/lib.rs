@@ -45,6 +45,7 @@ pub mod request;
 pub mod retry;
 pub mod summary;
 pub mod tokens;
+pub mod wake;
 
 pub use catalog::{Catalog, Router};
 pub use cost::Price;
@@ -56,3 +57,4 @@ pub use outcome::{ErrorInfo, ErrorKind, Outcome, Status, Usage};
 pub use provider::ProviderKind;
 pub use request::{BadLine, Endpoint, LineParser, Request};
 pub use retry::RetryPolicy;
+pub use wake::WakeGrid;
