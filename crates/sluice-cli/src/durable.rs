@@ -100,7 +100,7 @@ pub const MAX_BATCH: usize = 1024;
 pub const GROUP_COMMIT: usize = 128;
 
 /// ...or when the first of them has waited this long, rounded up to the engine's send grid
-/// (50 ms), so that in a paced run the commit shares the wake-up that sends the next
+/// (100 ms), so that in a paced run the commit shares the wake-up that sends the next
 /// requests instead of waking the process once more per response (measured on the paced
 /// benchmark: a commit timer of its own cost +1.2 s of client CPU, +47%). A crash can lose
 /// what arrived in that time, besides the attempts in flight (measured: committing every

@@ -82,7 +82,7 @@ pub struct EngineConfig {
     /// Seed of the backoff jitter.
     pub seed: u64,
     /// Waits for the rate limiter end on a grid of this step, so that one wake-up sends
-    /// every request that became due since the last (at 100 requests/s and 50 ms, five at
+    /// every request that became due since the last (at 100 requests/s and 100 ms, ten at
     /// a time). The buckets still bound what is sent; a request waits at most one step
     /// longer. Zero: wake for each request.
     pub send_quantum: Duration,
@@ -136,7 +136,7 @@ impl Default for EngineConfig {
             order: Order::Completion,
             reorder_window: 4096,
             seed: 0,
-            send_quantum: Duration::from_millis(50),
+            send_quantum: Duration::from_millis(100),
             budget_usd: None,
             breaker: None,
             learn_limits: false,

@@ -1,7 +1,7 @@
 //! Fewer wake-ups in a paced run: the runtime's thread sleeps to the engine's send grid
 //! before it parks, so the responses that arrived meanwhile are read in one wake-up.
 //!
-//! In a paced run the scheduler sends on a grid ([`EngineConfig::send_quantum`], 50 ms),
+//! In a paced run the scheduler sends on a grid ([`EngineConfig::send_quantum`], 100 ms),
 //! but each response still woke the process the moment it arrived: at 100 requests/s, about
 //! a hundred wake-ups a second on top of the twenty that send, each costing a context
 //! switch and cold caches (measured on the paced benchmark: about one voluntary context

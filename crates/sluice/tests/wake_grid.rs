@@ -94,7 +94,7 @@ async fn off_when_nothing_is_paced() {
 
 #[tokio::test(start_paused = true)]
 async fn off_at_a_slow_pace() {
-    // One request a second: fewer than two responses per 50 ms step.
+    // One request a second: fewer than two responses per 100 ms step.
     let grid = WakeGrid::new();
     let config = EngineConfig::builder()
         .rpm(60.0)
