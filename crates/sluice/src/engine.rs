@@ -712,12 +712,15 @@ struct Scheduler {
     pace: PaceMeter,
 }
 
-/// Attempts sent per second, over the last whole second.
+/// Attempts sent per second, over the last [`PACE_WINDOW`].
 struct PaceMeter {
     since: Instant,
     sent: u32,
     per_sec: f64,
 }
+
+/// How long the send rate is measured over, for the wake grid: at 100 requests/s, 50 sends.
+const PACE_WINDOW: Duration = Duration::from_millis(500);
 
 impl PaceMeter {
     fn new(now: Instant) -> Self {
@@ -730,7 +733,7 @@ impl PaceMeter {
 
     fn tick(&mut self, now: Instant) {
         let span = now.saturating_duration_since(self.since);
-        if span >= Duration::from_secs(1) {
+        if span >= PACE_WINDOW {
             self.per_sec = f64::from(self.sent) / span.as_secs_f64();
             self.sent = 0;
             self.since = now;

@@ -68,7 +68,8 @@ async fn on_while_a_fast_rate_limit_holds_requests_back() {
         .unwrap();
     let (seen, after) = run(config, &grid, 600, Duration::from_millis(300)).await;
     assert_eq!(seen.len(), 600);
-    // The pace is measured over a second, and the last requests drain with nothing held.
+    // The pace is measured over half a second, and the last requests drain with nothing
+    // held.
     let on = seen.iter().filter(|&&a| a).count();
     assert!(on >= 300, "on for only {on} of 600 outcomes");
     assert!(
