@@ -760,8 +760,8 @@ impl Scheduler {
             self.pace.tick(now);
             if let Some(grid) = &self.config.wake_grid {
                 // Holding responses back to the grid costs nothing while a limiter holds
-                // the next requests back anyway, and saves wake-ups while they come in
-                // several per step.
+                // the next requests back anyway, and saves wake-ups unless the pace is so
+                // slow that most steps would have nothing to do.
                 let per_step = self.pace.per_sec * self.config.send_quantum.as_secs_f64();
                 grid.set_active(next_send.is_some() && per_step >= MIN_PER_STEP);
             }

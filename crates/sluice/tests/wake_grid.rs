@@ -1,6 +1,6 @@
 //! When the engine turns the runtime's wake grid on (`sluice::wake`): only while a rate
-//! limit holds requests back and responses come in several per send step. Against an
-//! in-process fake provider under `tokio::time::pause()`.
+//! limit holds requests back and requests go out at least `MIN_PER_STEP` per send step.
+//! Against an in-process fake provider under `tokio::time::pause()`.
 
 use std::time::Duration;
 
@@ -77,6 +77,24 @@ async fn on_while_a_fast_rate_limit_holds_requests_back() {
         "off in the middle of the run"
     );
     assert!(!after, "left on after the run");
+}
+
+#[tokio::test(start_paused = true)]
+async fn on_at_500_rpm() {
+    // 0.83 requests per 100 ms step: most steps send one anyway.
+    let grid = WakeGrid::new();
+    let config = EngineConfig::builder()
+        .rpm(500.0)
+        .concurrency(64)
+        .wake_grid(grid.clone())
+        .build()
+        .unwrap();
+    let (seen, after) = run(config, &grid, 200, Duration::from_millis(300)).await;
+    assert!(
+        seen[50..150].iter().all(|&a| a),
+        "off in the middle of the run"
+    );
+    assert!(!after);
 }
 
 #[tokio::test(start_paused = true)]
