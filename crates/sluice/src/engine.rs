@@ -101,10 +101,10 @@ pub struct EngineConfig {
     /// ([`Limiter::learn`]). Until a response announces one, the send window finds it.
     pub learn_limits: bool,
     /// The runtime's park hook to drive (see [`crate::wake`]): while a rate limit holds
-    /// requests back and responses come in fast, the thread sleeps to the send grid
-    /// before it waits for I/O, so that one wake-up reads every response that arrived
-    /// since the last. `None`: each response wakes the process (the default; the CLI
-    /// installs one).
+    /// requests back and they go out at least [`MIN_PER_STEP`] per step, the thread
+    /// sleeps to the send grid before it waits for I/O, so that one wake-up reads every
+    /// response that arrived since the last. `None`: each response wakes the process
+    /// (the default; the CLI installs one).
     pub wake_grid: Option<WakeGrid>,
 }
 

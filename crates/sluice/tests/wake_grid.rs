@@ -30,6 +30,17 @@ impl Transport for Fixed {
     }
 }
 
+/// Settings with `grid`, at `rpm` (none: unpaced) and `concurrency`.
+fn config(grid: &WakeGrid, rpm: Option<f64>, concurrency: usize) -> EngineConfig {
+    let mut b = EngineConfig::builder()
+        .concurrency(concurrency)
+        .wake_grid(grid.clone());
+    if let Some(r) = rpm {
+        b = b.rpm(r);
+    }
+    b.build().unwrap()
+}
+
 /// Runs `n` requests and returns, for each outcome in arrival order, whether the grid was
 /// on when it came out, and whether it was on after the run.
 async fn run(
@@ -60,12 +71,7 @@ async fn run(
 #[tokio::test(start_paused = true)]
 async fn on_while_a_fast_rate_limit_holds_requests_back() {
     let grid = WakeGrid::new();
-    let config = EngineConfig::builder()
-        .rpm(6000.0)
-        .concurrency(256)
-        .wake_grid(grid.clone())
-        .build()
-        .unwrap();
+    let config = config(&grid, Some(6000.0), 256);
     let (seen, after) = run(config, &grid, 600, Duration::from_millis(300)).await;
     assert_eq!(seen.len(), 600);
     // The pace is measured over half a second, and the last requests drain with nothing
@@ -83,12 +89,7 @@ async fn on_while_a_fast_rate_limit_holds_requests_back() {
 async fn on_at_500_rpm() {
     // 0.83 requests per 100 ms step: most steps send one anyway.
     let grid = WakeGrid::new();
-    let config = EngineConfig::builder()
-        .rpm(500.0)
-        .concurrency(64)
-        .wake_grid(grid.clone())
-        .build()
-        .unwrap();
+    let config = config(&grid, Some(500.0), 64);
     let (seen, after) = run(config, &grid, 200, Duration::from_millis(300)).await;
     assert!(
         seen[50..150].iter().all(|&a| a),
@@ -100,11 +101,7 @@ async fn on_at_500_rpm() {
 #[tokio::test(start_paused = true)]
 async fn off_when_nothing_is_paced() {
     let grid = WakeGrid::new();
-    let config = EngineConfig::builder()
-        .concurrency(16)
-        .wake_grid(grid.clone())
-        .build()
-        .unwrap();
+    let config = config(&grid, None, 16);
     let (seen, after) = run(config, &grid, 2000, Duration::from_millis(5)).await;
     assert_eq!(seen.len(), 2000);
     assert!(seen.iter().all(|&a| !a), "on in an unpaced run");
@@ -115,12 +112,7 @@ async fn off_when_nothing_is_paced() {
 async fn off_at_a_slow_pace() {
     // One request a second: fewer than two responses per 100 ms step.
     let grid = WakeGrid::new();
-    let config = EngineConfig::builder()
-        .rpm(60.0)
-        .concurrency(16)
-        .wake_grid(grid.clone())
-        .build()
-        .unwrap();
+    let config = config(&grid, Some(60.0), 16);
     let (seen, _) = run(config, &grid, 8, Duration::from_millis(300)).await;
     assert!(seen.iter().all(|&a| !a), "on at one request a second");
 }
