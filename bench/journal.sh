@@ -133,7 +133,7 @@ if [[ $only == all || $only == resume ]]; then
     gen "$N_RESUME" "$out/in-$N_RESUME.jsonl"
     start_sim
     o="$out/resume.out.jsonl"
-    rm -f "$o" "$o.journal" "$o.journal-wal" "$o.journal-shm"
+    rm -f "$o" "$o.journal" "$o.journal-wal" "$o.journal-shm" "$o.journal-log"
     "$bin" run "$out/in-$N_RESUME.jsonl" -o "$o" --base-url "$base" --no-progress 2>/dev/null
     sizes="journal $(stat -c %s "$o.journal") bytes for an output of $(stat -c %s "$o") bytes"
     # The state a crash leaves when RESUME_DONE outcomes were committed: the journal's
@@ -145,7 +145,6 @@ out, keep = sys.argv[1], int(sys.argv[2])
 db = sqlite3.connect(out + ".journal")
 # Whole commits (segments) go, as in a crash: keep those ending at or before `keep`.
 db.execute("DELETE FROM segments WHERE first_seq + count - 1 > ?", (keep,))
-db.execute("DELETE FROM segment_lines WHERE first_seq NOT IN (SELECT first_seq FROM segments)")
 keep = db.execute("SELECT COALESCE(MAX(first_seq + count - 1), 0) FROM segments").fetchone()[0]
 db.commit()
 db.close()

@@ -6,7 +6,7 @@ use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use sluice::journal::{
-    self, Entry, InputFingerprint, Journal, JournalError, JournalMeta, OutputRepair, ResumePlan,
+    Entry, InputFingerprint, Journal, JournalError, JournalMeta, OutputRepair, ResumePlan,
 };
 use sluice::summary::SummaryBuilder;
 use sluice::Outcome;
@@ -24,9 +24,9 @@ pub fn journal_path(explicit: Option<&Path>, output: Option<&Path>) -> Option<Pa
     Some(out.with_file_name(name))
 }
 
-/// Removes a journal and its SQLite side files (for `--fresh`).
+/// Removes a journal, its SQLite side files and its outcome log (for `--fresh`).
 pub fn remove_journal(path: &Path) -> io::Result<()> {
-    for suffix in ["", "-wal", "-shm"] {
+    for suffix in ["", "-wal", "-shm", "-log", "-log.tmp"] {
         let mut p = path.as_os_str().to_os_string();
         p.push(suffix);
         match std::fs::remove_file(&p) {
@@ -72,16 +72,7 @@ pub fn resume(
     output: Option<&Path>,
     retry_failed: bool,
 ) -> Result<(ResumePlan, Option<OutputRepair>), JournalError> {
-    let plan = journal.prepare_resume(retry_failed)?;
-    let repair = match output {
-        Some(path) => Some(journal::repair_output(
-            journal,
-            path,
-            plan.first_changed_seq,
-        )?),
-        None => None,
-    };
-    Ok((plan, repair))
+    journal.resume(output, retry_failed)
 }
 
 /// The output file of a run: created afresh, or appended to after a resume's repair.
@@ -93,19 +84,24 @@ pub fn open_output(path: &Path, append: bool) -> io::Result<File> {
     }
 }
 
-/// Outcomes this many at most go into one journal transaction.
+/// Outcomes this many at most go into one chunk of the journal's log.
 pub const MAX_BATCH: usize = 1024;
 
-/// Outcomes are committed as soon as this many wait...
+/// Outcomes are journaled (one chunk of the log, one `write()`) as soon as this many
+/// wait...
 pub const GROUP_COMMIT: usize = 128;
 
 /// ...or when the first of them has waited this long, rounded up to the engine's send grid
-/// (100 ms), so that in a paced run the commit shares the wake-up that sends the next
+/// (100 ms), so that in a paced run the write shares the wake-up that sends the next
 /// requests instead of waking the process once more per response (measured on the paced
-/// benchmark: a commit timer of its own cost +1.2 s of client CPU, +47%). A crash can lose
-/// what arrived in that time, besides the attempts in flight (measured: committing every
-/// outcome at once cost 15% more instructions per request than grouping them).
+/// benchmark: a timer of its own cost +1.2 s of client CPU, +47%). A crash can lose what
+/// arrived in that time, besides the attempts in flight.
 pub const COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// The journal checkpoints (output flushed, records committed to SQLite, log emptied) at
+/// every [`Sink::flush`] (each second), or sooner once this many records wait, which
+/// bounds the log and the records held in memory.
+pub const CHECKPOINT_ROWS: u64 = 65_536;
 
 /// Responses are stored in the cache this many at a time (or at the next flush, every
 /// second). Cache keys are hashes, so every stored response lands on a random page of the
@@ -208,11 +204,12 @@ impl Sink {
         let journal = self.journal.as_mut().expect("batches only with a journal");
         if let Err(e) = journal.append(&self.batch) {
             self.error = Some(anyhow::Error::new(e).context(format!(
-                "committing {} outcomes to the journal failed; they are not in the output",
+                "journaling {} outcomes failed; they are not in the output",
                 self.batch.len()
             )));
             return;
         }
+        let full = journal.unsynced() >= CHECKPOINT_ROWS;
         for entry in self.batch.drain(..) {
             if let Err(e) = self.writer.write_all(&entry.output) {
                 self.error = Some(anyhow::Error::new(e).context(
@@ -221,17 +218,36 @@ impl Sink {
                 return;
             }
         }
+        if full {
+            self.checkpoint();
+        }
     }
 
-    /// Commits, stores what waits for the cache, then flushes the output.
+    /// Flushes the output, then checkpoints the journal: the output now holds every line
+    /// the journal's log did.
+    fn checkpoint(&mut self) {
+        if self.error.is_some() {
+            return;
+        }
+        if let Err(e) = self.writer.flush() {
+            self.error = Some(anyhow::Error::new(e).context("writing outcomes failed"));
+            return;
+        }
+        if let Some(j) = self.journal.as_mut() {
+            if let Err(e) = j.checkpoint() {
+                self.error = Some(anyhow::Error::new(e).context(
+                    "committing outcomes to the journal failed (they are in its log and the output: run again to resume)",
+                ));
+            }
+        }
+    }
+
+    /// Journals what waits, stores what waits for the cache, flushes the output and
+    /// checkpoints the journal.
     pub fn flush(&mut self) {
         self.commit_journal();
         self.store_cache();
-        if self.error.is_none() {
-            if let Err(e) = self.writer.flush() {
-                self.error = Some(anyhow::Error::new(e).context("writing outcomes failed"));
-            }
-        }
+        self.checkpoint();
     }
 
     /// The journal, once the run is over.

@@ -12,7 +12,7 @@ use futures::{FutureExt, StreamExt};
 use sluice::catalog::{Router, RouterOptions};
 use sluice::engine::{EngineConfig, Order};
 use sluice::input::{self, Done};
-use sluice::journal::{Journal, JournalMeta, JournalStatus};
+use sluice::journal::{Journal, JournalError, JournalMeta, JournalStatus};
 use sluice::summary::Summary;
 use sluice::{Engine, LineParser, Outcome, Request};
 use tokio::sync::mpsc;
@@ -459,6 +459,33 @@ fn prepare(args: &RunArgs, sim: Option<&sluice_sim::SimHandle>) -> Result<Option
         if !noted.is_empty() {
             eprintln!("note: resuming with {}", words(&noted));
         }
+        // The output must hold the lines only it holds (all but those in the journal's
+        // log).
+        if let Some(out) = args.output.as_deref() {
+            match j.check_output(out) {
+                Ok(()) => {}
+                Err(JournalError::OutputMissing { have, expected, .. }) if args.force => {
+                    eprintln!(
+                        "warning: the output {} lacks lines {} to {expected} the journal recorded; their requests go again (--force)",
+                        out.display(),
+                        have + 1
+                    );
+                    j.truncate_rows(have).map_err(|e| Usage(e.to_string()))?;
+                    done = match done {
+                        Done::Ids(_) => Done::Ids(
+                            j.done_ids(args.retry_failed)
+                                .map_err(|e| Usage(e.to_string()))?,
+                        ),
+                        _ => Done::Lines(
+                            j.done_lines(args.retry_failed)
+                                .map_err(|e| Usage(e.to_string()))?,
+                        ),
+                    };
+                    scan = read(&done)?;
+                }
+                Err(e) => return Err(Usage(e.to_string())),
+            }
+        }
     }
     if !scan.bad.is_empty() {
         for bad in &scan.bad {
@@ -606,21 +633,17 @@ async fn execute(
                 );
             }
             if let Some(r) = repair {
-                if r.rebuilt {
-                    eprintln!("  the output did not match the journal: rebuilt it from the journal ({} lines)", r.restored);
-                } else {
-                    if r.torn_bytes > 0 {
-                        eprintln!(
-                            "  cut a torn last line ({} bytes) from the output",
-                            r.torn_bytes
-                        );
-                    }
-                    if r.restored > 0 {
-                        eprintln!(
-                            "  restored {} outcome lines from the journal to the output",
-                            r.restored
-                        );
-                    }
+                if r.torn_bytes > 0 {
+                    eprintln!(
+                        "  cut a torn last line ({} bytes) from the output",
+                        r.torn_bytes
+                    );
+                }
+                if r.restored > 0 {
+                    eprintln!(
+                        "  restored {} outcome lines from the journal to the output",
+                        r.restored
+                    );
                 }
             }
             Some(*j)

@@ -255,32 +255,59 @@ async fn a_second_run_of_a_finished_job_sends_nothing_and_repairs_a_torn_output(
     assert_eq!(sim.stats().requests, 50);
     assert_eq!(std::fs::read(&output).unwrap(), complete);
 
-    // A crash mid-write leaves a torn line, and lines committed but not yet written are
-    // missing: both come back from the journal.
-    let cut = complete.len() - complete.len() / 3 - 7;
-    std::fs::write(&output, &complete[..cut]).unwrap();
+    // Junk after the last line (a torn line of a crashed session) is cut.
+    let mut torn = complete.clone();
+    torn.extend_from_slice(b"{\"custom_id\":\"q");
+    std::fs::write(&output, &torn).unwrap();
     let out = run(run_against(&sim, &input, &output)).await;
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(err.contains("cut a torn last line"), "{err}");
-    assert!(err.contains("restored"), "{err}");
     assert_eq!(std::fs::read(&output).unwrap(), complete);
     assert_eq!(sim.stats().requests, 50, "nothing was sent again");
 
-    // An output that is not this run's is rebuilt from the journal, not trusted.
-    std::fs::write(&output, b"{\"custom_id\":\"someone-else\"}\n").unwrap();
+    // Once a run is over its output is the only copy of its lines: an output cut short is
+    // refused (nothing sent, nothing changed) ...
+    let lines_kept = complete.len() * 2 / 3;
+    let cut = lines_kept - 7;
+    std::fs::write(&output, &complete[..cut]).unwrap();
     let out = run(run_against(&sim, &input, &output)).await;
     let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("lines") && err.contains("are missing") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&output).unwrap(), &complete[..cut]);
+    assert_eq!(sim.stats().requests, 50);
+    // ... and with --force the missing ones go again: every request has its one line.
+    let have = complete[..cut].iter().filter(|&&b| b == b'\n').count();
+    let mut cmd = run_against(&sim, &input, &output);
+    cmd.arg("--force");
+    let out = run(cmd).await;
+    let err = stderr(&out);
     assert_eq!(out.status.code(), Some(0), "{err}");
-    assert!(err.contains("rebuilt it from the journal"), "{err}");
-    assert_eq!(std::fs::read(&output).unwrap(), complete);
+    assert!(err.contains("their requests go again"), "{err}");
+    assert_eq!(sim.stats().requests, 50 + (50 - have) as u64);
+    let again = by_id(&read_output(&output));
+    assert_eq!(again.len(), 50);
+    assert!(again.values().all(|l| l["status"] == "succeeded"));
+
+    // An output that is not this run's is refused, not trusted nor overwritten.
+    let foreign = b"{\"custom_id\":\"someone-else\"}\n";
+    std::fs::write(&output, foreign).unwrap();
+    let out = run(run_against(&sim, &input, &output)).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("does not match the journal"), "{err}");
+    assert_eq!(std::fs::read(&output).unwrap(), foreign);
 
     // --fresh starts over.
     let mut cmd = run_against(&sim, &input, &output);
     cmd.arg("--fresh");
     let out = run(cmd).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(sim.stats().requests, 100);
+    assert_eq!(sim.stats().requests, 100 + (50 - have) as u64);
     assert_eq!(by_id(&read_output(&output)).len(), 50);
 }
 

@@ -1,30 +1,48 @@
-//! The durable record of a run (SQLite, WAL): every outcome written to the output is
-//! committed here first (invariant 7), so a crashed or interrupted run resumes with nothing
-//! lost and nothing paid twice.
+//! The durable record of a run: every outcome written to the output is in the journal
+//! first (invariant 7), so a crashed or interrupted run resumes with nothing lost and
+//! nothing paid twice.
 //!
 //! # Layout
 //!
-//! * `meta`: the schema version, the input's [`InputFingerprint`], the run's settings
-//!   that change what a request means (model, target), and when the journal was made.
-//! * the outcomes, one per output line, `seq` being the line's number in the output, each
-//!   with its input line, `custom_id`, status, error kind, attempts, usage and the output
-//!   line itself, stored a group commit at a time (one SQLite row per commit). Rows of requests the run stopped before finishing (`not_attempted`,
-//!   `stopped`, and the one refused for exhausted quota) are *not final*: their lines are
-//!   in the output so every request has one, but a resume sends them again.
+//! A journal is two files:
+//!
+//! * the SQLite database (WAL) at its path: `meta` (the schema version, the input's
+//!   [`InputFingerprint`], the settings that change what a request means, when it was
+//!   made) and `segments`, the records of the outcomes, one per output line (`seq` being
+//!   the line's number in the output): input line, `custom_id`, status, error kind,
+//!   attempts, usage, cost and the length of the output line, stored a checkpoint at a
+//!   time (one SQLite row per checkpoint);
+//! * the **outcome log** beside it (`PATH-log`): an append-only file of chunks, each the
+//!   records of one group of outcomes and their output lines, with a CRC. An outcome is
+//!   journaled when its chunk is written to the log (one `write()`, which survives a killed
+//!   process); only then is its line written to the output. About once a second the
+//!   output is flushed, the records of the logged outcomes are committed to SQLite in one
+//!   transaction, and the log is emptied: the output now holds those lines.
+//!
+//! So an output line lives in the log until the output has it, and the journal does not
+//! keep a second copy of the output (it did until schema 2: a third of the output's size
+//! again, and the compression and SQLite writes cost about as much client CPU as the rest
+//! of the journal together). Rows of requests the run stopped before finishing
+//! (`not_attempted`, `stopped`, and the one refused for exhausted quota) are *not final*:
+//! their lines are in the output so every request has one, but a resume sends them again.
 //!
 //! # Resume
 //!
-//! The output is, by construction, the journal's rows in `seq` order: rows are committed
-//! in batches and only then appended to the output. After a crash the output holds a
-//! prefix of the rows (plus, maybe, a torn last line). [`Journal::prepare_resume`] drops
-//! the rows that are not final (and, with `retry_failed`, transient failures), renumbers
-//! the rest, and [`repair_output`] cuts the output back to the rows it shares with the
-//! journal and appends the missing ones. Requests with a final row are skipped; every other
-//! request is sent again.
+//! [`Journal::open`] replays the log: its records replace the database's rows from the
+//! log's first row on (a crash between a checkpoint's commit and the emptying of the log
+//! leaves rows that are in both). The output holds, by construction, every row before the
+//! log's first plus a prefix of the log's rows (maybe with a torn last line).
+//! [`Journal::check_output`] verifies the first part; [`Journal::resume`] drops the rows
+//! that are not final (and, with `retry_failed`, transient failures), renumbers the rest,
+//! and rewrites the output from the first changed row on. A compaction writes the new
+//! rows and their lines as a new log first (to a temporary file, renamed over the log),
+//! so a crash in the middle of it is replayed like any other. Requests with a final row are
+//! skipped; every other request is sent again.
 //!
-//! Writes are batched in one transaction per group of outcomes; with WAL and
-//! `synchronous=NORMAL` a commit is a `write()` to the log, which survives a killed
-//! process (a power loss may roll back the last commits, whose requests are then re-sent).
+//! Neither file is `fsync`ed per group: a `write()` survives a killed process, and a
+//! power loss may lose the last outcomes (their requests are sent again) or, rarely,
+//! output lines the database already recorded ([`Journal::check_output`] says which;
+//! `--force` sends those again).
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
@@ -37,7 +55,7 @@ use serde::{Deserialize, Serialize};
 use crate::outcome::{ErrorKind, Outcome, Status};
 
 /// The journal format this build reads and writes.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Why a journal could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +86,31 @@ pub enum JournalError {
         found: u32,
         /// The sluice that wrote it.
         written_by: String,
+    },
+    /// The output lacks lines that only it held (deleted, cut short, or lost to a power
+    /// failure): their requests were answered, but their outcomes are gone.
+    #[error("the output {output} has {have} of the {expected} lines the journal {path} recorded as written to it: lines {} to {expected} are missing, and only the output held them. Restore the file, or pass --force to send those requests again (they were paid for once already)", have + 1)]
+    OutputMissing {
+        /// The journal.
+        path: PathBuf,
+        /// The output file.
+        output: PathBuf,
+        /// Lines of the output that match the journal.
+        have: u64,
+        /// Lines it should have.
+        expected: u64,
+    },
+    /// The output is not this run's.
+    #[error("the output {output} does not match the journal {path}: its line {line} is not the journal's ({reason}). Nothing was changed; point -o at the run's output, or start afresh with --fresh")]
+    OutputMismatch {
+        /// The journal.
+        path: PathBuf,
+        /// The output file.
+        output: PathBuf,
+        /// The first line found not to match.
+        line: u64,
+        /// How it differs.
+        reason: String,
     },
     /// Reading or writing the output file failed.
     #[error("{0}")]
@@ -224,7 +267,7 @@ impl LineSet {
     }
 }
 
-/// What [`Journal::prepare_resume`] found and did.
+/// What [`Journal::resume`] found and did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ResumePlan {
     /// Rows kept: requests that will not be sent again.
@@ -281,8 +324,23 @@ pub struct Journal {
     meta: JournalMeta,
     /// Rows so far: the next row gets `rows + 1`.
     rows: u64,
+    /// Rows whose records are committed to SQLite (`..= synced`); the rest are in the log
+    /// and in `unsynced`.
+    synced: u64,
+    /// The outcome log (`None` when opened read-only).
+    log: Option<File>,
+    /// The first row whose output line the log holds (`rows + 1` when it is empty).
+    log_first: u64,
+    /// Records of rows `synced + 1 ..= rows`, encoded, for the next checkpoint.
+    unsynced: Vec<u8>,
+    /// Their output lines' bytes.
+    unsynced_bytes: u64,
+    /// Read-only: the log's records (of rows from `log_first`), which override SQLite's.
+    overlay: Vec<Record>,
+    /// Reused for each chunk written to the log.
+    scratch: Vec<u8>,
     /// What the last pass over the records found to drop on resume, for its
-    /// `retry_failed` flag: saves [`Journal::prepare_resume`] a second pass.
+    /// `retry_failed` flag: saves [`Journal::resume`] a second pass.
     survey: Option<(bool, Survey)>,
 }
 
@@ -300,32 +358,127 @@ impl std::fmt::Debug for Journal {
         f.debug_struct("Journal")
             .field("path", &self.path)
             .field("rows", &self.rows)
+            .field("synced", &self.synced)
+            .field("log_first", &self.log_first)
             .finish()
     }
 }
 
-/// Outcomes are stored a commit at a time: one `segments` row holds the compact records of
-/// the outcomes of one group commit (output lines `first_seq ..= first_seq + count - 1`),
-/// and the matching `segment_lines` row their output lines, one after another, as one LZ4
-/// block of `bytes` bytes. Per outcome that is a few dozen bytes appended to a buffer
-/// rather than an SQLite row (measured: a row per outcome cost 18% more client CPU than no
-/// journal), and everything a resume reads (which lines are done) is in the small records,
-/// never in the large lines. The lines are compressed because SQLite writes every byte
-/// twice (to the WAL, then to the database at a checkpoint): JSON responses shrink several
-/// times, and LZ4 costs less than the writes it saves.
+/// Records are stored a checkpoint at a time: one `segments` row holds the compact records
+/// of the outcomes of output lines `first_seq ..= first_seq + count - 1`, whose lines are
+/// `bytes` long together. Per outcome that is a few dozen bytes appended to a buffer rather
+/// than an SQLite row (measured: a row per outcome cost 18% more client CPU than no
+/// journal).
 const SCHEMA: &str = "
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE segments (
     first_seq INTEGER PRIMARY KEY,
     count INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
     entries BLOB NOT NULL
 );
-CREATE TABLE segment_lines (
-    first_seq INTEGER PRIMARY KEY,
-    bytes INTEGER NOT NULL,
-    lines BLOB NOT NULL
-);
 ";
+
+/// The outcome log of the journal at `path`.
+pub fn log_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_os_string();
+    p.push("-log");
+    PathBuf::from(p)
+}
+
+/// A log chunk starts with this, then its first row (u64), its number of records (u32),
+/// the bytes of the records (u32) and of the lines (u64), and a CRC-32 (u32) of those four
+/// fields, the records and the lines; then the records, then the lines.
+const LOG_MAGIC: &[u8; 4] = b"SLG3";
+const LOG_HEADER: usize = 32;
+
+fn log_header(first_seq: u64, count: u32, records_len: u32, lines_len: u64) -> [u8; LOG_HEADER] {
+    let mut h = [0u8; LOG_HEADER];
+    h[..4].copy_from_slice(LOG_MAGIC);
+    h[4..12].copy_from_slice(&first_seq.to_le_bytes());
+    h[12..16].copy_from_slice(&count.to_le_bytes());
+    h[16..20].copy_from_slice(&records_len.to_le_bytes());
+    h[20..28].copy_from_slice(&lines_len.to_le_bytes());
+    h
+}
+
+/// One chunk of the log, as read back: its records, and where its lines are in the file.
+struct LogChunk {
+    first_seq: u64,
+    records: Vec<Record>,
+    lines_at: u64,
+}
+
+/// Reads the log's chunks in order, checking each one's CRC, and returns them with the
+/// length of the valid part: the first chunk that is short or does not check out (a write
+/// cut by a crash) ends the log. Chunks must follow one another row by row.
+fn read_log(path: &Path, f: &File) -> Result<(Vec<LogChunk>, u64), JournalError> {
+    let len = f.metadata()?.len();
+    let mut r = io::BufReader::with_capacity(1 << 16, f);
+    r.seek(SeekFrom::Start(0))?;
+    let mut chunks: Vec<LogChunk> = Vec::new();
+    let mut at = 0u64;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        if len - at < LOG_HEADER as u64 {
+            break;
+        }
+        let mut h = [0u8; LOG_HEADER];
+        r.read_exact(&mut h)?;
+        if &h[..4] != LOG_MAGIC {
+            break;
+        }
+        let first_seq = u64::from_le_bytes(h[4..12].try_into().expect("8 bytes"));
+        let count = u32::from_le_bytes(h[12..16].try_into().expect("4 bytes"));
+        let records_len = u32::from_le_bytes(h[16..20].try_into().expect("4 bytes"));
+        let lines_len = u64::from_le_bytes(h[20..28].try_into().expect("8 bytes"));
+        let crc = u32::from_le_bytes(h[28..32].try_into().expect("4 bytes"));
+        let body = u64::from(records_len).saturating_add(lines_len);
+        if len - at - (LOG_HEADER as u64) < body {
+            break;
+        }
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&h[4..28]);
+        let mut records = vec![0u8; records_len as usize];
+        r.read_exact(&mut records)?;
+        hasher.update(&records);
+        let mut left = lines_len;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            r.read_exact(&mut buf[..n])?;
+            hasher.update(&buf[..n]);
+            left -= n as u64;
+        }
+        if hasher.finalize() != crc {
+            break;
+        }
+        let Some(records) = Record::decode_all(&records).filter(|v| v.len() == count as usize)
+        else {
+            break;
+        };
+        if records.iter().map(|r| u64::from(r.line_len)).sum::<u64>() != lines_len {
+            break;
+        }
+        if let Some(last) = chunks.last() {
+            if last.first_seq + last.records.len() as u64 != first_seq {
+                return Err(JournalError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "its outcome log skips from line {} to line {first_seq}",
+                        last.first_seq + last.records.len() as u64
+                    ),
+                });
+            }
+        }
+        chunks.push(LogChunk {
+            first_seq,
+            records,
+            lines_at: at + LOG_HEADER as u64 + u64::from(records_len),
+        });
+        at += LOG_HEADER as u64 + body;
+    }
+    Ok((chunks, at))
+}
 
 /// One outcome's record as stored (everything but its output line).
 #[derive(Clone, Debug, PartialEq)]
@@ -470,13 +623,31 @@ impl Journal {
             tx.commit()
         })();
         made.map_err(err)?;
-        Ok(Journal {
+        let log = open_log(path, true)?;
+        Ok(Journal::assemble(conn, path, meta, 0, Some(log)))
+    }
+
+    fn assemble(
+        conn: Connection,
+        path: &Path,
+        meta: JournalMeta,
+        rows: u64,
+        log: Option<File>,
+    ) -> Journal {
+        Journal {
             conn,
             path: path.to_path_buf(),
             meta,
-            rows: 0,
+            rows,
+            synced: rows,
+            log,
+            log_first: rows + 1,
+            unsynced: Vec::new(),
+            unsynced_bytes: 0,
+            overlay: Vec::new(),
+            scratch: Vec::new(),
             survey: None,
-        })
+        }
     }
 
     /// Opens an existing journal for writing, checking its format.
@@ -539,29 +710,109 @@ impl Journal {
         }
         let meta: JournalMeta = serde_json::from_str(&run)
             .map_err(|e| corrupt(format!("its run record cannot be read: {e}")))?;
-        // The tables this version writes must be there. (No full integrity check: it reads
+        // The table this version writes must be there. (No full integrity check: it reads
         // the whole file, seconds for a million outcomes; damage met later is reported as
         // an error anyway.)
-        for table in ["segments", "segment_lines"] {
-            let n: i64 = conn
-                .query_row(
-                    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
-                    params![table],
-                    |r| r.get(0),
-                )
-                .map_err(|e| corrupt(e.to_string()))?;
-            if n != 1 {
-                return Err(corrupt(format!("it has no `{table}` table")));
-            }
+        let n: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'segments'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| corrupt(e.to_string()))?;
+        if n != 1 {
+            return Err(corrupt("it has no `segments` table".into()));
         }
         let rows = max_seq(&conn).map_err(|e| corrupt(e.to_string()))?;
-        Ok(Journal {
-            conn,
-            path: path.to_path_buf(),
-            meta,
-            rows,
-            survey: None,
-        })
+        if read_only {
+            let mut j = Journal::assemble(conn, path, meta, rows, None);
+            // A live run's log may be appended to as it is read: a chunk cut short is
+            // one not yet written.
+            match File::open(log_path(path)) {
+                Ok(f) => {
+                    let (chunks, _) = read_log(path, &f)?;
+                    if let Some(first) = chunks.first() {
+                        if first.first_seq <= rows + 1 {
+                            j.log_first = first.first_seq;
+                            j.overlay = chunks.into_iter().flat_map(|c| c.records).collect();
+                            j.rows = j.log_first - 1 + j.overlay.len() as u64;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+            return Ok(j);
+        }
+        let log = open_log(path, false)?;
+        let mut j = Journal::assemble(conn, path, meta, rows, Some(log));
+        j.replay_log()?;
+        Ok(j)
+    }
+
+    /// Brings the log's records into SQLite (they replace its rows from the log's first
+    /// on) and cuts a chunk torn by a crash off the log. The log keeps its lines: the
+    /// output may lack them.
+    fn replay_log(&mut self) -> Result<(), JournalError> {
+        let log = self.log.as_ref().expect("a writable journal has its log");
+        let (chunks, valid) = read_log(&self.path, log)?;
+        if log.metadata()?.len() > valid {
+            log.set_len(valid)?;
+        }
+        let Some(first) = chunks.first().map(|c| c.first_seq) else {
+            self.log_first = self.rows + 1;
+            return Ok(());
+        };
+        if first > self.synced + 1 || first == 0 {
+            return Err(JournalError::Corrupt {
+                path: self.path.clone(),
+                reason: format!(
+                    "its outcome log starts at line {first}, but its records end at line {}",
+                    self.synced
+                ),
+            });
+        }
+        let records: Vec<Record> = chunks.into_iter().flat_map(|c| c.records).collect();
+        self.replace_from(first, &records)?;
+        self.log_first = first;
+        Ok(())
+    }
+
+    /// Replaces rows `from..` with `records` in one transaction.
+    fn replace_from(&mut self, from: u64, records: &[Record]) -> Result<(), JournalError> {
+        let path = self.path.clone();
+        let segments = self.segments_from(from)?;
+        let tx = self.conn.unchecked_transaction().map_err(sqlite(&path))?;
+        let put = |first: u64, recs: &[Record]| -> rusqlite::Result<()> {
+            if recs.is_empty() {
+                return Ok(());
+            }
+            let mut enc = Vec::with_capacity(recs.len() * 64);
+            for r in recs {
+                r.encode(&mut enc);
+            }
+            let bytes = recs.iter().map(|r| u64::from(r.line_len)).sum();
+            insert_segment(&tx, first, recs.len() as u64, bytes, &enc)
+        };
+        for seg in segments {
+            tx.execute(
+                "DELETE FROM segments WHERE first_seq = ?1",
+                params![seg.first_seq as i64],
+            )
+            .map_err(sqlite(&path))?;
+            if seg.first_seq < from {
+                let keep = (from - seg.first_seq) as usize;
+                put(seg.first_seq, &seg.records[..keep]).map_err(sqlite(&path))?;
+            }
+        }
+        put(from, records).map_err(sqlite(&path))?;
+        tx.commit().map_err(sqlite(&path))?;
+        self.rows = from - 1 + records.len() as u64;
+        self.synced = self.rows;
+        self.unsynced.clear();
+        self.unsynced_bytes = 0;
+        self.survey = None;
+        Ok(())
     }
 
     /// The journal's path.
@@ -598,34 +849,94 @@ impl Journal {
         Ok(())
     }
 
-    /// Commits `entries` in one transaction, numbered after the rows already there: the
-    /// caller writes their output lines, in this order, only after this returns.
+    /// Journals `entries`, numbered after the rows already there, as one chunk of the log
+    /// (one `write()`): the caller writes their output lines, in this order, only after
+    /// this returns. Their records reach SQLite at the next [`checkpoint`](Self::checkpoint).
     pub fn append(&mut self, entries: &[Entry]) -> Result<(), JournalError> {
         if entries.is_empty() {
             return Ok(());
         }
-        let mut records = Vec::with_capacity(entries.len() * 64);
-        let mut lines = Vec::with_capacity(entries.iter().map(|e| e.output.len()).sum());
+        let first = self.rows + 1;
+        let mut chunk = std::mem::take(&mut self.scratch);
+        chunk.clear();
+        chunk.extend_from_slice(&[0u8; LOG_HEADER]);
         for e in entries {
-            Record::of(e).encode(&mut records);
-            lines.extend_from_slice(&e.output);
+            Record::of(e).encode(&mut chunk);
         }
-        let path = self.path.clone();
-        // BEGIN and COMMIT as cached statements: rusqlite's transactions prepare them again
-        // each time, a tenth of a commit's cost in a paced run (one small commit per tick).
-        let conn = &self.conn;
-        conn.prepare_cached("BEGIN")
-            .and_then(|mut s| s.execute([]))
-            .map_err(sqlite(&path))?;
-        let written = insert_segment(conn, self.rows + 1, entries.len() as u64, &records, &lines)
-            .and_then(|()| conn.prepare_cached("COMMIT")?.execute([]).map(drop));
+        let records_len = chunk.len() - LOG_HEADER;
+        let mut lines_len = 0u64;
+        for e in entries {
+            chunk.extend_from_slice(&e.output);
+            lines_len += e.output.len() as u64;
+        }
+        let mut header = log_header(first, entries.len() as u32, records_len as u32, lines_len);
+        let crc = {
+            let mut h = crc32fast::Hasher::new();
+            h.update(&header[4..28]);
+            h.update(&chunk[LOG_HEADER..]);
+            h.finalize()
+        };
+        header[28..32].copy_from_slice(&crc.to_le_bytes());
+        chunk[..LOG_HEADER].copy_from_slice(&header);
+        let log = self.log.as_mut().expect("a writable journal has its log");
+        let written = log.write_all(&chunk);
+        self.unsynced
+            .extend_from_slice(&chunk[LOG_HEADER..LOG_HEADER + records_len]);
+        self.scratch = chunk;
         if let Err(e) = written {
-            let _ = conn.execute_batch("ROLLBACK");
-            return Err(sqlite(&path)(e));
+            // What part of the chunk reached the log is cut on the next open; these rows
+            // are not journaled.
+            let n = self.unsynced.len() - records_len;
+            self.unsynced.truncate(n);
+            return Err(e.into());
         }
+        self.unsynced_bytes += lines_len;
         self.rows += entries.len() as u64;
         self.survey = None;
         Ok(())
+    }
+
+    /// Commits the records of the logged outcomes to SQLite in one transaction, then
+    /// empties the log. Call it only once the output holds every line appended so far
+    /// (written to the file, not in a buffer of ours): the log is the only other copy.
+    pub fn checkpoint(&mut self) -> Result<(), JournalError> {
+        if self.rows > self.synced {
+            let path = self.path.clone();
+            let count = self.rows - self.synced;
+            // BEGIN and COMMIT as cached statements: rusqlite's transactions prepare them
+            // again each time.
+            let conn = &self.conn;
+            conn.prepare_cached("BEGIN")
+                .and_then(|mut s| s.execute([]))
+                .map_err(sqlite(&path))?;
+            let written = insert_segment(
+                conn,
+                self.synced + 1,
+                count,
+                self.unsynced_bytes,
+                &self.unsynced,
+            )
+            .and_then(|()| conn.prepare_cached("COMMIT")?.execute([]).map(drop));
+            if let Err(e) = written {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(sqlite(&path)(e));
+            }
+            self.synced = self.rows;
+            self.unsynced.clear();
+            self.unsynced_bytes = 0;
+        }
+        if self.log_first <= self.rows {
+            if let Some(log) = &self.log {
+                log.set_len(0)?;
+            }
+            self.log_first = self.rows + 1;
+        }
+        Ok(())
+    }
+
+    /// Rows whose records are not yet committed to SQLite.
+    pub fn unsynced(&self) -> u64 {
+        self.rows - self.synced
     }
 
     /// Every segment from the one holding output line `seq` on, in order.
@@ -667,10 +978,88 @@ impl Journal {
         Ok(())
     }
 
-    /// Drops the rows whose requests must be sent again (not final; with `retry_failed`
-    /// also transient failures) and renumbers the rest from the first dropped one, in one
-    /// transaction. Then [`repair_output`] brings the output in line.
-    pub fn prepare_resume(&mut self, retry_failed: bool) -> Result<ResumePlan, JournalError> {
+    /// Checks that the output at `output` holds the lines of every row before the log's
+    /// first: lines only the output holds now. An output with fewer is
+    /// [`JournalError::OutputMissing`]; one whose lines are not this journal's,
+    /// [`JournalError::OutputMismatch`].
+    pub fn check_output(&self, output: &Path) -> Result<(), JournalError> {
+        let need = self.log_first - 1;
+        if need == 0 {
+            return Ok(());
+        }
+        let f = match File::open(output) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(self.missing(output, 0, need));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let len = f.metadata()?.len();
+        let expected = self.bytes_through(need)?;
+        let (lines, end) = if len >= expected && byte_at(&f, expected - 1)? == b'\n' {
+            (need, expected)
+        } else {
+            complete_lines(&f, need)?
+        };
+        if lines == 0 {
+            return Err(self.missing(output, 0, need));
+        }
+        let mismatch = |reason: String| JournalError::OutputMismatch {
+            path: self.path.clone(),
+            output: output.to_path_buf(),
+            line: lines,
+            reason,
+        };
+        let last = last_line(&f, end)?;
+        let id = serde_json::from_slice::<serde_json::Value>(&last)
+            .ok()
+            .and_then(|v| v["custom_id"].as_str().map(str::to_string));
+        let want = self.custom_id_at(lines)?;
+        if id != want {
+            return Err(mismatch(format!(
+                "custom_id {} where the journal has {}",
+                id.map_or("missing".into(), |i| format!("{i:?}")),
+                want.map_or("none".into(), |i| format!("{i:?}"))
+            )));
+        }
+        if end != self.bytes_through(lines)? {
+            return Err(mismatch("the lines before it have other lengths".into()));
+        }
+        if lines < need {
+            return Err(self.missing(output, lines, need));
+        }
+        Ok(())
+    }
+
+    fn missing(&self, output: &Path, have: u64, expected: u64) -> JournalError {
+        JournalError::OutputMissing {
+            path: self.path.clone(),
+            output: output.to_path_buf(),
+            have,
+            expected,
+        }
+    }
+
+    /// Forgets every row after `keep` (for `--force` after [`JournalError::OutputMissing`]):
+    /// their requests are sent again.
+    pub fn truncate_rows(&mut self, keep: u64) -> Result<(), JournalError> {
+        self.replace_from(keep + 1, &[])?;
+        if let Some(log) = &self.log {
+            log.set_len(0)?;
+        }
+        self.log_first = self.rows + 1;
+        Ok(())
+    }
+
+    /// Makes the journal and the output ready for a resume: drops the rows whose requests
+    /// must be sent again (not final; with `retry_failed` also transient failures),
+    /// renumbers the rest, and brings the output (`None` for stdout) in line with the
+    /// rows. Call [`check_output`](Self::check_output) first.
+    pub fn resume(
+        &mut self,
+        output: Option<&Path>,
+        retry_failed: bool,
+    ) -> Result<(ResumePlan, Option<OutputRepair>), JournalError> {
         let survey = match self.survey {
             Some((flag, survey)) if flag == retry_failed => survey,
             _ => {
@@ -679,63 +1068,192 @@ impl Journal {
                 survey
             }
         };
-        let drop_it = |r: &Record| dropped_on_resume(r, retry_failed);
         let mut plan = ResumePlan {
             requeued_unfinished: survey.unfinished,
             requeued_failed: survey.failed,
+            first_changed_seq: survey.first.map(|(seq, _)| seq),
             ..ResumePlan::default()
         };
-        let first = survey.first;
-        if let Some((first_dropped, segment_start)) = first {
-            let path = self.path.clone();
-            let segments = self.segments_from(segment_start)?;
-            let tx = self.conn.unchecked_transaction().map_err(sqlite(&path))?;
-            let mut next = segment_start;
-            for s in segments {
-                let (bytes, packed): (i64, Vec<u8>) = tx
-                    .query_row(
-                        "SELECT bytes, lines FROM segment_lines WHERE first_seq = ?1",
-                        params![s.first_seq as i64],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
-                    .map_err(sqlite(&path))?;
-                let lines = unpack_lines(&path, s.first_seq, bytes, &packed)?;
-                tx.execute(
-                    "DELETE FROM segments WHERE first_seq = ?1",
-                    params![s.first_seq as i64],
-                )
-                .map_err(sqlite(&path))?;
-                tx.execute(
-                    "DELETE FROM segment_lines WHERE first_seq = ?1",
-                    params![s.first_seq as i64],
-                )
-                .map_err(sqlite(&path))?;
-                let mut records = Vec::new();
-                let mut kept_lines = Vec::new();
-                let mut count = 0u64;
-                let mut at = 0usize;
-                for r in &s.records {
-                    let end = at + r.line_len as usize;
-                    if !drop_it(r) {
-                        r.encode(&mut records);
-                        kept_lines.extend_from_slice(&lines[at..end]);
-                        count += 1;
-                    }
-                    at = end;
+        let repair = match output {
+            Some(path) => {
+                self.check_output(path)?;
+                if let Some(first) = plan.first_changed_seq {
+                    self.compact(Some(path), first, retry_failed)?;
                 }
-                if count > 0 {
-                    insert_segment(&tx, next, count, &records, &kept_lines)
-                        .map_err(sqlite(&path))?;
-                    next += count;
+                let repair = self.rewrite_output_tail(path)?;
+                self.checkpoint()?;
+                Some(repair)
+            }
+            None => {
+                if let Some(first) = plan.first_changed_seq {
+                    self.compact(None, first, retry_failed)?;
+                }
+                self.checkpoint()?;
+                None
+            }
+        };
+        plan.kept = self.rows;
+        Ok((plan, repair))
+    }
+
+    /// Drops the rows from `first` on that a resume sends again, renumbering the rest.
+    /// With an output file, the kept rows and their lines (from the output before the log's
+    /// first row, from the log after) become the new log, written beside it and renamed
+    /// over it, then replayed: a crash at any point leaves either log whole.
+    fn compact(
+        &mut self,
+        output: Option<&Path>,
+        first: u64,
+        retry_failed: bool,
+    ) -> Result<(), JournalError> {
+        let mut rows: Vec<(Record, bool)> = Vec::new();
+        for seg in self.segments_from(first)? {
+            for (i, r) in seg.records.into_iter().enumerate() {
+                if seg.first_seq + i as u64 >= first {
+                    let keep = !dropped_on_resume(&r, retry_failed);
+                    rows.push((r, keep));
                 }
             }
-            tx.commit().map_err(sqlite(&path))?;
-            plan.first_changed_seq = Some(first_dropped);
         }
-        self.rows = max_seq(&self.conn).map_err(sqlite(&self.path))?;
-        self.survey = None;
-        plan.kept = self.rows;
-        Ok(plan)
+        let kept: Vec<Record> = rows
+            .iter()
+            .filter(|(_, k)| *k)
+            .map(|(r, _)| r.clone())
+            .collect();
+        let Some(output) = output else {
+            return self.replace_from(first, &kept);
+        };
+        let log_file = log_path(&self.path);
+        let tmp = {
+            let mut p = log_file.as_os_str().to_os_string();
+            p.push(".tmp");
+            PathBuf::from(p)
+        };
+        let mut records = Vec::with_capacity(kept.len() * 64);
+        for r in &kept {
+            r.encode(&mut records);
+        }
+        let lines_len: u64 = kept.iter().map(|r| u64::from(r.line_len)).sum();
+        let mut header = log_header(first, kept.len() as u32, records.len() as u32, lines_len);
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&header[4..28]);
+        crc.update(&records);
+        let mut w = BufWriter::with_capacity(1 << 16, File::create(&tmp)?);
+        w.write_all(&header)?;
+        w.write_all(&records)?;
+        // The lines, in row order: rows before the log's first from the output, the rest
+        // from the log.
+        let mut from_output = {
+            let mut f = File::open(output)?;
+            f.seek(SeekFrom::Start(self.bytes_through(first - 1)?))?;
+            io::BufReader::with_capacity(1 << 16, f)
+        };
+        let log = self.log.as_ref().expect("a writable journal has its log");
+        let (chunks, _) = read_log(&self.path, log)?;
+        let mut from_log = io::BufReader::with_capacity(1 << 16, log.try_clone()?);
+        if let Some(c) = chunks.first() {
+            from_log.seek(SeekFrom::Start(c.lines_at))?;
+        }
+        let mut next_chunk = 0usize;
+        let mut line = Vec::new();
+        for (i, (r, keep)) in rows.iter().enumerate() {
+            let seq = first + i as u64;
+            line.resize(r.line_len as usize, 0);
+            if seq < self.log_first {
+                from_output.read_exact(&mut line)?;
+            } else {
+                // Chunks are contiguous in the file: seek only at the start of each.
+                while next_chunk < chunks.len() && chunks[next_chunk].first_seq <= seq {
+                    if chunks[next_chunk].first_seq == seq {
+                        from_log.seek(SeekFrom::Start(chunks[next_chunk].lines_at))?;
+                    }
+                    next_chunk += 1;
+                }
+                from_log.read_exact(&mut line)?;
+            }
+            if *keep {
+                crc.update(&line);
+                w.write_all(&line)?;
+            }
+        }
+        header[28..32].copy_from_slice(&crc.finalize().to_le_bytes());
+        let mut f = w.into_inner().map_err(|e| e.into_error())?;
+        f.seek(SeekFrom::Start(0))?;
+        f.write_all(&header)?;
+        f.sync_data()?;
+        drop(f);
+        std::fs::rename(&tmp, &log_file)?;
+        self.log = Some(open_log(&self.path, false)?);
+        self.replay_log()
+    }
+
+    /// Brings the output in line with the rows: it keeps every line before the log's first
+    /// row (see [`check_output`](Self::check_output)) and those after that are already the
+    /// log's, byte for byte; cuts what follows (a torn line, lines of dropped rows) and
+    /// appends the log's other lines.
+    fn rewrite_output_tail(&mut self, output: &Path) -> Result<OutputRepair, JournalError> {
+        let mut report = OutputRepair::default();
+        let keep_bytes = self.bytes_through(self.log_first - 1)?;
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(output)?;
+        let len = f.metadata()?.len();
+        let log = self.log.as_ref().expect("a writable journal has its log");
+        let (chunks, _) = read_log(&self.path, log)?;
+        let mut from_log = io::BufReader::with_capacity(1 << 16, log.try_clone()?);
+        let mut tail = io::BufReader::with_capacity(1 << 16, f.try_clone()?);
+        tail.seek(SeekFrom::Start(keep_bytes))?;
+        let mut at = keep_bytes;
+        let mut kept = self.log_first - 1;
+        let (mut line, mut there) = (Vec::new(), Vec::new());
+        // Lines already in the output.
+        let mut pending: Option<(usize, usize)> = None; // (chunk, record) of the first line to write
+        'matching: for (ci, c) in chunks.iter().enumerate() {
+            from_log.seek(SeekFrom::Start(c.lines_at))?;
+            for (ri, r) in c.records.iter().enumerate() {
+                line.resize(r.line_len as usize, 0);
+                from_log.read_exact(&mut line)?;
+                there.resize(line.len(), 0);
+                if at + line.len() as u64 > len
+                    || tail.read_exact(&mut there).is_err()
+                    || there != line
+                {
+                    pending = Some((ci, ri));
+                    break 'matching;
+                }
+                at += line.len() as u64;
+                kept += 1;
+            }
+        }
+        report.kept = kept;
+        if len > at {
+            let (cut, torn) = tail_lines(&f, at)?;
+            report.cut = cut;
+            report.torn_bytes = torn;
+            f.set_len(at)?;
+        }
+        let mut w = BufWriter::with_capacity(1 << 16, f);
+        w.seek(SeekFrom::Start(at))?;
+        if let Some((ci, ri)) = pending {
+            for (i, c) in chunks.iter().enumerate().skip(ci) {
+                from_log.seek(SeekFrom::Start(c.lines_at))?;
+                for (j, r) in c.records.iter().enumerate() {
+                    line.resize(r.line_len as usize, 0);
+                    from_log.read_exact(&mut line)?;
+                    if i == ci && j < ri {
+                        continue;
+                    }
+                    w.write_all(&line)?;
+                    report.restored += 1;
+                }
+            }
+        }
+        w.flush()?;
+        w.get_ref().sync_data()?;
+        Ok(report)
     }
 
     /// Input lines with a final outcome; with `retry_failed`, less transient failures.
@@ -767,23 +1285,43 @@ impl Journal {
         survey: &mut Survey,
         mut done: impl FnMut(u64, &str),
     ) -> Result<(), JournalError> {
+        self.each_record(|seq, r| {
+            if dropped_on_resume(r, retry_failed) {
+                if r.final_ {
+                    survey.failed += 1;
+                } else {
+                    survey.unfinished += 1;
+                }
+                if survey.first.is_none() {
+                    survey.first = Some((seq, seq));
+                }
+            } else {
+                done(r.line, &r.custom_id);
+            }
+        })
+    }
+
+    /// Calls `f` with every row's number and record, in order: SQLite's, then (read-only)
+    /// those of the log, which override SQLite's from the log's first row.
+    fn each_record(&self, mut f: impl FnMut(u64, &Record)) -> Result<(), JournalError> {
+        let end = if self.overlay.is_empty() {
+            u64::MAX
+        } else {
+            self.log_first
+        };
         self.each_segment_from(0, |s| {
             for (i, r) in s.records.iter().enumerate() {
-                if dropped_on_resume(r, retry_failed) {
-                    if r.final_ {
-                        survey.failed += 1;
-                    } else {
-                        survey.unfinished += 1;
-                    }
-                    if survey.first.is_none() {
-                        survey.first = Some((s.first_seq + i as u64, s.first_seq));
-                    }
-                } else {
-                    done(r.line, &r.custom_id);
+                let seq = s.first_seq + i as u64;
+                if seq < end {
+                    f(seq, r);
                 }
             }
             Ok(())
-        })
+        })?;
+        for (i, r) in self.overlay.iter().enumerate() {
+            f(self.log_first + i as u64, r);
+        }
+        Ok(())
     }
 
     /// Bytes of output lines `1..=seq`.
@@ -794,8 +1332,7 @@ impl Journal {
         let whole: i64 = self
             .conn
             .query_row(
-                "SELECT COALESCE(SUM(l.bytes), 0) FROM segments s JOIN segment_lines l USING (first_seq)
-                 WHERE s.first_seq + s.count - 1 <= ?1",
+                "SELECT COALESCE(SUM(bytes), 0) FROM segments WHERE first_seq + count - 1 <= ?1",
                 params![seq as i64],
                 |r| r.get(0),
             )
@@ -830,55 +1367,6 @@ impl Journal {
         Ok(found)
     }
 
-    /// Calls `f` with the output line of every row from `seq` on, in order.
-    pub fn for_each_output_from(
-        &self,
-        seq: u64,
-        mut f: impl FnMut(&[u8]) -> io::Result<()>,
-    ) -> Result<(), JournalError> {
-        let err = || sqlite(&self.path);
-        let seq = seq.max(1);
-        let mut q = self
-            .conn
-            .prepare(
-                "SELECT s.first_seq, s.entries, l.bytes, l.lines FROM segments s JOIN segment_lines l USING (first_seq)
-                 WHERE s.first_seq + s.count > ?1 ORDER BY s.first_seq",
-            )
-            .map_err(err())?;
-        let mut rows = q.query(params![seq as i64]).map_err(err())?;
-        while let Some(r) = rows.next().map_err(err())? {
-            let first_seq = r.get::<_, i64>(0).map_err(err())? as u64;
-            let records = r
-                .get_ref(1)
-                .map_err(err())?
-                .as_blob()
-                .map_err(|e| err()(e.into()))
-                .map(Record::decode_all)?
-                .ok_or_else(|| JournalError::Corrupt {
-                    path: self.path.clone(),
-                    reason: format!(
-                        "the records of the outcomes from line {first_seq} cannot be read"
-                    ),
-                })?;
-            let bytes = r.get::<_, i64>(2).map_err(err())?;
-            let packed = r
-                .get_ref(3)
-                .map_err(err())?
-                .as_blob()
-                .map_err(|e| err()(e.into()))?;
-            let lines = unpack_lines(&self.path, first_seq, bytes, packed)?;
-            let mut at = 0usize;
-            for (i, rec) in records.iter().enumerate() {
-                let end = (at + rec.line_len as usize).min(lines.len());
-                if first_seq + i as u64 >= seq {
-                    f(&lines[at..end])?;
-                }
-                at = end;
-            }
-        }
-        Ok(())
-    }
-
     /// Where the run stands.
     pub fn status(&self) -> Result<JournalStatus, JournalError> {
         let mut s = JournalStatus {
@@ -886,36 +1374,33 @@ impl Journal {
             ..JournalStatus::default()
         };
         let mut errors: Vec<ErrorCount> = Vec::new();
-        self.each_segment_from(0, |seg| {
-            for r in &seg.records {
-                s.attempts += u64::from(r.attempts);
-                if r.final_ {
-                    s.done += 1;
-                    if r.succeeded {
-                        s.succeeded += 1;
-                    } else {
-                        s.failed += 1;
-                    }
-                }
-                s.prompt_tokens += r.prompt_tokens.unwrap_or(0);
-                s.completion_tokens += r.completion_tokens.unwrap_or(0);
-                s.cost_usd += r.cost_usd.unwrap_or(0.0);
-                if let Some(kind) = r.kind {
-                    let example = r.message.clone().unwrap_or_default();
-                    match errors.iter_mut().find(|e| e.kind == kind.as_str()) {
-                        Some(e) => {
-                            e.count += 1;
-                            e.example = example;
-                        }
-                        None => errors.push(ErrorCount {
-                            kind: kind.as_str().to_string(),
-                            count: 1,
-                            example,
-                        }),
-                    }
+        self.each_record(|_, r| {
+            s.attempts += u64::from(r.attempts);
+            if r.final_ {
+                s.done += 1;
+                if r.succeeded {
+                    s.succeeded += 1;
+                } else {
+                    s.failed += 1;
                 }
             }
-            Ok(())
+            s.prompt_tokens += r.prompt_tokens.unwrap_or(0);
+            s.completion_tokens += r.completion_tokens.unwrap_or(0);
+            s.cost_usd += r.cost_usd.unwrap_or(0.0);
+            if let Some(kind) = r.kind {
+                let example = r.message.clone().unwrap_or_default();
+                match errors.iter_mut().find(|e| e.kind == kind.as_str()) {
+                    Some(e) => {
+                        e.count += 1;
+                        e.example = example;
+                    }
+                    None => errors.push(ErrorCount {
+                        kind: kind.as_str().to_string(),
+                        count: 1,
+                        example,
+                    }),
+                }
+            }
         })?;
         errors.sort_by(|a, b| b.count.cmp(&a.count).then(a.kind.cmp(&b.kind)));
         s.errors = errors;
@@ -934,35 +1419,32 @@ fn insert_segment(
     tx: &Connection,
     first_seq: u64,
     count: u64,
+    bytes: u64,
     records: &[u8],
-    lines: &[u8],
 ) -> rusqlite::Result<()> {
-    tx.prepare_cached("INSERT INTO segments (first_seq, count, entries) VALUES (?1, ?2, ?3)")?
-        .execute(params![first_seq as i64, count as i64, records])?;
-    let packed = lz4_flex::block::compress(lines);
-    tx.prepare_cached("INSERT INTO segment_lines (first_seq, bytes, lines) VALUES (?1, ?2, ?3)")?
-        .execute(params![first_seq as i64, lines.len() as i64, packed])?;
+    tx.prepare_cached(
+        "INSERT INTO segments (first_seq, count, bytes, entries) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![
+        first_seq as i64,
+        count as i64,
+        bytes as i64,
+        records
+    ])?;
     Ok(())
 }
 
-/// The output lines of the segment from `first_seq`, stored as an LZ4 block of `bytes`.
-fn unpack_lines(
-    path: &Path,
-    first_seq: u64,
-    bytes: i64,
-    packed: &[u8],
-) -> Result<Vec<u8>, JournalError> {
-    usize::try_from(bytes)
-        .ok()
-        .and_then(|n| {
-            lz4_flex::block::decompress(packed, n)
-                .ok()
-                .filter(|l| l.len() == n)
-        })
-        .ok_or_else(|| JournalError::Corrupt {
-            path: path.to_path_buf(),
-            reason: format!("the output lines from line {first_seq} cannot be read"),
-        })
+/// Opens the outcome log of the journal at `journal` for appending, emptied when `fresh`.
+fn open_log(journal: &Path, fresh: bool) -> Result<File, JournalError> {
+    let f = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(log_path(journal))?;
+    if fresh {
+        f.set_len(0)?;
+    }
+    Ok(f)
 }
 
 fn max_seq(conn: &Connection) -> rusqlite::Result<u64> {
@@ -974,94 +1456,17 @@ fn max_seq(conn: &Connection) -> rusqlite::Result<u64> {
     .map(|n| n as u64)
 }
 
-/// What [`repair_output`] did.
+/// What [`Journal::resume`] did to the output.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OutputRepair {
     /// Complete lines kept from the existing output.
     pub kept: u64,
     /// Bytes of a torn last line that were cut.
     pub torn_bytes: u64,
-    /// Lines cut because their rows were dropped or renumbered.
+    /// Complete lines cut (of dropped or renumbered rows, or not the journal's).
     pub cut: u64,
-    /// Lines written from the journal.
+    /// Lines written from the journal's log.
     pub restored: u64,
-    /// The output did not match the journal and was rebuilt from it.
-    pub rebuilt: bool,
-}
-
-/// Brings the output file in line with the journal: it keeps the lines it shares with the
-/// journal's rows (all lines before `first_changed_seq`, and the output is a prefix of the
-/// rows), cuts a torn last line and everything after, and appends the rows it lacks. When
-/// the file does not match the journal (a different output, edited by hand), it is rebuilt
-/// from the journal, which holds every line.
-pub fn repair_output(
-    journal: &Journal,
-    path: &Path,
-    first_changed_seq: Option<u64>,
-) -> Result<OutputRepair, JournalError> {
-    let mut report = OutputRepair::default();
-    let rows = journal.rows();
-    let keep_at_most = first_changed_seq.map_or(rows, |s| s - 1).min(rows);
-    let file = match OpenOptions::new().read(true).write(true).open(path) {
-        Ok(f) => Some(f),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => return Err(e.into()),
-    };
-    let (keep_lines, keep_bytes, file_len) = match &file {
-        None => (0, 0, 0),
-        Some(f) => {
-            let len = f.metadata()?.len();
-            // The journal knows each line's length: when the file holds at least that many
-            // bytes and a line ends there, it need not be read (checked below by the last
-            // kept line's custom_id).
-            let expected = journal.bytes_through(keep_at_most)?;
-            if len >= expected && (expected == 0 || byte_at(f, expected - 1)? == b'\n') {
-                (keep_at_most, expected, len)
-            } else {
-                let (lines, end) = complete_lines(f, keep_at_most)?;
-                (lines, end, len)
-            }
-        }
-    };
-    // The last kept line must be the journal's row of that number.
-    let matches = match &file {
-        None => true,
-        Some(f) if keep_lines > 0 => {
-            let last = last_line(f, keep_bytes)?;
-            let id = serde_json::from_slice::<serde_json::Value>(&last)
-                .ok()
-                .and_then(|v| v["custom_id"].as_str().map(str::to_string));
-            id.is_some() && id == journal.custom_id_at(keep_lines)?
-        }
-        Some(_) => true,
-    };
-    let (mut writer, from) = if matches {
-        let f = match file {
-            Some(f) => f,
-            None => File::create(path)?,
-        };
-        if file_len > keep_bytes {
-            // What follows the kept lines: a torn line, or lines of dropped rows.
-            let tail = tail_lines(&f, keep_bytes)?;
-            report.cut = tail.0;
-            report.torn_bytes = tail.1;
-            f.set_len(keep_bytes)?;
-        }
-        report.kept = keep_lines;
-        let mut f = f;
-        f.seek(SeekFrom::Start(keep_bytes))?;
-        (BufWriter::new(f), keep_lines + 1)
-    } else {
-        report.rebuilt = true;
-        (BufWriter::new(File::create(path)?), 1)
-    };
-    journal.for_each_output_from(from, |line| {
-        report.restored += 1;
-        writer.write_all(line)
-    })?;
-    writer.flush()?;
-    writer.get_ref().sync_data()?;
-    Ok(report)
 }
 
 fn byte_at(f: &File, at: u64) -> io::Result<u8> {
@@ -1191,50 +1596,144 @@ mod tests {
         }
     }
 
+    fn lines(entries: &[Entry]) -> Vec<u8> {
+        entries.iter().flat_map(|e| e.output.clone()).collect()
+    }
+
     #[test]
-    fn output_lines_are_stored_compressed_and_damage_to_them_is_reported() {
+    fn outcomes_are_logged_then_checkpointed_and_a_crash_before_the_checkpoint_loses_none() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
         let mut j = Journal::create(&path, meta()).unwrap();
-        let mut entries: Vec<Entry> = (1..=6).map(|l| entry(l, None)).collect();
-        for e in &mut entries {
-            e.output = format!(
-                "{{\"custom_id\":\"r{}\",\"text\":\"{}\"}}\n",
-                e.line,
-                "ab".repeat(500)
-            )
-            .into_bytes();
-        }
-        j.append(&entries).unwrap();
-        let raw: usize = entries.iter().map(|e| e.output.len()).sum();
-        let stored: i64 = j
+        let entries: Vec<Entry> = (1..=6).map(|l| entry(l, None)).collect();
+        j.append(&entries[..2]).unwrap();
+        j.append(&entries[2..5]).unwrap();
+        // In the log, not yet in SQLite.
+        assert_eq!((j.rows(), j.unsynced()), (5, 5));
+        let in_sqlite: i64 = j
             .conn
-            .query_row("SELECT length(lines) FROM segment_lines", [], |r| r.get(0))
+            .query_row("SELECT COUNT(*) FROM segments", [], |r| r.get(0))
             .unwrap();
-        assert!(
-            (stored as usize) < raw / 4,
-            "{stored} bytes stored for {raw}"
+        assert_eq!(in_sqlite, 0);
+        let log_len = std::fs::metadata(log_path(&path)).unwrap().len();
+        assert!(log_len > lines(&entries[..5]).len() as u64, "{log_len}");
+        // A reader sees the logged outcomes.
+        let s = Journal::open_read_only(&path).unwrap().status().unwrap();
+        assert_eq!(s.succeeded, 5);
+        // A crash, with half a chunk written: reopening replays the two whole chunks and
+        // cuts the torn one.
+        drop(j);
+        let mut torn = std::fs::OpenOptions::new()
+            .append(true)
+            .open(log_path(&path))
+            .unwrap();
+        torn.write_all(&[b'S', b'L', b'G', b'3', 6, 0, 0]).unwrap();
+        drop(torn);
+        let mut j = Journal::open(&path).unwrap();
+        assert_eq!((j.rows(), j.unsynced()), (5, 0));
+        assert_eq!(std::fs::metadata(log_path(&path)).unwrap().len(), log_len);
+        assert_eq!(j.custom_id_at(5).unwrap().as_deref(), Some("r5"));
+        assert_eq!(
+            j.bytes_through(5).unwrap(),
+            lines(&entries[..5]).len() as u64
         );
-        assert_eq!(j.bytes_through(6).unwrap(), raw as u64);
-        let first_two = (entries[0].output.len() + entries[1].output.len()) as u64;
-        assert_eq!(j.bytes_through(2).unwrap(), first_two);
-        let mut back = Vec::new();
-        j.for_each_output_from(1, |l| {
-            back.extend_from_slice(l);
-            Ok(())
-        })
-        .unwrap();
-        let all: Vec<u8> = entries.iter().flat_map(|e| e.output.clone()).collect();
-        assert_eq!(back, all);
+        j.append(&entries[5..]).unwrap();
+        j.checkpoint().unwrap();
+        assert_eq!(std::fs::metadata(log_path(&path)).unwrap().len(), 0);
+        assert_eq!((j.rows(), j.unsynced()), (6, 0));
+        drop(j);
+        let j = Journal::open(&path).unwrap();
+        assert_eq!(j.rows(), 6);
+        assert_eq!(j.bytes_through(6).unwrap(), lines(&entries).len() as u64);
+        assert_eq!(j.status().unwrap().succeeded, 6);
+    }
 
-        j.conn
-            .execute("UPDATE segment_lines SET lines = x'00ff00ff'", [])
-            .unwrap();
-        let err = j.for_each_output_from(1, |_| Ok(())).unwrap_err();
+    #[test]
+    fn a_damaged_chunk_ends_the_log_and_a_log_that_skips_rows_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let mut j = Journal::create(&path, meta()).unwrap();
+        let entries: Vec<Entry> = (1..=4).map(|l| entry(l, None)).collect();
+        j.append(&entries[..2]).unwrap();
+        let first_chunk = std::fs::metadata(log_path(&path)).unwrap().len();
+        j.append(&entries[2..]).unwrap();
+        drop(j);
+        // A flipped byte in the second chunk's lines: its CRC fails, so it is not replayed.
+        let mut bytes = std::fs::read(log_path(&path)).unwrap();
+        let last = bytes.len() - 3;
+        bytes[last] ^= 1;
+        std::fs::write(log_path(&path), &bytes).unwrap();
+        let j = Journal::open(&path).unwrap();
+        assert_eq!(j.rows(), 2);
+        assert_eq!(
+            std::fs::metadata(log_path(&path)).unwrap().len(),
+            first_chunk
+        );
+        drop(j);
+        // A chunk numbered past the next row.
+        let mut chunk = bytes[..first_chunk as usize].to_vec();
+        chunk[4..12].copy_from_slice(&9u64.to_le_bytes());
+        let mut log = bytes[..first_chunk as usize].to_vec();
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&chunk[4..28]);
+        crc.update(&chunk[LOG_HEADER..]);
+        chunk[28..32].copy_from_slice(&crc.finalize().to_le_bytes());
+        log.extend_from_slice(&chunk);
+        std::fs::write(log_path(&path), &log).unwrap();
+        let err = Journal::open(&path).unwrap_err();
         assert!(
-            matches!(&err, JournalError::Corrupt { reason, .. } if reason.contains("line 1")),
+            matches!(&err, JournalError::Corrupt { reason, .. } if reason.contains("skips from line 3 to line 9")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_output_missing_lines_only_it_held_or_not_this_runs_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let out = dir.path().join("out");
+        let mut j = Journal::create(&path, meta()).unwrap();
+        let entries: Vec<Entry> = (1..=4).map(|l| entry(l, None)).collect();
+        j.append(&entries).unwrap();
+        std::fs::write(&out, lines(&entries)).unwrap();
+        j.checkpoint().unwrap();
+        j.check_output(&out).unwrap();
+        // Cut to two lines and a half: lines 3 and 4 are gone with the log emptied.
+        let all = lines(&entries);
+        std::fs::write(&out, &all[..lines(&entries[..2]).len() + 5]).unwrap();
+        let err = j.check_output(&out).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                JournalError::OutputMissing {
+                    have: 2,
+                    expected: 4,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("lines 3 to 4 are missing"),
+            "{err}"
+        );
+        std::fs::remove_file(&out).unwrap();
+        assert!(matches!(
+            j.check_output(&out).unwrap_err(),
+            JournalError::OutputMissing { have: 0, .. }
+        ));
+        std::fs::write(&out, b"{\"custom_id\":\"someone-else\"}\n").unwrap();
+        let err = j.check_output(&out).unwrap_err();
+        assert!(
+            matches!(&err, JournalError::OutputMismatch { line: 1, .. }),
+            "{err}"
+        );
+        // --force: the rows after what the output holds are forgotten.
+        std::fs::write(&out, &all[..lines(&entries[..2]).len()]).unwrap();
+        j.truncate_rows(2).unwrap();
+        j.check_output(&out).unwrap();
+        assert_eq!(j.rows(), 2);
+        assert_eq!(Journal::open(&path).unwrap().rows(), 2);
     }
 
     #[test]
@@ -1262,15 +1761,22 @@ mod tests {
             entry(5, Some(ErrorKind::NotAttempted)),
             entry(6, Some(ErrorKind::BadRequest)),
         ];
-        j.append(&entries).unwrap();
+        j.append(&entries[..3]).unwrap();
         let out = dir.path().join("out");
-        let all: Vec<u8> = entries.iter().flat_map(|e| e.output.clone()).collect();
-        std::fs::write(&out, &all).unwrap();
+        std::fs::write(&out, lines(&entries[..3])).unwrap();
+        j.checkpoint().unwrap();
+        // The last three only in the log and (but for a torn half line) the output.
+        j.append(&entries[3..]).unwrap();
+        let mut text = lines(&entries[..5]);
+        text.extend_from_slice(b"{\"cus");
+        std::fs::write(&out, &text).unwrap();
         drop(j);
 
         let mut j = Journal::open(&path).unwrap();
         assert_eq!(j.rows(), 6);
-        let plan = j.prepare_resume(true).unwrap();
+        j.check_output(&out).unwrap();
+        let (plan, repair) = j.resume(Some(&out), true).unwrap();
+        let repair = repair.unwrap();
         assert_eq!(plan.requeued_unfinished, 2);
         assert_eq!(plan.requeued_failed, 1);
         assert_eq!(plan.first_changed_seq, Some(2));
@@ -1281,43 +1787,85 @@ mod tests {
         assert_eq!(done, vec![1, 3, 6]);
         assert_eq!(j.custom_id_at(2).unwrap().as_deref(), Some("r3"));
         assert_eq!(j.custom_id_at(3).unwrap().as_deref(), Some("r6"));
-
-        let repair = repair_output(&j, &out, plan.first_changed_seq).unwrap();
         assert_eq!(repair.kept, 1);
-        assert_eq!(repair.cut, 5);
+        assert_eq!(repair.cut, 4);
+        assert_eq!(repair.torn_bytes, 5);
         assert_eq!(repair.restored, 2);
-        assert!(!repair.rebuilt);
+        assert_eq!(std::fs::metadata(log_path(&path)).unwrap().len(), 0);
         assert_eq!(
             std::fs::read_to_string(&out).unwrap(),
             "{\"custom_id\":\"r1\"}\n{\"custom_id\":\"r3\"}\n{\"custom_id\":\"r6\"}\n"
         );
         // New rows follow on from the renumbered ones.
         j.append(&[entry(2, None)]).unwrap();
+        j.checkpoint().unwrap();
         assert_eq!(j.custom_id_at(4).unwrap().as_deref(), Some("r2"));
         let s = j.status().unwrap();
         assert_eq!((s.done, s.succeeded, s.failed, s.pending), (4, 3, 1, 2));
     }
 
     #[test]
-    fn a_torn_tail_is_cut_and_missing_lines_restored() {
+    fn a_torn_tail_is_cut_and_lines_only_in_the_log_restored() {
         let dir = tempfile::tempdir().unwrap();
-        let mut j = Journal::create(&dir.path().join("j"), meta()).unwrap();
+        let path = dir.path().join("j");
+        let mut j = Journal::create(&path, meta()).unwrap();
         let entries: Vec<Entry> = (1..=4).map(|l| entry(l, None)).collect();
         j.append(&entries).unwrap();
         let out = dir.path().join("out");
-        let mut text: Vec<u8> = entries[..2].iter().flat_map(|e| e.output.clone()).collect();
+        let mut text = lines(&entries[..2]);
         text.extend_from_slice(b"{\"custom_id\":\"r");
         std::fs::write(&out, &text).unwrap();
-        let r = repair_output(&j, &out, None).unwrap();
-        assert_eq!(
-            (r.kept, r.torn_bytes, r.restored, r.rebuilt),
-            (2, 15, 2, false)
-        );
-        let all: Vec<u8> = entries.iter().flat_map(|e| e.output.clone()).collect();
-        assert_eq!(std::fs::read(&out).unwrap(), all);
+        drop(j);
+        let mut j = Journal::open(&path).unwrap();
+        let (plan, r) = j.resume(Some(&out), false).unwrap();
+        let r = r.unwrap();
+        assert_eq!(plan.first_changed_seq, None);
+        assert_eq!((r.kept, r.torn_bytes, r.cut, r.restored), (2, 15, 0, 2));
+        assert_eq!(std::fs::read(&out).unwrap(), lines(&entries));
         // Idempotent.
-        let r = repair_output(&j, &out, None).unwrap();
-        assert_eq!((r.kept, r.restored), (4, 0));
-        assert_eq!(std::fs::read(&out).unwrap(), all);
+        let (_, r) = j.resume(Some(&out), false).unwrap();
+        assert_eq!(
+            r.unwrap(),
+            OutputRepair {
+                kept: 4,
+                ..OutputRepair::default()
+            }
+        );
+        assert_eq!(std::fs::read(&out).unwrap(), lines(&entries));
+    }
+
+    #[test]
+    fn a_compaction_cut_short_by_a_crash_is_finished_by_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let out = dir.path().join("out");
+        let mut j = Journal::create(&path, meta()).unwrap();
+        let entries = vec![
+            entry(1, None),
+            entry(2, Some(ErrorKind::NotAttempted)),
+            entry(3, None),
+        ];
+        j.append(&entries).unwrap();
+        std::fs::write(&out, lines(&entries)).unwrap();
+        j.checkpoint().unwrap();
+        // The state a crash leaves right after the new log was renamed into place: the
+        // log holds the renumbered rows from 2, SQLite still the old ones.
+        j.compact(Some(&out), 2, false).unwrap();
+        let new_log = std::fs::read(log_path(&path)).unwrap();
+        drop(j);
+        let mut j = Journal::create(&dir.path().join("k"), meta()).unwrap();
+        j.append(&entries).unwrap();
+        j.checkpoint().unwrap();
+        drop(j);
+        std::fs::write(log_path(&dir.path().join("k")), &new_log).unwrap();
+        let mut j = Journal::open(&dir.path().join("k")).unwrap();
+        assert_eq!(j.rows(), 2);
+        assert_eq!(j.custom_id_at(2).unwrap().as_deref(), Some("r3"));
+        let (_, r) = j.resume(Some(&out), false).unwrap();
+        assert_eq!(r.unwrap().restored, 1);
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap(),
+            "{\"custom_id\":\"r1\"}\n{\"custom_id\":\"r3\"}\n"
+        );
     }
 }
