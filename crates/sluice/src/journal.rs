@@ -402,6 +402,15 @@ fn log_header(first_seq: u64, count: u32, records_len: u32, lines_len: u64) -> [
     h
 }
 
+/// Fills `buf`; `false` when the file ends first.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
+    match r.read_exact(buf) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// One chunk of the log, as read back: its records, and where its lines are in the file.
 struct LogChunk {
     first_seq: u64,
@@ -424,7 +433,10 @@ fn read_log(path: &Path, f: &File) -> Result<(Vec<LogChunk>, u64), JournalError>
             break;
         }
         let mut h = [0u8; LOG_HEADER];
-        r.read_exact(&mut h)?;
+        // A live run's log may be emptied under a reader: a short read ends it.
+        if !read_full(&mut r, &mut h)? {
+            break;
+        }
         if &h[..4] != LOG_MAGIC {
             break;
         }
@@ -440,16 +452,19 @@ fn read_log(path: &Path, f: &File) -> Result<(Vec<LogChunk>, u64), JournalError>
         let mut hasher = crc32fast::Hasher::new();
         hasher.update(&h[4..28]);
         let mut records = vec![0u8; records_len as usize];
-        r.read_exact(&mut records)?;
+        if !read_full(&mut r, &mut records)? {
+            break;
+        }
         hasher.update(&records);
         let mut left = lines_len;
-        while left > 0 {
+        let mut whole = true;
+        while left > 0 && whole {
             let n = left.min(buf.len() as u64) as usize;
-            r.read_exact(&mut buf[..n])?;
+            whole = read_full(&mut r, &mut buf[..n])?;
             hasher.update(&buf[..n]);
             left -= n as u64;
         }
-        if hasher.finalize() != crc {
+        if !whole || hasher.finalize() != crc {
             break;
         }
         let Some(records) = Record::decode_all(&records).filter(|v| v.len() == count as usize)
