@@ -1768,7 +1768,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
         let mut j = Journal::create(&path, meta()).unwrap();
-        let entries = vec![
+        let entries = [
             entry(1, None),
             entry(2, Some(ErrorKind::Stopped)),
             entry(3, None),
@@ -1855,7 +1855,7 @@ mod tests {
         let path = dir.path().join("j");
         let out = dir.path().join("out");
         let mut j = Journal::create(&path, meta()).unwrap();
-        let entries = vec![
+        let entries = [
             entry(1, None),
             entry(2, Some(ErrorKind::NotAttempted)),
             entry(3, None),
