@@ -15,6 +15,13 @@ mod targets;
 
 use std::process::ExitCode;
 
+/// mimalloc instead of glibc's malloc: allocating and freeing were about a tenth of the
+/// client's instructions per request. Measured (unpaced, journal on): 23.0 → 20.7 µs per
+/// request at 1,000,000 requests, 21.2 → 19.7 at 300,000; peak RSS 25.7 → 46.9 MB and
+/// 26.1 → 38.3 MB (it keeps freed memory for reuse).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
 
 /// Exit codes, distinct per situation so scripts can tell them apart.
