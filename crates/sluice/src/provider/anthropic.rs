@@ -34,7 +34,8 @@ use super::http::TransportBuildError;
 use super::openai::QUOTA_MARKERS;
 use super::{
     body_excerpt, compact, content_text, data_url, kind_of_status, ratelimit, stop_list,
-    ChatTranslation, ErrorFacts, HttpResponse, ProviderKind, RateLimits, TranslateError, WireApi,
+    tail_member, ChatTranslation, ErrorFacts, HttpResponse, ProviderKind, RateLimits,
+    TranslateError, WireApi,
 };
 use crate::outcome::{ErrorKind, Usage};
 use crate::request::Endpoint;
@@ -220,23 +221,26 @@ impl WireApi for Anthropic {
         body: &[u8],
     ) -> Result<(Box<RawValue>, Option<Usage>), serde_json::Error> {
         let raw: Box<RawValue> = serde_json::from_slice(&compact(body))?;
-        let usage = serde_json::from_str::<UsageOnly>(raw.get())
-            .ok()
-            .and_then(|u| u.usage)
-            .map(|u| {
-                // `input_tokens` counts only the uncached part; the neutral usage counts
-                // every input token, with the cached ones broken out.
-                let read = u.cache_read_input_tokens.unwrap_or(0);
-                let write = u.cache_creation_input_tokens.unwrap_or(0);
-                let prompt = u.input_tokens + read + write;
-                Usage {
-                    prompt_tokens: prompt,
-                    completion_tokens: u.output_tokens,
-                    total_tokens: prompt + u.output_tokens,
-                    cached_tokens: read,
-                    cache_write_tokens: write,
-                }
-            });
+        let usage = match tail_member(raw.get(), "usage") {
+            Some(text) => serde_json::from_str::<WireUsage>(text).ok(),
+            None => serde_json::from_str::<UsageOnly>(raw.get())
+                .ok()
+                .and_then(|u| u.usage),
+        }
+        .map(|u| {
+            // `input_tokens` counts only the uncached part; the neutral usage counts
+            // every input token, with the cached ones broken out.
+            let read = u.cache_read_input_tokens.unwrap_or(0);
+            let write = u.cache_creation_input_tokens.unwrap_or(0);
+            let prompt = u.input_tokens + read + write;
+            Usage {
+                prompt_tokens: prompt,
+                completion_tokens: u.output_tokens,
+                total_tokens: prompt + u.output_tokens,
+                cached_tokens: read,
+                cache_write_tokens: write,
+            }
+        });
         Ok((raw, usage))
     }
 

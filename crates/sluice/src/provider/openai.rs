@@ -16,8 +16,8 @@ use serde_json::{Map, Value};
 
 use super::http::TransportBuildError;
 use super::{
-    body_excerpt, compact, kind_of_status, ratelimit, ChatTranslation, ErrorFacts, HttpResponse,
-    ProviderKind, RateLimits, TranslateError, WireApi,
+    body_excerpt, compact, kind_of_status, ratelimit, tail_member, ChatTranslation, ErrorFacts,
+    HttpResponse, ProviderKind, RateLimits, TranslateError, WireApi,
 };
 use crate::outcome::{ErrorKind, Usage};
 use crate::request::Endpoint;
@@ -128,16 +128,19 @@ impl WireApi for OpenAi {
         body: &[u8],
     ) -> Result<(Box<RawValue>, Option<Usage>), serde_json::Error> {
         let raw: Box<RawValue> = serde_json::from_slice(&compact(body))?;
-        let usage = serde_json::from_str::<UsageOnly>(raw.get())
-            .ok()
-            .and_then(|u| u.usage)
-            .map(|u| Usage {
-                prompt_tokens: u.prompt_tokens,
-                completion_tokens: u.completion_tokens,
-                total_tokens: u.total_tokens,
-                cached_tokens: u.prompt_tokens_details.map_or(0, |d| d.cached_tokens),
-                cache_write_tokens: 0,
-            });
+        let usage = match tail_member(raw.get(), "usage") {
+            Some(text) => serde_json::from_str::<WireUsage>(text).ok(),
+            None => serde_json::from_str::<UsageOnly>(raw.get())
+                .ok()
+                .and_then(|u| u.usage),
+        }
+        .map(|u| Usage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.total_tokens,
+            cached_tokens: u.prompt_tokens_details.map_or(0, |d| d.cached_tokens),
+            cache_write_tokens: 0,
+        });
         Ok((raw, usage))
     }
 
