@@ -245,6 +245,23 @@ mod tests {
     }
 
     #[test]
+    fn usage_is_read_wherever_it_stands() {
+        let usage = r#""usage":{"prompt_tokens":5,"completion_tokens":6,"total_tokens":11,"prompt_tokens_details":{"cached_tokens":2}}"#;
+        let near_end = format!(
+            r#"{{"id":"x","choices":[],{usage},"service_tier":"default","system_fingerprint":"fp"}}"#
+        );
+        let first = format!(r#"{{{usage},"a":1,"b":"}}","c":[{{}}],"d":null,"e":true}}"#);
+        for body in [near_end, first] {
+            let (_, usage) = OpenAi.parse_success(body.as_bytes()).unwrap();
+            let u = usage.unwrap_or_else(|| panic!("{body}"));
+            assert_eq!(
+                (u.prompt_tokens, u.completion_tokens, u.cached_tokens),
+                (5, 6, 2)
+            );
+        }
+    }
+
+    #[test]
     fn truncated_success_is_retried() {
         let v = classify_response(&resp(200, r#"{"id":"x","choi"#, &[]));
         assert!(
