@@ -411,6 +411,13 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
     }
 }
 
+/// A chunk's CRC, fed its header's fields: the caller adds the records and the lines.
+fn chunk_crc(header: &[u8; LOG_HEADER]) -> crc32fast::Hasher {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&header[4..28]);
+    h
+}
+
 /// One chunk of the log, as read back: its records, and where its lines are in the file.
 struct LogChunk {
     first_seq: u64,
@@ -449,8 +456,7 @@ fn read_log(path: &Path, f: &File) -> Result<(Vec<LogChunk>, u64), JournalError>
         if len - at - (LOG_HEADER as u64) < body {
             break;
         }
-        let mut hasher = crc32fast::Hasher::new();
-        hasher.update(&h[4..28]);
+        let mut hasher = chunk_crc(&h);
         let mut records = vec![0u8; records_len as usize];
         if !read_full(&mut r, &mut records)? {
             break;
@@ -514,9 +520,25 @@ struct Record {
 
 const NONE_U64: u64 = u64::MAX;
 
-impl Record {
-    fn of(e: &Entry) -> Record {
-        Record {
+/// A record to encode, borrowing its strings: journaling an outcome copies nothing but
+/// its bytes into the log's chunk.
+struct RecordRef<'a> {
+    line: u64,
+    attempts: u32,
+    final_: bool,
+    succeeded: bool,
+    kind: Option<ErrorKind>,
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    cost_usd: Option<f64>,
+    line_len: u32,
+    custom_id: &'a str,
+    message: Option<&'a str>,
+}
+
+impl<'a> RecordRef<'a> {
+    fn of(e: &'a Entry) -> Self {
+        RecordRef {
             line: e.line,
             attempts: e.attempts,
             final_: e.is_final(),
@@ -526,8 +548,8 @@ impl Record {
             completion_tokens: e.completion_tokens,
             cost_usd: e.cost_usd,
             line_len: e.output.len() as u32,
-            custom_id: e.custom_id.clone(),
-            message: e.error_message.clone(),
+            custom_id: &e.custom_id,
+            message: e.error_message.as_deref(),
         }
     }
 
@@ -539,10 +561,28 @@ impl Record {
         out.extend_from_slice(&self.completion_tokens.unwrap_or(NONE_U64).to_le_bytes());
         out.extend_from_slice(&self.cost_usd.unwrap_or(f64::NAN).to_le_bytes());
         out.extend_from_slice(&self.line_len.to_le_bytes());
-        let kind = self.kind.map_or("", ErrorKind::as_str);
-        put_str(out, kind);
-        put_str(out, &self.custom_id);
-        put_str(out, self.message.as_deref().unwrap_or(""));
+        put_str(out, self.kind.map_or("", ErrorKind::as_str));
+        put_str(out, self.custom_id);
+        put_str(out, self.message.unwrap_or(""));
+    }
+}
+
+impl Record {
+    fn encode(&self, out: &mut Vec<u8>) {
+        RecordRef {
+            line: self.line,
+            attempts: self.attempts,
+            final_: self.final_,
+            succeeded: self.succeeded,
+            kind: self.kind,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            cost_usd: self.cost_usd,
+            line_len: self.line_len,
+            custom_id: &self.custom_id,
+            message: self.message.as_deref(),
+        }
+        .encode(out);
     }
 
     /// Decodes the records of a segment.
@@ -876,7 +916,7 @@ impl Journal {
         chunk.clear();
         chunk.extend_from_slice(&[0u8; LOG_HEADER]);
         for e in entries {
-            Record::of(e).encode(&mut chunk);
+            RecordRef::of(e).encode(&mut chunk);
         }
         let records_len = chunk.len() - LOG_HEADER;
         let mut lines_len = 0u64;
@@ -886,8 +926,7 @@ impl Journal {
         }
         let mut header = log_header(first, entries.len() as u32, records_len as u32, lines_len);
         let crc = {
-            let mut h = crc32fast::Hasher::new();
-            h.update(&header[4..28]);
+            let mut h = chunk_crc(&header);
             h.update(&chunk[LOG_HEADER..]);
             h.finalize()
         };
@@ -1150,8 +1189,7 @@ impl Journal {
         }
         let lines_len: u64 = kept.iter().map(|r| u64::from(r.line_len)).sum();
         let mut header = log_header(first, kept.len() as u32, records.len() as u32, lines_len);
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&header[4..28]);
+        let mut crc = chunk_crc(&header);
         crc.update(&records);
         let mut w = BufWriter::with_capacity(1 << 16, File::create(&tmp)?);
         w.write_all(&header)?;
@@ -1689,8 +1727,7 @@ mod tests {
         let mut chunk = bytes[..first_chunk as usize].to_vec();
         chunk[4..12].copy_from_slice(&9u64.to_le_bytes());
         let mut log = bytes[..first_chunk as usize].to_vec();
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&chunk[4..28]);
+        let mut crc = chunk_crc(chunk[..LOG_HEADER].try_into().unwrap());
         crc.update(&chunk[LOG_HEADER..]);
         chunk[28..32].copy_from_slice(&crc.finalize().to_le_bytes());
         log.extend_from_slice(&chunk);
