@@ -231,6 +231,20 @@ impl LineParser {
         full: bool,
         default_model: Option<&str>,
     ) -> Result<(Request, bool), BadLine> {
+        match self.fast_lane(line, text, full, default_model) {
+            Some(fast) => Ok(fast),
+            None => self.parse_full(line, text, full, default_model),
+        }
+    }
+
+    /// [`LineParser::parse_inner`]'s full road: the line as a JSON tree.
+    fn parse_full(
+        &self,
+        line: u64,
+        text: &str,
+        full: bool,
+        default_model: Option<&str>,
+    ) -> Result<(Request, bool), BadLine> {
         let bad = |custom_id: Option<&str>, field: Option<&str>, reason: String| BadLine {
             line,
             custom_id: custom_id.map(str::to_owned),
@@ -500,6 +514,254 @@ impl LineParser {
             fallback: None,
         };
         Ok((request, defaulted))
+    }
+}
+
+/// The fast lane: the commonest lines (a chat body or an OpenAI Batch chat line, for an
+/// OpenAI-compatible model, tokens not counted) read without building a JSON tree. The
+/// line's top level (and a Batch line's `body`) is read as members whose values stay text
+/// borrowed from the line; `messages` is walked only to check each role; the body sent is
+/// the members' text copied as written, less `custom_id` and `metadata`, with `model` set.
+///
+/// It only ever says yes: anything it does not recognise, or that the full reading would
+/// refuse, returns `None` and takes the full road ([`LineParser::parse_full`]), which
+/// gives the same request (its body's members in another order) or names the fault.
+impl LineParser {
+    fn fast_lane(
+        &self,
+        line: u64,
+        text: &str,
+        full: bool,
+        default_model: Option<&str>,
+    ) -> Option<(Request, bool)> {
+        if full && self.count_tokens {
+            return None; // the token estimator walks the messages as JSON values
+        }
+        let top: Members<'_> = serde_json::from_str(text).ok()?;
+        if top.has_duplicates() {
+            return None; // the full road keeps the last; not worth matching here
+        }
+        let custom_id = match top.get("custom_id") {
+            None => LineParser::derived_custom_id(line),
+            Some(raw) if raw.get() == "null" => LineParser::derived_custom_id(line),
+            Some(raw) => match serde_json::from_str::<String>(raw.get()) {
+                Ok(s) if !s.is_empty() => s,
+                _ => return None,
+            },
+        };
+        let metadata = match top.get("metadata") {
+            None => None,
+            // As the full road writes it (compact, members sorted).
+            Some(raw) => Some(
+                serde_json::value::to_raw_value(&serde_json::from_str::<Value>(raw.get()).ok()?)
+                    .ok()?,
+            ),
+        };
+        let batch;
+        let (body, plain) = if top.get("url").is_some() || top.get("body").is_some() {
+            let method: String = serde_json::from_str(top.get("method")?.get()).ok()?;
+            let url: String = serde_json::from_str(top.get("url")?.get()).ok()?;
+            if !method.eq_ignore_ascii_case("POST")
+                || Endpoint::from_batch_url(&url)? != Endpoint::ChatCompletions
+            {
+                return None;
+            }
+            batch = serde_json::from_str::<Members<'_>>(top.get("body")?.get()).ok()?;
+            if batch.has_duplicates() {
+                return None;
+            }
+            (&batch, false)
+        } else if top.get("params").is_some() || top.get("prompt").is_some() {
+            return None;
+        } else {
+            (&top, true)
+        };
+        let mut defaulted = false;
+        let named = match body.get("model").map(RawValue::get) {
+            None | Some("null" | "\"\"") => {
+                defaulted = true;
+                default_model?.to_string()
+            }
+            Some(raw) => match serde_json::from_str::<String>(raw) {
+                Ok(s) if !s.is_empty() => s,
+                _ => return None,
+            },
+        };
+        let route = self.route(&named).ok()?;
+        if route.provider != ProviderKind::OpenAi {
+            return None; // translated from a JSON tree
+        }
+        if !serde_json::from_str::<RolesChecked>(body.get("messages")?.get()).is_ok_and(|m| m.0) {
+            return None;
+        }
+        let mut given = None;
+        for field in ["max_completion_tokens", "max_tokens"] {
+            match body.get(field).map(RawValue::get) {
+                None | Some("null") => {}
+                Some(raw) => {
+                    let n = serde_json::from_str::<Value>(raw).ok()?.as_u64()?;
+                    if n == 0 || n > u64::from(u32::MAX) {
+                        return None;
+                    }
+                    given = Some(n as u32);
+                    break;
+                }
+            }
+        }
+        let max_output_tokens = given.unwrap_or(self.assumed_output_tokens);
+        let body = if full {
+            let mut out = Vec::with_capacity(text.len() + route.model.len());
+            out.push(b'{');
+            let mut model_written = false;
+            let member = |out: &mut Vec<u8>, key: &str, value: &[u8]| {
+                if out.len() > 1 {
+                    out.push(b',');
+                }
+                serde_json::to_writer(&mut *out, key).expect("a string serialises");
+                out.push(b':');
+                out.extend_from_slice(value);
+            };
+            let model = serde_json::to_string(&route.model).expect("a string serialises");
+            if body.get("model").is_none() {
+                member(&mut out, "model", model.as_bytes());
+                model_written = true;
+            }
+            for (key, raw) in &body.0 {
+                match *key {
+                    "custom_id" | "metadata" if plain => {}
+                    "model" if !model_written => {
+                        member(&mut out, key, model.as_bytes());
+                        model_written = true;
+                    }
+                    _ => member(&mut out, key, raw.get().as_bytes()),
+                }
+            }
+            if self.enforce_output_bound && given.is_none() {
+                member(
+                    &mut out,
+                    "max_completion_tokens",
+                    max_output_tokens.to_string().as_bytes(),
+                );
+            }
+            out.push(b'}');
+            Bytes::from(out)
+        } else {
+            Bytes::new()
+        };
+        let input_tokens = (body.len() / 4) as u32;
+        let request = Request {
+            custom_id,
+            line,
+            endpoint: Endpoint::ChatCompletions,
+            target: route.target,
+            model: route.model,
+            price: route.price,
+            body,
+            input_tokens,
+            max_output_tokens,
+            metadata,
+            fallback: None,
+        };
+        Some((request, defaulted))
+    }
+}
+
+/// A JSON object's members in order, each value's text borrowed from the line. Keys
+/// written with escapes are not read (the full road takes those lines).
+struct Members<'a>(Vec<(&'a str, &'a RawValue)>);
+
+impl<'a> Members<'a> {
+    fn get(&self, key: &str) -> Option<&'a RawValue> {
+        self.0.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+    }
+
+    fn has_duplicates(&self) -> bool {
+        let m = &self.0;
+        (1..m.len()).any(|i| m[..i].iter().any(|(k, _)| *k == m[i].0))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Members<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut members = Vec::with_capacity(8);
+                while let Some(key) = map.next_key::<&'de str>()? {
+                    members.push((key, map.next_value::<&'de RawValue>()?));
+                }
+                Ok(Members(members))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// A `messages` array, read only to check it: `true` when it is not empty and every
+/// element is an object whose (one) `role` is a string.
+struct RolesChecked(bool);
+
+impl<'de> serde::Deserialize<'de> for RolesChecked {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Messages;
+        impl<'de> serde::de::Visitor<'de> for Messages {
+            type Value = RolesChecked;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an array of messages")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut count = 0usize;
+                let mut ok = true;
+                while let Some(RolesChecked(one)) = seq.next_element::<Message>()?.map(|m| m.0) {
+                    ok &= one;
+                    count += 1;
+                }
+                Ok(RolesChecked(ok && count > 0))
+            }
+        }
+        d.deserialize_seq(Messages)
+    }
+}
+
+/// One message: `true` when it has exactly one `role` and it is a string.
+struct Message(RolesChecked);
+
+impl<'de> serde::Deserialize<'de> for Message {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct One;
+        impl<'de> serde::de::Visitor<'de> for One {
+            type Value = Message;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a message object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut roles = 0;
+                let mut string = false;
+                while let Some(key) = map.next_key::<&'de str>()? {
+                    if key == "role" {
+                        roles += 1;
+                        string = map.next_value::<&'de RawValue>()?.get().starts_with('"');
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(Message(RolesChecked(roles == 1 && string)))
+            }
+        }
+        d.deserialize_map(One)
     }
 }
 
@@ -796,5 +1058,117 @@ mod tests {
             "z"
         );
         assert!(p.check(5, r#"{"prompt":1}"#).is_err());
+    }
+
+    /// Lines for the fast lane: the ones it must take, and the ones it must leave to the
+    /// full road (which refuses some of them and reads the rest differently).
+    const LANE_LINES: &[&str] = &[
+        r#"{"custom_id":"a","model":"gpt-4.1-mini","messages":[{"role":"user","content":"hi"}],"max_tokens":64}"#,
+        r#"{"messages":[{"role":"system","content":"x"},{"content":"y","role":"user"}],"temperature":0.2}"#,
+        r#"{"custom_id":"b","method":"post","url":"/v1/chat/completions","body":{"model":"gpt-4.1","messages":[{"role":"user","content":"a \"quoted\" \u00e9 word"}],"max_completion_tokens":5,"max_tokens":9}}"#,
+        r#" { "custom_id" : "c" , "model" : "" , "messages" : [ { "role" : "user" , "content" : [ {"type":"text","text":"t"} ] } ] , "metadata" : { "z" : 1 , "a" : [ 2 ] } } "#,
+        r#"{"custom_id":null,"model":null,"messages":[{"role":"user","content":"x"}],"max_tokens":null,"max_completion_tokens":null,"stop":["\n","}"]}"#,
+        r#"{"custom_id":"d","body":{"messages":[{"role":"user","content":"x"}]},"url":"/v1/chat/completions","method":"POST","metadata":null}"#,
+        // Left to the full road.
+        r#"{"custom_id":"e","model":"m","messages":[{"role":"user","content":"x"}],"model":"n"}"#,
+        r#"{"custom_i\u0064":"f","model":"m","messages":[{"role":"user","content":"x"}]}"#,
+        r#"{"model":"m","messages":[{"role":"user","role":"assistant","content":"x"}]}"#,
+        r#"{"model":"m","messages":[["role","user"]]}"#,
+        r#"{"model":"m","messages":[{"role":7}]}"#,
+        r#"{"model":"m","messages":[{"content":"x"}]}"#,
+        r#"{"model":"m","messages":[]}"#,
+        r#"{"model":"m","messages":{"role":"user"}}"#,
+        r#"{"model":"m","messages":[{"role":"user"}],"max_tokens":0}"#,
+        r#"{"model":"m","messages":[{"role":"user"}],"max_tokens":4294967296}"#,
+        r#"{"model":"m","messages":[{"role":"user"}],"max_tokens":64.0}"#,
+        r#"{"model":"m","messages":[{"role":"user"}],"max_tokens":"64"}"#,
+        r#"{"model":7,"messages":[{"role":"user"}]}"#,
+        r#"{"custom_id":"","model":"m","messages":[{"role":"user"}]}"#,
+        r#"{"custom_id":5,"model":"m","messages":[{"role":"user"}]}"#,
+        r#"{"model":"m","messages":[{"role":"user"}]} x"#,
+        r#"{"model":"m","messages":[{"role":"user"}],"prompt":"p"}"#,
+        r#"{"prompt":"p","model":"m"}"#,
+        r#"{"custom_id":"g","method":"GET","url":"/v1/chat/completions","body":{"model":"m","messages":[{"role":"user"}]}}"#,
+        r#"{"custom_id":"h","method":"POST","url":"/v1/embeddings","body":{"model":"m","input":"x"}}"#,
+        r#"{"custom_id":"i","method":"POST","url":"/v1/chat/completions","body":[1]}"#,
+        r#"{"custom_id":"j","url":"/v1/chat/completions","body":{"model":"m","messages":[{"role":"user"}]}}"#,
+        r#"{"custom_id":"k","params":{"model":"claude-haiku-4-5","max_tokens":5,"messages":[{"role":"user","content":"x"}]}}"#,
+        r#"{"model":"claude-haiku-4-5","messages":[{"role":"user","content":"x"}]}"#,
+        r#"{"model":"text-embedding-3-small","input":"x"}"#,
+        r#"[{"model":"m","messages":[{"role":"user"}]}]"#,
+        r#"{"model":"m","messages":[{"role":"user"}"#,
+    ];
+
+    /// Whatever the fast lane takes, the full road takes too and reads as the same request
+    /// (the body's members may come in another order); the commonest lines take the lane.
+    #[test]
+    fn fast_lane_agrees_with_the_full_road() {
+        let mut parsers = Vec::new();
+        for default in [None, Some("gpt-4.1-mini")] {
+            for enforce in [false, true] {
+                let mut p = LineParser::new(default.map(str::to_owned));
+                p.count_tokens = false;
+                p.enforce_output_bound = enforce;
+                parsers.push(p);
+            }
+        }
+        let mut r = routed();
+        r.count_tokens = false;
+        parsers.push(r);
+        let mut taken = vec![0; LANE_LINES.len()];
+        for p in &parsers {
+            let default = p.default_model.as_deref();
+            for (i, text) in LANE_LINES.iter().enumerate() {
+                for full in [false, true] {
+                    let line = i as u64 + 1;
+                    let Some((fast, fast_defaulted)) = p.fast_lane(line, text, full, default)
+                    else {
+                        continue;
+                    };
+                    taken[i] += 1;
+                    let (slow, slow_defaulted) = p
+                        .parse_full(line, text, full, default)
+                        .unwrap_or_else(|e| panic!("lane took {text}; the full road says {e}"));
+                    assert_eq!(fast_defaulted, slow_defaulted, "{text}");
+                    assert_eq!(
+                        (&fast.custom_id, fast.line, fast.endpoint, fast.target),
+                        (&slow.custom_id, slow.line, slow.endpoint, slow.target),
+                        "{text}"
+                    );
+                    assert_eq!(fast.model, slow.model, "{text}");
+                    assert_eq!(fast.max_output_tokens, slow.max_output_tokens, "{text}");
+                    assert_eq!(
+                        fast.metadata.as_ref().map(|m| m.get()),
+                        slow.metadata.as_ref().map(|m| m.get()),
+                        "{text}"
+                    );
+                    assert_eq!(fast.body.is_empty(), !full);
+                    if full {
+                        let a: Value = serde_json::from_slice(&fast.body).unwrap();
+                        let b: Value = serde_json::from_slice(&slow.body).unwrap();
+                        assert_eq!(a, b, "{text}");
+                        assert_eq!(fast.input_tokens as usize, fast.body.len() / 4);
+                    } else {
+                        assert_eq!(fast.input_tokens, 0);
+                    }
+                }
+            }
+        }
+        let must_take = 6;
+        for (i, n) in taken.iter().enumerate() {
+            if i < must_take {
+                // Lines 1, 2, 5 and 6 need a default model where they name none.
+                assert!(*n >= 4, "line {} took the lane {n} times", i + 1);
+            } else if LANE_LINES[i].starts_with(r#"{"model":"claude"#) {
+                // Only where no router sends it to Anthropic (all but the last parser).
+                assert_eq!(*n, 8, "{}", LANE_LINES[i]);
+            } else {
+                assert_eq!(*n, 0, "{} took the lane", LANE_LINES[i]);
+            }
+        }
+        // The token estimator needs the full road.
+        let p = LineParser::new(Some("gpt-4.1-mini".into()));
+        assert!(p.fast_lane(1, LANE_LINES[0], true, None).is_none());
+        assert!(p.fast_lane(1, LANE_LINES[0], false, None).is_some());
     }
 }
