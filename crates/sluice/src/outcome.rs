@@ -198,10 +198,133 @@ impl Outcome {
         }
     }
 
-    /// The outcome as one JSON line, newline included.
+    /// The outcome as one JSON line, newline included: the bytes `serde_json` writes for
+    /// it, written by hand (field names as constants, the response and metadata copied as
+    /// they are), which spares a third of the work per outcome.
     pub fn to_json_line(&self) -> Vec<u8> {
-        let mut v = serde_json::to_vec(self).expect("outcomes serialise");
-        v.push(b'\n');
+        let raw_len = |r: &Option<Box<RawValue>>| r.as_ref().map_or(4, |r| r.get().len());
+        let mut v = Vec::with_capacity(
+            200 + self.custom_id.len()
+                + self.model.len()
+                + raw_len(&self.response)
+                + raw_len(&self.metadata),
+        );
+        let mut int = itoa::Buffer::new();
+        let string = |v: &mut Vec<u8>, s: &str| {
+            serde_json::to_writer(&mut *v, s).expect("a string serialises")
+        };
+        let raw = |v: &mut Vec<u8>, r: &Option<Box<RawValue>>| match r {
+            Some(r) => v.extend_from_slice(r.get().as_bytes()),
+            None => v.extend_from_slice(b"null"),
+        };
+        v.extend_from_slice(b"{\"custom_id\":");
+        string(&mut v, &self.custom_id);
+        v.extend_from_slice(match self.status {
+            Status::Succeeded => b",\"status\":\"succeeded\",\"model\":",
+            Status::Failed => b",\"status\":\"failed\",\"model\":",
+        });
+        string(&mut v, &self.model);
+        v.extend_from_slice(b",\"response\":");
+        raw(&mut v, &self.response);
+        v.extend_from_slice(b",\"error\":");
+        match &self.error {
+            Some(e) => serde_json::to_writer(&mut v, e).expect("an error serialises"),
+            None => v.extend_from_slice(b"null"),
+        }
+        v.extend_from_slice(b",\"attempts\":");
+        v.extend_from_slice(int.format(self.attempts).as_bytes());
+        v.extend_from_slice(b",\"usage\":");
+        match &self.usage {
+            Some(u) => {
+                v.extend_from_slice(b"{\"prompt_tokens\":");
+                v.extend_from_slice(int.format(u.prompt_tokens).as_bytes());
+                v.extend_from_slice(b",\"completion_tokens\":");
+                v.extend_from_slice(int.format(u.completion_tokens).as_bytes());
+                v.extend_from_slice(b",\"total_tokens\":");
+                v.extend_from_slice(int.format(u.total_tokens).as_bytes());
+                if u.cached_tokens != 0 {
+                    v.extend_from_slice(b",\"cached_tokens\":");
+                    v.extend_from_slice(int.format(u.cached_tokens).as_bytes());
+                }
+                if u.cache_write_tokens != 0 {
+                    v.extend_from_slice(b",\"cache_write_tokens\":");
+                    v.extend_from_slice(int.format(u.cache_write_tokens).as_bytes());
+                }
+                v.push(b'}');
+            }
+            None => v.extend_from_slice(b"null"),
+        }
+        v.extend_from_slice(b",\"cost_usd\":");
+        serde_json::to_writer(&mut v, &self.cost_usd).expect("a number serialises");
+        v.extend_from_slice(b",\"latency_ms\":");
+        v.extend_from_slice(int.format(self.latency_ms).as_bytes());
+        v.extend_from_slice(b",\"metadata\":");
+        raw(&mut v, &self.metadata);
+        v.extend_from_slice(if self.cached {
+            b",\"cached\":true}\n"
+        } else {
+            b",\"cached\":false}\n"
+        });
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hand-written line is byte for byte what `serde_json` writes for the outcome.
+    #[test]
+    fn json_line_is_what_serde_writes() {
+        let raw = |s: &str| Some(RawValue::from_string(s.to_string()).unwrap());
+        let ok = Outcome {
+            custom_id: "q\"1\u{e9}\u{1}\\".into(),
+            status: Status::Succeeded,
+            model: "gpt-4.1-mini".into(),
+            response: raw(r#"{"id":"x","usage":{"prompt_tokens":3}}"#),
+            error: None,
+            attempts: 2,
+            usage: Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 5,
+                total_tokens: 8,
+                cached_tokens: 0,
+                cache_write_tokens: 0,
+            }),
+            cost_usd: Some(0.0000588),
+            latency_ms: 312,
+            metadata: raw(r#"{"k":[1,"two"]}"#),
+            cached: false,
+            line: 4,
+        };
+        let mut cached = ok.clone();
+        cached.cached = true;
+        cached.usage.as_mut().unwrap().cached_tokens = 2;
+        cached.usage.as_mut().unwrap().cache_write_tokens = 7;
+        cached.cost_usd = Some(1e-12);
+        let mut failed = Outcome::invalid_input(&crate::BadLine {
+            line: 9,
+            custom_id: None,
+            field: Some("model".into()),
+            reason: "must be a \"string\"\n".into(),
+        });
+        let mut http = failed.clone();
+        http.error = Some(ErrorInfo {
+            kind: ErrorKind::ServerError,
+            status: Some(503),
+            message: String::new(),
+        });
+        http.cost_usd = Some(f64::NAN);
+        http.attempts = u32::MAX;
+        http.latency_ms = u64::MAX;
+        failed.cost_usd = Some(12345678.5);
+        for o in [ok, cached, failed, http] {
+            let mut want = serde_json::to_vec(&o).unwrap();
+            want.push(b'\n');
+            assert_eq!(
+                String::from_utf8(o.to_json_line()).unwrap(),
+                String::from_utf8(want).unwrap()
+            );
+        }
     }
 }

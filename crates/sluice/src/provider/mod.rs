@@ -374,7 +374,7 @@ pub fn kind_of_status(status: u16) -> ErrorKind {
 /// Whitespace outside strings is all that is removed; a raw newline cannot occur inside a
 /// valid JSON string, so a body without one needs no work.
 pub fn compact(body: &[u8]) -> std::borrow::Cow<'_, [u8]> {
-    if !body.contains(&b'\n') {
+    if memchr::memchr(b'\n', body).is_none() {
         return std::borrow::Cow::Borrowed(body);
     }
     let mut out = Vec::with_capacity(body.len());
