@@ -332,7 +332,7 @@ pub struct Router {
     catalog: Catalog,
     options: RouterOptions,
     targets: Mutex<Vec<TargetSpec>>,
-    routes: Mutex<HashMap<String, Route>>,
+    routes: Mutex<rustc_hash::FxHashMap<String, Route>>,
 }
 
 impl Router {
@@ -342,7 +342,7 @@ impl Router {
             catalog,
             options,
             targets: Mutex::new(Vec::new()),
-            routes: Mutex::new(HashMap::new()),
+            routes: Mutex::new(rustc_hash::FxHashMap::default()),
         }
     }
 

@@ -23,7 +23,7 @@
 //! the input is exhausted and no request is live (invariant 1): a state, not a counter.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -33,6 +33,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -496,13 +497,13 @@ impl Engine {
         let now = Instant::now();
         let scheduler = Scheduler {
             lanes: Vec::new(),
-            lane_by_model: HashMap::new(),
+            lane_by_model: FxHashMap::default(),
             config: self.config.clone(),
             transport: self.transport.clone(),
             observer: self.observer.clone(),
             progress: progress.clone(),
             rng: SmallRng::seed_from_u64(self.config.seed),
-            live: HashMap::new(),
+            live: FxHashMap::default(),
             retries: BinaryHeap::new(),
             deadlines: BTreeSet::new(),
             next_seq: 0,
@@ -513,7 +514,7 @@ impl Engine {
             report_rx,
             spent_usd: 0.0,
             reserved_usd: 0.0,
-            breakers: HashMap::new(),
+            breakers: FxHashMap::default(),
             halted: None,
             interrupted: false,
             started: now,
@@ -678,10 +679,10 @@ struct Scheduler {
     progress: Arc<Progress>,
     /// One lane per model, in the order they were first seen.
     lanes: Vec<Lane>,
-    lane_by_model: HashMap<String, usize>,
+    lane_by_model: FxHashMap<String, usize>,
     rng: SmallRng,
     /// Every admitted request without an outcome, by sequence number.
-    live: HashMap<u64, Live>,
+    live: FxHashMap<u64, Live>,
     /// Backoffs in progress: when each request goes back to the queue.
     retries: BinaryHeap<Reverse<(Instant, u64)>>,
     /// Deadlines of live requests (removed when they end, so this stays bounded).
@@ -700,7 +701,7 @@ struct Scheduler {
     /// Worst-case cost of the attempts in flight.
     reserved_usd: f64,
     /// Circuit breakers by model, when [`EngineConfig::breaker`] is set.
-    breakers: HashMap<String, CircuitBreaker>,
+    breakers: FxHashMap<String, CircuitBreaker>,
     /// Quota exhausted or budget reached: nothing more is sent; the rest of the input is
     /// reported not attempted.
     halted: Option<StopReason>,
