@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::hash::BuildHasher;
-use std::io::{self, BufRead, BufReader};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use tokio::sync::mpsc;
@@ -209,19 +209,56 @@ fn read_lines(
     mut fingerprint: Option<&mut Fingerprinter>,
     mut f: impl FnMut(u64, &str) -> bool,
 ) -> io::Result<()> {
-    let mut reader = BufReader::with_capacity(1 << 16, File::open(path)?);
-    let mut buf = String::new();
+    // Lines are read in place from a buffer that grows only for a line longer than it, and
+    // the fingerprint is fed whole reads (BLAKE3 hashes big inputs several chunks at once).
+    let mut file = File::open(path)?;
+    let mut buf = vec![0u8; 1 << 16];
+    let (mut start, mut end) = (0usize, 0usize);
     let mut line_no = 0u64;
+    let mut eof = false;
     loop {
-        buf.clear();
-        if reader.read_line(&mut buf)? == 0 {
-            return Ok(());
-        }
-        if let Some(fp) = fingerprint.as_deref_mut() {
-            fp.update(buf.as_bytes());
-        }
+        let line = match memchr::memchr(b'\n', &buf[start..end]) {
+            Some(i) => {
+                let line = start..start + i;
+                start += i + 1;
+                line
+            }
+            None if eof => {
+                if start == end {
+                    return Ok(());
+                }
+                let line = start..end;
+                start = end;
+                line
+            }
+            None => {
+                buf.copy_within(start..end, 0);
+                end -= start;
+                start = 0;
+                if end == buf.len() {
+                    buf.resize(buf.len() * 2, 0);
+                }
+                let n = match file.read(&mut buf[end..]) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                };
+                if let Some(fp) = fingerprint.as_deref_mut() {
+                    fp.update(&buf[end..end + n]);
+                }
+                end += n;
+                eof = n == 0;
+                continue;
+            }
+        };
         line_no += 1;
-        let text = buf.trim_end_matches(['\n', '\r']);
+        let text = std::str::from_utf8(&buf[line]).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("line {line_no} is not valid UTF-8: {e}"),
+            )
+        })?;
+        let text = text.trim_end_matches(['\n', '\r']);
         if text.trim().is_empty() {
             continue;
         }
@@ -240,6 +277,50 @@ mod tests {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(text.as_bytes()).unwrap();
         f
+    }
+
+    /// Lines are found across reads, in lines longer than the buffer, with `\r\n` endings
+    /// and without a last newline; the fingerprint is BLAKE3 of the whole file; a line that
+    /// is not UTF-8 is named.
+    #[test]
+    fn lines_are_read_whole_and_the_fingerprint_is_the_files() {
+        let long = format!("{{\"prompt\":\"{}\"}}", "w".repeat(200_000));
+        let mut text = String::new();
+        for i in 0..3000 {
+            text.push_str(&format!("{{\"custom_id\":\"r{i}\",\"prompt\":\"p\"}}\r\n"));
+            if i % 1000 == 7 {
+                text.push_str(&long);
+                text.push_str("\n\n");
+            }
+        }
+        text.push_str("{\"prompt\":\"last\"}");
+        let f = file(&text);
+        let mut seen = Vec::new();
+        let mut fp = Fingerprinter::default();
+        read_lines(f.path(), Some(&mut fp), |n, line| {
+            seen.push((n, line.len(), line.ends_with('}')));
+            true
+        })
+        .unwrap();
+        assert_eq!(seen.len(), 3000 + 3 + 1);
+        assert!(seen.iter().all(|s| s.2), "no line keeps its ending");
+        assert_eq!(seen.iter().filter(|s| s.1 == long.len()).count(), 3);
+        assert_eq!(
+            seen.last().unwrap().0,
+            3000 + 3 * 2 + 1,
+            "blank lines are counted"
+        );
+        let mut whole = Fingerprinter::default();
+        whole.update(text.as_bytes());
+        assert_eq!(fp.finish(1), whole.finish(1));
+
+        let bad = file("{\"prompt\":\"a\"}\n{\"prompt\":\"\u{ff}\"}\n");
+        std::fs::write(bad.path(), b"{\"prompt\":\"a\"}\n{\"prompt\":\"\xff\"}\n").unwrap();
+        let err = read_lines(bad.path(), None, |_, _| true).unwrap_err();
+        assert!(
+            err.to_string().contains("line 2 is not valid UTF-8"),
+            "{err}"
+        );
     }
 
     #[test]
