@@ -38,7 +38,7 @@ pub struct CacheLayer {
 pub type Pending = Vec<(
     CacheKey,
     String,
-    Box<serde_json::value::RawValue>,
+    sluice::json::RawJson,
     Option<sluice::Usage>,
 )>;
 

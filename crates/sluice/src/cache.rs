@@ -11,8 +11,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::json::RawJson;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
-use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::outcome::Usage;
@@ -63,7 +63,7 @@ pub enum CacheError {
 #[derive(Clone, Debug)]
 pub struct Hit {
     /// The provider's response body.
-    pub response: Box<RawValue>,
+    pub response: RawJson,
     /// Its usage when it was first answered.
     pub usage: Option<Usage>,
 }
@@ -145,7 +145,7 @@ pub struct Store<'a> {
     /// The model that answered.
     pub model: &'a str,
     /// The response body.
-    pub response: &'a RawValue,
+    pub response: &'a RawJson,
     /// Its usage.
     pub usage: Option<Usage>,
 }
@@ -282,7 +282,7 @@ impl Cache {
         let Ok(text) = String::from_utf8(body) else {
             return Ok(None);
         };
-        let Ok(response) = RawValue::from_string(text) else {
+        let Ok(response) = RawJson::parse(&text) else {
             return Ok(None);
         };
         let usage = match (prompt, completion) {
@@ -429,7 +429,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cache.sqlite");
         let key = k(r#"{"messages":[{"role":"user","content":"hi"}]}"#);
-        let body = RawValue::from_string(r#"{"id":"x","choices":[]}"#.into()).unwrap();
+        let body = RawJson::parse(r#"{"id":"x","choices":[]}"#).unwrap();
         {
             let mut c = Cache::open(&path, false).unwrap();
             assert!(c.get(&key).unwrap().is_none());

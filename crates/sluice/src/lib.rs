@@ -38,6 +38,7 @@ pub mod cost;
 pub mod engine;
 pub mod input;
 pub mod journal;
+pub mod json;
 pub mod limiter;
 pub mod outcome;
 pub mod provider;

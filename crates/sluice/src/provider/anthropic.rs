@@ -25,17 +25,16 @@
 
 use std::time::SystemTime;
 
+use crate::json::{JsonError, RawJson};
 use ::http::{HeaderMap, HeaderName, HeaderValue};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use super::http::TransportBuildError;
 use super::openai::QUOTA_MARKERS;
 use super::{
     body_excerpt, compact, content_text, data_url, kind_of_status, ratelimit, stop_list,
-    tail_member, ChatTranslation, ErrorFacts, HttpResponse, ProviderKind, RateLimits,
-    TranslateError, WireApi,
+    ChatTranslation, ErrorFacts, HttpResponse, ProviderKind, RateLimits, TranslateError, WireApi,
 };
 use crate::outcome::{ErrorKind, Usage};
 use crate::request::Endpoint;
@@ -216,12 +215,10 @@ impl WireApi for Anthropic {
         Ok(out)
     }
 
-    fn parse_success(
-        &self,
-        body: &[u8],
-    ) -> Result<(Box<RawValue>, Option<Usage>), serde_json::Error> {
-        let raw: Box<RawValue> = serde_json::from_slice(&compact(body))?;
-        let usage = match tail_member(raw.get(), "usage") {
+    fn parse_success(&self, body: &[u8]) -> Result<(RawJson, Option<Usage>), JsonError> {
+        let body = compact(body);
+        let (raw, member) = RawJson::parse_with_member(&body, "usage")?;
+        let usage = match member {
             Some(text) => serde_json::from_str::<WireUsage>(text).ok(),
             None => serde_json::from_str::<UsageOnly>(raw.get())
                 .ok()

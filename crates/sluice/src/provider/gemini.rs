@@ -25,9 +25,9 @@
 
 use std::time::SystemTime;
 
+use crate::json::{JsonError, RawJson};
 use ::http::{HeaderMap, HeaderName, HeaderValue};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use super::http::TransportBuildError;
@@ -245,25 +245,26 @@ impl WireApi for Gemini {
         Ok(out)
     }
 
-    fn parse_success(
-        &self,
-        body: &[u8],
-    ) -> Result<(Box<RawValue>, Option<Usage>), serde_json::Error> {
-        let raw: Box<RawValue> = serde_json::from_slice(&compact(body))?;
-        let usage = serde_json::from_str::<UsageOnly>(raw.get())
-            .ok()
-            .and_then(|u| u.usage_metadata)
-            .map(|u| {
-                // Thinking tokens are billed as output.
-                let completion = u.candidates_token_count + u.thoughts_token_count;
-                Usage {
-                    prompt_tokens: u.prompt_token_count,
-                    completion_tokens: completion,
-                    total_tokens: u.total_token_count.max(u.prompt_token_count + completion),
-                    cached_tokens: u.cached_content_token_count,
-                    cache_write_tokens: 0,
-                }
-            });
+    fn parse_success(&self, body: &[u8]) -> Result<(RawJson, Option<Usage>), JsonError> {
+        let body = compact(body);
+        let (raw, member) = RawJson::parse_with_member(&body, "usageMetadata")?;
+        let usage = match member {
+            Some(text) => serde_json::from_str::<WireUsage>(text).ok(),
+            None => serde_json::from_str::<UsageOnly>(raw.get())
+                .ok()
+                .and_then(|u| u.usage_metadata),
+        }
+        .map(|u| {
+            // Thinking tokens are billed as output.
+            let completion = u.candidates_token_count + u.thoughts_token_count;
+            Usage {
+                prompt_tokens: u.prompt_token_count,
+                completion_tokens: completion,
+                total_tokens: u.total_token_count.max(u.prompt_token_count + completion),
+                cached_tokens: u.cached_content_token_count,
+                cache_write_tokens: 0,
+            }
+        });
         Ok((raw, usage))
     }
 

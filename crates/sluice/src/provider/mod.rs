@@ -25,8 +25,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
+use crate::json::{JsonError, RawJson};
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::outcome::{ErrorInfo, ErrorKind, Usage};
@@ -134,10 +134,7 @@ pub trait WireApi: Sync {
 
     /// Reads a successful body: the body as validated JSON (compacted onto one line) and
     /// its usage.
-    fn parse_success(
-        &self,
-        body: &[u8],
-    ) -> Result<(Box<RawValue>, Option<Usage>), serde_json::Error>;
+    fn parse_success(&self, body: &[u8]) -> Result<(RawJson, Option<Usage>), JsonError>;
 
     /// Reads an error body (status not 2xx) into the facts [`decide`] needs.
     fn error_facts(&self, resp: &HttpResponse) -> ErrorFacts;
@@ -196,7 +193,7 @@ pub enum Verdict {
     /// Done: the provider's body and usage.
     Success {
         /// The response body, validated JSON.
-        response: Box<RawValue>,
+        response: RawJson,
         /// Token usage, when the provider reported it.
         usage: Option<Usage>,
     },
@@ -398,109 +395,6 @@ pub fn compact(body: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     std::borrow::Cow::Owned(out)
 }
 
-/// The text of the member `key` of the JSON object `raw` when it is an object and one of
-/// the object's last [`TAIL_MEMBERS`] members, found by walking back from the end: OpenAI
-/// and Anthropic put `usage` at or near the end, so reading it this way spares a second
-/// pass over the whole response (a sixth of the client's instructions per request). `raw`
-/// must be valid JSON (a [`RawValue`]); `None` when the member is not there, and the
-/// caller parses the whole.
-pub fn tail_member<'a>(raw: &'a str, key: &str) -> Option<&'a str> {
-    let b = raw.as_bytes();
-    let skip_ws = |mut i: usize| {
-        while i > 0 && matches!(b[i - 1], b' ' | b'\n' | b'\r' | b'\t') {
-            i -= 1;
-        }
-        i
-    };
-    // The start of the string whose closing quote is at `i`.
-    let string_start = |mut i: usize| loop {
-        if i == 0 {
-            return None;
-        }
-        i -= 1;
-        if b[i] == b'"' {
-            let slashes = b[..i].iter().rev().take_while(|&&c| c == b'\\').count();
-            if slashes % 2 == 0 {
-                return Some(i);
-            }
-        }
-    };
-    let end = skip_ws(b.len());
-    if end == 0 || b[end - 1] != b'}' {
-        return None;
-    }
-    let mut at = end - 1; // the members end here
-    for _ in 0..TAIL_MEMBERS {
-        let value_end = skip_ws(at);
-        if value_end == 0 {
-            return None;
-        }
-        // Back to the start of the member's value.
-        let value_start = match b[value_end - 1] {
-            b'}' | b']' => {
-                let mut i = value_end;
-                let mut depth = 0usize;
-                loop {
-                    if i == 0 {
-                        return None;
-                    }
-                    i -= 1;
-                    match b[i] {
-                        b'}' | b']' => depth += 1,
-                        b'{' | b'[' => {
-                            depth = depth.checked_sub(1)?;
-                            if depth == 0 {
-                                break i;
-                            }
-                        }
-                        b'"' => i = string_start(i)?,
-                        _ => {}
-                    }
-                }
-            }
-            b'"' => string_start(value_end - 1)?,
-            _ => {
-                // A number, true, false or null.
-                let mut i = value_end;
-                while i > 0
-                    && matches!(b[i - 1], b'0'..=b'9' | b'a'..=b'z' | b'.' | b'+' | b'-' | b'E')
-                {
-                    i -= 1;
-                }
-                if i == value_end {
-                    return None;
-                }
-                i
-            }
-        };
-        // Before it: `"key"` `:`, and before the key a `,` or the object's `{`.
-        let colon = skip_ws(value_start);
-        if colon == 0 || b[colon - 1] != b':' {
-            return None;
-        }
-        let key_end = skip_ws(colon - 1);
-        if key_end == 0 || b[key_end - 1] != b'"' {
-            return None;
-        }
-        let key_start = string_start(key_end - 1)?;
-        let before = skip_ws(key_start);
-        if before == 0 || !matches!(b[before - 1], b',' | b'{') {
-            return None;
-        }
-        if &raw[key_start + 1..key_end - 1] == key {
-            return (b[value_start] == b'{').then(|| &raw[value_start..value_end]);
-        }
-        if b[before - 1] == b'{' {
-            return None;
-        }
-        at = before - 1;
-    }
-    None
-}
-
-/// How many members from the end [`tail_member`] looks at.
-pub const TAIL_MEMBERS: usize = 4;
-
 /// The start of a non-JSON body (an HTML error page, say), as one line.
 pub fn body_excerpt(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(&body[..body.len().min(300)]);
@@ -672,44 +566,5 @@ mod tests {
             Some(false)
         );
         assert_eq!(should_retry(&HeaderMap::new()), None);
-    }
-
-    #[test]
-    fn tail_member_finds_usage_near_the_end_and_nothing_else() {
-        let usage = r#"{"prompt_tokens":3,"completion_tokens":4,"prompt_tokens_details":{"cached_tokens":1}}"#;
-        let cases: &[(String, Option<&str>)] = &[
-            (
-                format!(r#"{{"id":"x","choices":[{{"a":"}}"}}],"usage":{usage}}}"#),
-                Some(usage),
-            ),
-            (
-                format!("{{ \"id\" : 1 ,\n \"usage\" :\t{usage} \n}}\n"),
-                Some(usage),
-            ),
-            // Strings with braces, brackets and escaped quotes and backslashes inside it.
-            (
-                r#"{"usage":{"a":"}{][\"","b":"\\","c":{"d":"\\\"}"}}}"#.to_string(),
-                Some(r#"{"a":"}{][\"","b":"\\","c":{"d":"\\\"}"}}"#),
-            ),
-            (
-                format!(r#"{{"usage":{usage},"id":"x","n":-1.5e3,"o":{{"t":[true,null]}}}}"#),
-                Some(usage),
-            ),
-            (
-                format!(r#"{{"usage":{usage},"a":1,"b":2,"c":3,"d":4}}"#),
-                None,
-            ),
-            (format!(r#"{{"id":"x","usage":1,"z":{usage}}}"#), None),
-            (format!(r#"{{"my_usage":{usage}}}"#), None),
-            (format!(r#"{{"x":{{"usage":{usage}}}}}"#), None),
-            (r#"{"usage":null}"#.to_string(), None),
-            (r#"{"usage":[{"a":1}]}"#.to_string(), None),
-            (r#"[{"usage":{}}]"#.to_string(), None),
-            (r#"{"id":"\"usage\":{}"}"#.to_string(), None),
-        ];
-        for (raw, want) in cases {
-            serde_json::from_str::<serde_json::Value>(raw).expect("valid JSON");
-            assert_eq!(tail_member(raw, "usage"), *want, "{raw}");
-        }
     }
 }

@@ -9,15 +9,15 @@
 
 use std::time::SystemTime;
 
+use crate::json::{JsonError, RawJson};
 use ::http::{HeaderMap, HeaderValue};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::http::TransportBuildError;
 use super::{
-    body_excerpt, compact, kind_of_status, ratelimit, tail_member, ChatTranslation, ErrorFacts,
-    HttpResponse, ProviderKind, RateLimits, TranslateError, WireApi,
+    body_excerpt, compact, kind_of_status, ratelimit, ChatTranslation, ErrorFacts, HttpResponse,
+    ProviderKind, RateLimits, TranslateError, WireApi,
 };
 use crate::outcome::{ErrorKind, Usage};
 use crate::request::Endpoint;
@@ -123,12 +123,10 @@ impl WireApi for OpenAi {
         Ok(body)
     }
 
-    fn parse_success(
-        &self,
-        body: &[u8],
-    ) -> Result<(Box<RawValue>, Option<Usage>), serde_json::Error> {
-        let raw: Box<RawValue> = serde_json::from_slice(&compact(body))?;
-        let usage = match tail_member(raw.get(), "usage") {
+    fn parse_success(&self, body: &[u8]) -> Result<(RawJson, Option<Usage>), JsonError> {
+        let body = compact(body);
+        let (raw, member) = RawJson::parse_with_member(&body, "usage")?;
+        let usage = match member {
             Some(text) => serde_json::from_str::<WireUsage>(text).ok(),
             None => serde_json::from_str::<UsageOnly>(raw.get())
                 .ok()

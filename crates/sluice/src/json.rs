@@ -1,0 +1,545 @@
+//! Provider responses kept as JSON text: checked in one pass that builds nothing, and
+//! carried as that text to the output line and the cache.
+//!
+//! `serde_json` checks a body as a `RawValue` at about half a gigabyte a second and its
+//! `RawValue` cannot be made without checking again; a response is checked on every
+//! success, so [`RawJson`] is this crate's own checked text. [`check`] accepts exactly what
+//! `serde_json::from_slice::<Box<RawValue>>` accepts (a test holds the two together on
+//! generated and mutated inputs): one RFC 8259 value, whitespace around it, UTF-8, string
+//! escapes checked (a `\u` escape's four hex digits, not the code point it names), no
+//! control characters in strings, no depth limit. On the way it finds one member of the
+//! top-level object (`usage`), so that member is read without a second pass.
+
+use std::fmt;
+use std::ops::Range;
+
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
+
+/// Why a text is not JSON, and where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JsonError {
+    /// Byte offset of the fault.
+    pub at: usize,
+    /// What is wrong.
+    pub what: &'static str,
+}
+
+impl fmt::Display for JsonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} at byte {}", self.what, self.at)
+    }
+}
+
+impl std::error::Error for JsonError {}
+
+/// One JSON value as checked text, without whitespace around it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RawJson(Box<str>);
+
+impl RawJson {
+    /// Checks `text` and keeps the value in it.
+    pub fn parse(text: &str) -> Result<RawJson, JsonError> {
+        let (value, _) = check(text, None)?;
+        Ok(RawJson(text[value].into()))
+    }
+
+    /// Checks `text`, keeps the value, and returns the text of the top-level object's
+    /// member `key` too (its last occurrence, when its name is written without escapes).
+    pub fn parse_with_member<'a>(
+        text: &'a [u8],
+        key: &str,
+    ) -> Result<(RawJson, Option<&'a str>), JsonError> {
+        let text = utf8(text)?;
+        let (value, member) = check(text, Some(key.as_bytes()))?;
+        Ok((RawJson(text[value].into()), member.map(|m| &text[m])))
+    }
+
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for RawJson {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for RawJson {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // Only `serde_json`'s RawValue can pass JSON through a serializer untouched.
+        let raw = RawValue::from_string(self.0.to_string()).map_err(serde::ser::Error::custom)?;
+        raw.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawJson {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = Box::<RawValue>::deserialize(d)?;
+        RawJson::parse(raw.get()).map_err(D::Error::custom)
+    }
+}
+
+/// `b` as text, or where it stops being UTF-8.
+pub fn utf8(b: &[u8]) -> Result<&str, JsonError> {
+    std::str::from_utf8(b).or_else(|e| fail(e.valid_up_to(), "invalid UTF-8"))
+}
+
+fn is_ws(c: u8) -> bool {
+    matches!(c, b' ' | b'\n' | b'\r' | b'\t')
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while i < b.len() && is_ws(b[i]) {
+        i += 1;
+    }
+    i
+}
+
+fn fail<T>(at: usize, what: &'static str) -> Result<T, JsonError> {
+    Err(JsonError { at, what })
+}
+
+/// Where the first `"`, `\\` or control character at or after `j` is (or `b.len()`):
+/// eight bytes at a time, as `serde_json` does it.
+fn special(b: &[u8], mut j: usize) -> usize {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    let zero_in = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS;
+    while let Some(chunk) = b.get(j..j + 8) {
+        let v = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
+        let hits = zero_in(v ^ (ONES * u64::from(b'"')))
+            | zero_in(v ^ (ONES * u64::from(b'\\')))
+            | (v.wrapping_sub(ONES * 0x20) & !v & HIGHS);
+        if hits != 0 {
+            return j + (hits.trailing_zeros() / 8) as usize;
+        }
+        j += 8;
+    }
+    while j < b.len() && !matches!(b[j], b'"' | b'\\' | 0..=0x1f) {
+        j += 1;
+    }
+    j
+}
+
+/// The end of the string whose opening quote is at `i` (just past its closing quote).
+fn string_end(b: &[u8], i: usize) -> Result<usize, JsonError> {
+    let mut j = i + 1;
+    loop {
+        j = special(b, j);
+        match b.get(j) {
+            None => return fail(b.len(), "EOF while parsing a string"),
+            Some(b'"') => return Ok(j + 1),
+            Some(b'\\') => {}
+            Some(_) => return fail(j, "control character in a string"),
+        }
+        // An escape.
+        match b.get(j + 1) {
+            Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => j += 2,
+            Some(b'u') => {
+                let hex = b.get(j + 2..j + 6);
+                if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+                    return fail(j, "invalid \\u escape");
+                }
+                j += 6;
+            }
+            Some(_) => return fail(j, "invalid escape"),
+            None => return fail(b.len(), "EOF while parsing a string"),
+        }
+    }
+}
+
+/// The end of the number that starts at `i`.
+fn number_end(b: &[u8], mut i: usize) -> Result<usize, JsonError> {
+    let digits = |mut i: usize| {
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        i
+    };
+    if b[i] == b'-' {
+        i += 1;
+    }
+    match b.get(i) {
+        Some(b'0') => i += 1,
+        Some(b'1'..=b'9') => i = digits(i + 1),
+        _ => return fail(i, "invalid number"),
+    }
+    if b.get(i) == Some(&b'.') {
+        let end = digits(i + 1);
+        if end == i + 1 {
+            return fail(end, "invalid number");
+        }
+        i = end;
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(b.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        let end = digits(i);
+        if end == i {
+            return fail(end, "invalid number");
+        }
+        i = end;
+    }
+    Ok(i)
+}
+
+/// Checks that `text` is one JSON value with only whitespace around it. Returns the value's
+/// range and, when `key` is given and the value is an object, the range of the value of
+/// its last member named `key` (written without escapes).
+pub fn check(
+    text: &str,
+    key: Option<&[u8]>,
+) -> Result<(Range<usize>, Option<Range<usize>>), JsonError> {
+    let b = text.as_bytes();
+    let n = b.len();
+    // Open containers, innermost last: `{` or `[`.
+    let mut open: Vec<u8> = Vec::new();
+    let mut member = None;
+    // Where the value of a top-level member named `key` starts, while it is being read.
+    let mut wanted: Option<usize> = None;
+    let start = skip_ws(b, 0);
+    let mut i = start;
+    // Reads the member name at `i` (after `{` or `,` and whitespace) and its colon;
+    // returns where its value starts.
+    let name = |i: usize, depth: usize, wanted: &mut Option<usize>| -> Result<usize, JsonError> {
+        if b.get(i) != Some(&b'"') {
+            return fail(i, "expected a member name");
+        }
+        let end = string_end(b, i)?;
+        let colon = skip_ws(b, end);
+        if b.get(colon) != Some(&b':') {
+            return fail(colon, "expected `:`");
+        }
+        let value = skip_ws(b, colon + 1);
+        if depth == 1 && key.is_some_and(|k| &b[i + 1..end - 1] == k) {
+            *wanted = Some(value);
+        }
+        Ok(value)
+    };
+    'value: loop {
+        // A value starts at `i`.
+        match b.get(i) {
+            None => return fail(i, "EOF while parsing a value"),
+            Some(b'{') => {
+                let j = skip_ws(b, i + 1);
+                if b.get(j) == Some(&b'}') {
+                    i = j + 1;
+                } else {
+                    open.push(b'{');
+                    i = name(j, open.len(), &mut wanted)?;
+                    continue 'value;
+                }
+            }
+            Some(b'[') => {
+                let j = skip_ws(b, i + 1);
+                if b.get(j) == Some(&b']') {
+                    i = j + 1;
+                } else {
+                    open.push(b'[');
+                    i = j;
+                    continue 'value;
+                }
+            }
+            Some(b'"') => i = string_end(b, i)?,
+            Some(b'-' | b'0'..=b'9') => i = number_end(b, i)?,
+            Some(&c @ (b't' | b'f' | b'n')) => {
+                let word: &[u8] = match c {
+                    b't' => b"true",
+                    b'f' => b"false",
+                    _ => b"null",
+                };
+                if !b[i..].starts_with(word) {
+                    return fail(i, "expected a value");
+                }
+                i += word.len();
+            }
+            Some(_) => return fail(i, "expected a value"),
+        }
+        // A value ended at `i`: close what it closes, then find the next value.
+        loop {
+            if open.len() == 1 {
+                if let Some(from) = wanted.take() {
+                    member = Some(from..i);
+                }
+            }
+            i = skip_ws(b, i);
+            match open.last() {
+                None => {
+                    if i != n {
+                        return fail(i, "trailing characters");
+                    }
+                    let end = b[..n].iter().rposition(|&c| !is_ws(c)).map_or(0, |p| p + 1);
+                    return Ok((start..end, member));
+                }
+                Some(b'[') => match b.get(i) {
+                    Some(b',') => {
+                        i = skip_ws(b, i + 1);
+                        continue 'value;
+                    }
+                    Some(b']') => {
+                        open.pop();
+                        i += 1;
+                    }
+                    _ => return fail(i, "expected `,` or `]`"),
+                },
+                Some(_) => match b.get(i) {
+                    Some(b',') => {
+                        let j = skip_ws(b, i + 1);
+                        i = name(j, open.len(), &mut wanted)?;
+                        continue 'value;
+                    }
+                    Some(b'}') => {
+                        open.pop();
+                        i += 1;
+                    }
+                    _ => return fail(i, "expected `,` or `}`"),
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+    use serde_json::Value;
+
+    fn serde_says(b: &[u8]) -> bool {
+        serde_json::from_slice::<Box<RawValue>>(b).is_ok()
+    }
+
+    #[test]
+    fn accepts_and_refuses_what_serde_json_does() {
+        let cases: &[&str] = &[
+            "{}",
+            " [ ] ",
+            "0",
+            "-0",
+            "-0.5e+3",
+            "1E5",
+            "12.25",
+            "\"\"",
+            "true",
+            "null",
+            "false",
+            "{\"a\":[1,{\"b\":null}],\"c\":\"\\u00e9\\n\\\"\"}",
+            "\"\\ud800\"",
+            "\u{feff}{}",
+            "",
+            "  ",
+            "{",
+            "}",
+            "[1,]",
+            "{\"a\":1,}",
+            "{\"a\" 1}",
+            "{a:1}",
+            "01",
+            "1.",
+            ".5",
+            "+1",
+            "1e",
+            "1e+",
+            "-",
+            "--1",
+            "tru",
+            "truex",
+            "nul",
+            "[1 2]",
+            "\"\\x\"",
+            "\"\\u12g4\"",
+            "\"\\u12\"",
+            "\"a\u{1}\"",
+            "\"a\tb\"",
+            "\"abc",
+            "\"a\\",
+            "{} {}",
+            "[]]",
+            "[[]",
+            "{\"a\":}",
+            "{,}",
+            "[,1]",
+            "NaN",
+            "Infinity",
+            "{\"usage\":{\"x\":1}}\n",
+            "\t\r\n1\n",
+        ];
+        let deep = |n: usize, close: &str| {
+            let open: String = (0..n)
+                .map(|k| if k % 3 == 0 { "{\"a\":" } else { "[" })
+                .collect();
+            let shut: String = (0..n)
+                .rev()
+                .map(|k| if k % 3 == 0 { "}" } else { "]" })
+                .collect();
+            format!("{open}1{shut}{close}")
+        };
+        let deep_cases = [deep(100, ""), deep(100, "]"), deep(33, ""), deep(40, "}")];
+        let mut shut_early = deep(70, "");
+        shut_early.remove(shut_early.len() - 20);
+        let cases: Vec<&str> = cases
+            .iter()
+            .copied()
+            .chain(deep_cases.iter().map(String::as_str))
+            .chain([shut_early.as_str()])
+            .collect();
+        for c in cases {
+            assert_eq!(check(c, None).is_ok(), serde_says(c.as_bytes()), "{c:?}");
+        }
+        assert!(utf8(b"\"\xff\"").is_err());
+        assert!(!serde_says(b"\"\xff\""));
+    }
+
+    /// A random JSON value, sometimes with a `usage` member, up to `depth` deep.
+    fn value(rng: &mut SmallRng, depth: u32, out: &mut String) {
+        let pick = if depth == 0 {
+            rng.random_range(0..5)
+        } else {
+            rng.random_range(0..7)
+        };
+        let ws = |rng: &mut SmallRng, out: &mut String| {
+            if rng.random_bool(0.2) {
+                out.push_str([" ", "\n", "\t", "\r\n  "][rng.random_range(0..4)]);
+            }
+        };
+        match pick {
+            0 => out.push_str(["true", "false", "null"][rng.random_range(0..3)]),
+            1 => out.push_str(
+                [
+                    "0",
+                    "-1",
+                    "12.5",
+                    "3e7",
+                    "-0.0E-2",
+                    "18446744073709551616",
+                    "1.5e+300",
+                ][rng.random_range(0..7)],
+            ),
+            2..=4 => {
+                let parts = [
+                    "a", "é", "\\\"", "\\\\", "\\n", "\\u00e9", "\\ud83d", "{", "]", "usage", " ",
+                    "日本",
+                ];
+                out.push('"');
+                for _ in 0..rng.random_range(0..5) {
+                    out.push_str(parts[rng.random_range(0..parts.len())]);
+                }
+                out.push('"');
+            }
+            5 => {
+                out.push('[');
+                for k in 0..rng.random_range(0..4) {
+                    if k > 0 {
+                        out.push(',');
+                    }
+                    ws(rng, out);
+                    value(rng, depth - 1, out);
+                    ws(rng, out);
+                }
+                out.push(']');
+            }
+            _ => {
+                out.push('{');
+                for k in 0..rng.random_range(0..5) {
+                    if k > 0 {
+                        out.push(',');
+                    }
+                    ws(rng, out);
+                    let name =
+                        ["usage", "id", "choices", "us\\u0061ge", "x"][rng.random_range(0..5)];
+                    out.push_str(&format!("\"{name}\""));
+                    ws(rng, out);
+                    out.push(':');
+                    ws(rng, out);
+                    value(rng, depth - 1, out);
+                    ws(rng, out);
+                }
+                out.push('}');
+            }
+        }
+    }
+
+    /// On generated values, and on them with bytes changed, inserted and cut, `check`
+    /// agrees with `serde_json`, and the member it finds is the one `serde_json` reads.
+    #[test]
+    fn agrees_with_serde_json_on_generated_and_mutated_values() {
+        let mut rng = SmallRng::seed_from_u64(7);
+        let alphabet = b"{}[]\":,\\ \n0123456789-+.eEtrufalsnu\x01\x7f";
+        let (mut valid, mut invalid) = (0, 0);
+        for round in 0..30_000 {
+            let mut text = String::new();
+            value(&mut rng, 4, &mut text);
+            let mut bytes = text.into_bytes();
+            if round % 2 == 1 {
+                for _ in 0..rng.random_range(1..4) {
+                    let at = rng.random_range(0..=bytes.len());
+                    let c = alphabet[rng.random_range(0..alphabet.len())];
+                    match rng.random_range(0..3) {
+                        0 if at < bytes.len() => bytes[at] = c,
+                        1 if at < bytes.len() => {
+                            bytes.remove(at);
+                        }
+                        _ => bytes.insert(at, c),
+                    }
+                }
+            }
+            let ours = utf8(&bytes).and_then(|t| check(t, Some(b"usage")));
+            let shown = String::from_utf8_lossy(&bytes).into_owned();
+            assert_eq!(ours.is_ok(), serde_says(&bytes), "{shown:?}: {ours:?}");
+            let Ok((range, member)) = ours else {
+                invalid += 1;
+                continue;
+            };
+            valid += 1;
+            let raw: Box<RawValue> = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(&bytes[range], raw.get().as_bytes(), "{shown:?}");
+            // serde_json keeps the last of repeated names, as `check` does; an escaped
+            // name is the same name to serde_json, and `check` does not look for it.
+            let escaped = shown.contains("us\\u0061ge");
+            // (A lone surrogate escape is JSON, but not a string serde_json reads.)
+            let Ok(tree) = serde_json::from_slice::<Value>(&bytes) else {
+                continue;
+            };
+            if let Value::Object(map) = tree {
+                let theirs = map.get("usage");
+                match (member, theirs) {
+                    (Some(m), Some(v)) if !escaped => {
+                        let mine: Value = serde_json::from_slice(&bytes[m]).unwrap();
+                        assert_eq!(&mine, v, "{shown:?}");
+                    }
+                    (None, None) => {}
+                    (m, _) => assert!(escaped, "{shown:?}: {m:?}"),
+                }
+            } else {
+                assert!(member.is_none());
+            }
+        }
+        assert!(
+            valid > 15_000 && invalid > 5_000,
+            "{valid} valid, {invalid} invalid"
+        );
+    }
+
+    #[test]
+    fn raw_json_keeps_the_value_and_serialises_as_it_is() {
+        let (raw, usage) =
+            RawJson::parse_with_member(b" {\"id\":1,\"usage\": {\"a\":2} }\n", "usage").unwrap();
+        assert_eq!(raw.get(), "{\"id\":1,\"usage\": {\"a\":2} }");
+        assert_eq!(usage, Some("{\"a\":2}"));
+        assert_eq!(
+            serde_json::to_string(&raw).unwrap(),
+            "{\"id\":1,\"usage\": {\"a\":2} }"
+        );
+        let back: RawJson = serde_json::from_str("[1, 2]").unwrap();
+        assert_eq!(back.get(), "[1, 2]");
+        let err = RawJson::parse("{\"a\":01}").unwrap_err();
+        assert_eq!(err.to_string(), "expected `,` or `}` at byte 6");
+    }
+}
