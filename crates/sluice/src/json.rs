@@ -11,7 +11,6 @@
 //! top-level object (`usage`), so that member is read without a second pass.
 
 use std::fmt;
-use std::ops::Range;
 
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -42,7 +41,7 @@ impl RawJson {
     /// Checks `text` and keeps the value in it.
     pub fn parse(text: &str) -> Result<RawJson, JsonError> {
         let (value, _) = check(text, None)?;
-        Ok(RawJson(text[value].into()))
+        Ok(RawJson(value.into()))
     }
 
     /// Checks `text`, keeps the value, and returns the text of the top-level object's
@@ -52,8 +51,8 @@ impl RawJson {
         key: &str,
     ) -> Result<(RawJson, Option<&'a str>), JsonError> {
         let text = utf8(text)?;
-        let (value, member) = check(text, Some(key.as_bytes()))?;
-        Ok((RawJson(text[value].into()), member.map(|m| &text[m])))
+        let (value, member) = check(text, Some(key))?;
+        Ok((RawJson(value.into()), member))
     }
 
     /// The JSON text.
@@ -189,25 +188,69 @@ fn number_end(b: &[u8], mut i: usize) -> Result<usize, JsonError> {
     Ok(i)
 }
 
-/// Checks that `text` is one JSON value with only whitespace around it. Returns the value's
-/// range and, when `key` is given and the value is an object, the range of the value of
-/// its last member named `key` (written without escapes).
-pub fn check(
-    text: &str,
-    key: Option<&[u8]>,
-) -> Result<(Range<usize>, Option<Range<usize>>), JsonError> {
+/// Checks that `text` is one JSON value with only whitespace around it. Returns the value
+/// and, when `key` is given and the value is an object, the value of its last member
+/// named `key` (written without escapes).
+pub fn check<'t>(
+    text: &'t str,
+    key: Option<&str>,
+) -> Result<(&'t str, Option<&'t str>), JsonError> {
+    let mut member = None;
+    let value = walk(text, |depth, name, value| {
+        if depth == 1 && name.is_some() && name == key {
+            member = Some(value);
+        }
+    })?;
+    Ok((value, member))
+}
+
+/// The members of the JSON object `text` (each name's text as written, without its
+/// quotes, and its value's text), or `None` when `text` is JSON but not an object.
+pub fn members(text: &str) -> Result<Option<Vec<(&str, &str)>>, JsonError> {
+    let mut members = Vec::with_capacity(8);
+    let value = walk(text, |depth, name, value| {
+        if let (1, Some(name)) = (depth, name) {
+            members.push((name, value));
+        }
+    })?;
+    Ok(value.starts_with('{').then_some(members))
+}
+
+/// The elements of the JSON array `text`, or `None` when `text` is JSON but not an array.
+pub fn elements(text: &str) -> Result<Option<Vec<&str>>, JsonError> {
+    let mut elements = Vec::with_capacity(4);
+    let value = walk(text, |depth, name, value| {
+        if depth == 1 && name.is_none() {
+            elements.push(value);
+        }
+    })?;
+    Ok(value.starts_with('[').then_some(elements))
+}
+
+/// How deep [`walk`] reports items.
+pub const WALK_DEPTH: usize = 2;
+
+/// Checks that `text` is one JSON value with only whitespace around it, and returns it.
+/// `item` is called with the depth (1 for the value's own), the name (as written, without
+/// quotes) and the value of every member of an object, and the depth and value of every
+/// element of an array (no name), down to [`WALK_DEPTH`], each when its value ends (so the
+/// items inside an item come before it).
+pub fn walk<'t>(
+    text: &'t str,
+    mut item: impl FnMut(usize, Option<&'t str>, &'t str),
+) -> Result<&'t str, JsonError> {
     let b = text.as_bytes();
     let n = b.len();
     // Open containers, innermost last: `{` or `[`.
     let mut open: Vec<u8> = Vec::new();
-    let mut member = None;
-    // Where the value of a top-level member named `key` starts, while it is being read.
-    let mut wanted: Option<usize> = None;
+    // The item being read at each depth: its name, and where its value starts.
+    let mut name: [Option<&'t str>; WALK_DEPTH + 1] = [None; WALK_DEPTH + 1];
+    let mut item_start: [Option<usize>; WALK_DEPTH + 1] = [None; WALK_DEPTH + 1];
     let start = skip_ws(b, 0);
     let mut i = start;
     // Reads the member name at `i` (after `{` or `,` and whitespace) and its colon;
-    // returns where its value starts.
-    let name = |i: usize, depth: usize, wanted: &mut Option<usize>| -> Result<usize, JsonError> {
+    // returns the name and where its value starts.
+    let member = |i: usize| -> Result<(&'t str, usize), JsonError> {
         if b.get(i) != Some(&b'"') {
             return fail(i, "expected a member name");
         }
@@ -216,11 +259,7 @@ pub fn check(
         if b.get(colon) != Some(&b':') {
             return fail(colon, "expected `:`");
         }
-        let value = skip_ws(b, colon + 1);
-        if depth == 1 && key.is_some_and(|k| &b[i + 1..end - 1] == k) {
-            *wanted = Some(value);
-        }
-        Ok(value)
+        Ok((&text[i + 1..end - 1], skip_ws(b, colon + 1)))
     };
     'value: loop {
         // A value starts at `i`.
@@ -232,7 +271,11 @@ pub fn check(
                     i = j + 1;
                 } else {
                     open.push(b'{');
-                    i = name(j, open.len(), &mut wanted)?;
+                    let (key, value) = member(j)?;
+                    if let Some(d) = name.get_mut(open.len()) {
+                        (*d, item_start[open.len()]) = (Some(key), Some(value));
+                    }
+                    i = value;
                     continue 'value;
                 }
             }
@@ -242,6 +285,9 @@ pub fn check(
                     i = j + 1;
                 } else {
                     open.push(b'[');
+                    if let Some(d) = item_start.get_mut(open.len()) {
+                        *d = Some(j);
+                    }
                     i = j;
                     continue 'value;
                 }
@@ -263,10 +309,9 @@ pub fn check(
         }
         // A value ended at `i`: close what it closes, then find the next value.
         loop {
-            if open.len() == 1 {
-                if let Some(from) = wanted.take() {
-                    member = Some(from..i);
-                }
+            let depth = open.len();
+            if let Some(Some(from)) = item_start.get_mut(depth).map(Option::take) {
+                item(depth, name[depth].take(), &text[from..i]);
             }
             i = skip_ws(b, i);
             match open.last() {
@@ -274,12 +319,15 @@ pub fn check(
                     if i != n {
                         return fail(i, "trailing characters");
                     }
-                    let end = b[..n].iter().rposition(|&c| !is_ws(c)).map_or(0, |p| p + 1);
-                    return Ok((start..end, member));
+                    let end = b.iter().rposition(|&c| !is_ws(c)).map_or(0, |p| p + 1);
+                    return Ok(&text[start..end]);
                 }
                 Some(b'[') => match b.get(i) {
                     Some(b',') => {
                         i = skip_ws(b, i + 1);
+                        if let Some(d) = item_start.get_mut(open.len()) {
+                            *d = Some(i);
+                        }
                         continue 'value;
                     }
                     Some(b']') => {
@@ -290,8 +338,11 @@ pub fn check(
                 },
                 Some(_) => match b.get(i) {
                     Some(b',') => {
-                        let j = skip_ws(b, i + 1);
-                        i = name(j, open.len(), &mut wanted)?;
+                        let (key, value) = member(skip_ws(b, i + 1))?;
+                        if let Some(d) = name.get_mut(open.len()) {
+                            (*d, item_start[open.len()]) = (Some(key), Some(value));
+                        }
+                        i = value;
                         continue 'value;
                     }
                     Some(b'}') => {
@@ -490,16 +541,16 @@ mod tests {
                     }
                 }
             }
-            let ours = utf8(&bytes).and_then(|t| check(t, Some(b"usage")));
+            let ours = utf8(&bytes).and_then(|t| check(t, Some("usage")));
             let shown = String::from_utf8_lossy(&bytes).into_owned();
             assert_eq!(ours.is_ok(), serde_says(&bytes), "{shown:?}: {ours:?}");
-            let Ok((range, member)) = ours else {
+            let Ok((value, member)) = ours else {
                 invalid += 1;
                 continue;
             };
             valid += 1;
             let raw: Box<RawValue> = serde_json::from_slice(&bytes).unwrap();
-            assert_eq!(&bytes[range], raw.get().as_bytes(), "{shown:?}");
+            assert_eq!(value, raw.get(), "{shown:?}");
             // serde_json keeps the last of repeated names, as `check` does; an escaped
             // name is the same name to serde_json, and `check` does not look for it.
             let escaped = shown.contains("us\\u0061ge");
@@ -507,11 +558,49 @@ mod tests {
             let Ok(tree) = serde_json::from_slice::<Value>(&bytes) else {
                 continue;
             };
+            // The items `walk` reports at depth 2 are those of the items at depth 1.
+            let text = utf8(&bytes).unwrap();
+            let (mut firsts, mut seconds, mut inner) = (Vec::new(), Vec::new(), Vec::new());
+            walk(text, |depth, name, value| match depth {
+                1 => firsts.push(value),
+                2 => seconds.push((name, value)),
+                _ => panic!("depth {depth}"),
+            })
+            .unwrap();
+            for first in firsts {
+                walk(first, |depth, name, value| {
+                    if depth == 1 {
+                        inner.push((name, value));
+                    }
+                })
+                .unwrap();
+            }
+            assert_eq!(seconds, inner, "{shown:?}");
+            // `members` and `elements` give the object's members and the array's elements.
+            match (&tree, members(text).unwrap(), elements(text).unwrap()) {
+                (Value::Object(map), Some(ms), None) => {
+                    let mut mine = serde_json::Map::new();
+                    for (k, v) in ms {
+                        let k: String = serde_json::from_str(&format!("\"{k}\"")).unwrap();
+                        mine.insert(k, serde_json::from_str(v).unwrap());
+                    }
+                    assert_eq!(&mine, map, "{shown:?}");
+                }
+                (Value::Array(items), None, Some(es)) => {
+                    let mine: Vec<Value> = es
+                        .iter()
+                        .map(|e| serde_json::from_str(e).unwrap())
+                        .collect();
+                    assert_eq!(&mine, items, "{shown:?}");
+                }
+                (_, None, None) => {}
+                (t, m, e) => panic!("{shown:?}: {t:?} {m:?} {e:?}"),
+            }
             if let Value::Object(map) = tree {
                 let theirs = map.get("usage");
                 match (member, theirs) {
                     (Some(m), Some(v)) if !escaped => {
-                        let mine: Value = serde_json::from_slice(&bytes[m]).unwrap();
+                        let mine: Value = serde_json::from_str(m).unwrap();
                         assert_eq!(&mine, v, "{shown:?}");
                     }
                     (None, None) => {}

@@ -537,39 +537,28 @@ impl LineParser {
         if full && self.count_tokens {
             return None; // the token estimator walks the messages as JSON values
         }
-        let top: Members<'_> = serde_json::from_str(text).ok()?;
-        if top.has_duplicates() {
-            return None; // the full road keeps the last; not worth matching here
-        }
+        let top = Members::of(text)?;
         let custom_id = match top.get("custom_id") {
-            None => LineParser::derived_custom_id(line),
-            Some(raw) if raw.get() == "null" => LineParser::derived_custom_id(line),
-            Some(raw) => match serde_json::from_str::<String>(raw.get()) {
-                Ok(s) if !s.is_empty() => s,
-                _ => return None,
-            },
+            None | Some("null") => LineParser::derived_custom_id(line),
+            Some(raw) => string_value(raw).filter(|s| !s.is_empty())?,
         };
         let metadata = match top.get("metadata") {
             None => None,
             // As the full road writes it (compact, members sorted).
             Some(raw) => Some(
-                serde_json::value::to_raw_value(&serde_json::from_str::<Value>(raw.get()).ok()?)
-                    .ok()?,
+                serde_json::value::to_raw_value(&serde_json::from_str::<Value>(raw).ok()?).ok()?,
             ),
         };
         let batch;
         let (body, plain) = if top.get("url").is_some() || top.get("body").is_some() {
-            let method: String = serde_json::from_str(top.get("method")?.get()).ok()?;
-            let url: String = serde_json::from_str(top.get("url")?.get()).ok()?;
+            let method = string_value(top.get("method")?)?;
+            let url = string_value(top.get("url")?)?;
             if !method.eq_ignore_ascii_case("POST")
                 || Endpoint::from_batch_url(&url)? != Endpoint::ChatCompletions
             {
                 return None;
             }
-            batch = serde_json::from_str::<Members<'_>>(top.get("body")?.get()).ok()?;
-            if batch.has_duplicates() {
-                return None;
-            }
+            batch = Members::of(top.get("body")?)?;
             (&batch, false)
         } else if top.get("params").is_some() || top.get("prompt").is_some() {
             return None;
@@ -577,29 +566,30 @@ impl LineParser {
             (&top, true)
         };
         let mut defaulted = false;
-        let named = match body.get("model").map(RawValue::get) {
+        let named = match body.get("model") {
             None | Some("null" | "\"\"") => {
                 defaulted = true;
                 default_model?.to_string()
             }
-            Some(raw) => match serde_json::from_str::<String>(raw) {
-                Ok(s) if !s.is_empty() => s,
-                _ => return None,
-            },
+            Some(raw) => string_value(raw).filter(|s| !s.is_empty())?,
         };
         let route = self.route(&named).ok()?;
         if route.provider != ProviderKind::OpenAi {
             return None; // translated from a JSON tree
         }
-        if !serde_json::from_str::<RolesChecked>(body.get("messages")?.get()).is_ok_and(|m| m.0) {
+        if !roles_checked(body.get("messages")?) {
             return None;
         }
         let mut given = None;
         for field in ["max_completion_tokens", "max_tokens"] {
-            match body.get(field).map(RawValue::get) {
+            match body.get(field) {
                 None | Some("null") => {}
                 Some(raw) => {
-                    let n = serde_json::from_str::<Value>(raw).ok()?.as_u64()?;
+                    // What `Value::as_u64` takes: digits only (JSON has no leading zeros).
+                    if !raw.bytes().all(|c| c.is_ascii_digit()) {
+                        return None;
+                    }
+                    let n: u64 = raw.parse().ok()?;
                     if n == 0 || n > u64::from(u32::MAX) {
                         return None;
                     }
@@ -633,7 +623,7 @@ impl LineParser {
                         member(&mut out, key, model.as_bytes());
                         model_written = true;
                     }
-                    _ => member(&mut out, key, raw.get().as_bytes()),
+                    _ => member(&mut out, key, raw.as_bytes()),
                 }
             }
             if self.enforce_output_bound && given.is_none() {
@@ -666,103 +656,55 @@ impl LineParser {
     }
 }
 
-/// A JSON object's members in order, each value's text borrowed from the line. Keys
-/// written with escapes are not read (the full road takes those lines).
-struct Members<'a>(Vec<(&'a str, &'a RawValue)>);
+/// A JSON object's members in order, each value's text borrowed from the line.
+struct Members<'a>(Vec<(&'a str, &'a str)>);
 
 impl<'a> Members<'a> {
-    fn get(&self, key: &str) -> Option<&'a RawValue> {
+    /// The members of `text` when it is a JSON object whose member names are written
+    /// without escapes and are all different (the full road reads the rest).
+    fn of(text: &'a str) -> Option<Members<'a>> {
+        let m = crate::json::members(text).ok()??;
+        let plain = m.iter().all(|(k, _)| !k.contains('\\'));
+        let unique = (1..m.len()).all(|i| m[..i].iter().all(|(k, _)| *k != m[i].0));
+        (plain && unique).then_some(Members(m))
+    }
+
+    fn get(&self, key: &str) -> Option<&'a str> {
         self.0.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
     }
+}
 
-    fn has_duplicates(&self) -> bool {
-        let m = &self.0;
-        (1..m.len()).any(|i| m[..i].iter().any(|(k, _)| *k == m[i].0))
+/// The string a JSON value's text holds, when it is a string.
+fn string_value(raw: &str) -> Option<String> {
+    let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
+    if inner.contains('\\') {
+        serde_json::from_str(raw).ok()
+    } else {
+        Some(inner.to_string())
     }
 }
 
-impl<'de> serde::Deserialize<'de> for Members<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Members<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<Self::Value, A::Error> {
-                let mut members = Vec::with_capacity(8);
-                while let Some(key) = map.next_key::<&'de str>()? {
-                    members.push((key, map.next_value::<&'de RawValue>()?));
-                }
-                Ok(Members(members))
-            }
+/// Whether a `messages` array's text is not empty and every element is an object with one
+/// `role` (written without escapes) that is a string.
+fn roles_checked(raw: &str) -> bool {
+    let (mut ok, mut messages) = (true, 0);
+    let (mut roles, mut string) = (0, false);
+    let walked = crate::json::walk(raw, |depth, name, value| match (depth, name) {
+        // A member of a message: its role, or a name that might be one.
+        (2, Some("role")) => {
+            roles += 1;
+            string = value.starts_with('"');
         }
-        d.deserialize_map(V)
-    }
-}
-
-/// A `messages` array, read only to check it: `true` when it is not empty and every
-/// element is an object whose (one) `role` is a string.
-struct RolesChecked(bool);
-
-impl<'de> serde::Deserialize<'de> for RolesChecked {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Messages;
-        impl<'de> serde::de::Visitor<'de> for Messages {
-            type Value = RolesChecked;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an array of messages")
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Self::Value, A::Error> {
-                let mut count = 0usize;
-                let mut ok = true;
-                while let Some(RolesChecked(one)) = seq.next_element::<Message>()?.map(|m| m.0) {
-                    ok &= one;
-                    count += 1;
-                }
-                Ok(RolesChecked(ok && count > 0))
-            }
+        (2, Some(name)) => ok &= !name.contains('\\'),
+        // A message, when it ends.
+        (1, None) => {
+            ok &= value.starts_with('{') && roles == 1 && string;
+            messages += 1;
+            (roles, string) = (0, false);
         }
-        d.deserialize_seq(Messages)
-    }
-}
-
-/// One message: `true` when it has exactly one `role` and it is a string.
-struct Message(RolesChecked);
-
-impl<'de> serde::Deserialize<'de> for Message {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct One;
-        impl<'de> serde::de::Visitor<'de> for One {
-            type Value = Message;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a message object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<Self::Value, A::Error> {
-                let mut roles = 0;
-                let mut string = false;
-                while let Some(key) = map.next_key::<&'de str>()? {
-                    if key == "role" {
-                        roles += 1;
-                        string = map.next_value::<&'de RawValue>()?.get().starts_with('"');
-                    } else {
-                        map.next_value::<serde::de::IgnoredAny>()?;
-                    }
-                }
-                Ok(Message(RolesChecked(roles == 1 && string)))
-            }
-        }
-        d.deserialize_map(One)
-    }
+        _ => {}
+    });
+    walked.is_ok_and(|v| v.starts_with('[')) && ok && messages > 0
 }
 
 /// The input shapes, once recognised.
@@ -1069,6 +1011,7 @@ mod tests {
         r#" { "custom_id" : "c" , "model" : "" , "messages" : [ { "role" : "user" , "content" : [ {"type":"text","text":"t"} ] } ] , "metadata" : { "z" : 1 , "a" : [ 2 ] } } "#,
         r#"{"custom_id":null,"model":null,"messages":[{"role":"user","content":"x"}],"max_tokens":null,"max_completion_tokens":null,"stop":["\n","}"]}"#,
         r#"{"custom_id":"d","body":{"messages":[{"role":"user","content":"x"}]},"url":"/v1/chat/completions","method":"POST","metadata":null}"#,
+        r#"{"custom_id":"e\u0301\\\"","model":"gpt\u002d4.1-mini","messages":[{"role":"user","content":"x"}],"max_tokens":4294967295}"#,
         // Left to the full road.
         r#"{"custom_id":"e","model":"m","messages":[{"role":"user","content":"x"}],"model":"n"}"#,
         r#"{"custom_i\u0064":"f","model":"m","messages":[{"role":"user","content":"x"}]}"#,
@@ -1154,7 +1097,7 @@ mod tests {
                 }
             }
         }
-        let must_take = 6;
+        let must_take = 7;
         for (i, n) in taken.iter().enumerate() {
             if i < must_take {
                 // Lines 1, 2, 5 and 6 need a default model where they name none.
