@@ -35,6 +35,13 @@ pub struct RateLimits {
     pub output_tokens: Option<LimitReading>,
 }
 
+/// Whether any header's name starts with `prefix`: one look over the names spares the
+/// lookups of every limit header on responses that carry none (local servers, or a
+/// provider told to send none).
+fn any_named(h: &HeaderMap, prefix: &str) -> bool {
+    h.keys().any(|k| k.as_str().starts_with(prefix))
+}
+
 fn num(h: &HeaderMap, name: &str) -> Option<u64> {
     super::header_str(h, name)?.trim().parse().ok()
 }
@@ -55,6 +62,9 @@ pub fn openai(h: &HeaderMap) -> RateLimits {
         "x-ratelimit-remaining-tokens",
         "x-ratelimit-reset-tokens",
     ];
+    if !any_named(h, "x-ratelimit-") {
+        return RateLimits::default();
+    }
     let read = |[limit, remaining, reset]: Names| {
         Some(LimitReading {
             limit: num(h, limit)?,
@@ -95,6 +105,9 @@ pub fn anthropic(h: &HeaderMap, now: SystemTime) -> RateLimits {
             "anthropic-ratelimit-output-tokens-reset",
         ],
     ];
+    if !any_named(h, "anthropic-ratelimit-") {
+        return RateLimits::default();
+    }
     let read = |[limit, remaining, reset]: Names| {
         Some(LimitReading {
             limit: num(h, limit)?,
