@@ -12,6 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::json::RawJson;
+use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde_json::Value;
 
@@ -57,6 +58,14 @@ pub enum CacheError {
         /// What is wrong.
         reason: String,
     },
+}
+
+/// A response as a row holds it.
+enum Stored {
+    /// JSON text.
+    Text(Vec<u8>),
+    /// An LZ4 block after its length (caches written before 2026-12-01).
+    Lz4(Vec<u8>),
 }
 
 /// A cached response.
@@ -264,7 +273,11 @@ impl Cache {
             .map_err(sql)?;
         let row = q
             .query_row(params![&key[..]], |r| {
-                let body: Vec<u8> = r.get(0)?;
+                let body = match r.get_ref(0)? {
+                    ValueRef::Text(t) => Stored::Text(t.to_vec()),
+                    ValueRef::Blob(b) => Stored::Lz4(b.to_vec()),
+                    _ => Stored::Lz4(Vec::new()),
+                };
                 let prompt: Option<i64> = r.get(1)?;
                 let completion: Option<i64> = r.get(2)?;
                 Ok((body, prompt, completion))
@@ -274,10 +287,14 @@ impl Cache {
         let Some((body, prompt, completion)) = row else {
             return Ok(None);
         };
-        // Stored as an LZ4 block after its length: responses are JSON and shrink several
-        // times, which halves what SQLite writes (to the WAL and again at a checkpoint).
-        let Ok(body) = lz4_flex::block::decompress_size_prepended(&body) else {
-            return Ok(None);
+        // Stored as text. Caches written before 2026-12-01 hold LZ4 blocks after their
+        // length (BLOBs), still read: compressing cost more than it spared SQLite.
+        let body = match body {
+            Stored::Text(text) => text,
+            Stored::Lz4(block) => match lz4_flex::block::decompress_size_prepended(&block) {
+                Ok(body) => body,
+                Err(_) => return Ok(None),
+            },
         };
         let Ok(text) = String::from_utf8(body) else {
             return Ok(None);
@@ -327,7 +344,7 @@ impl Cache {
                     .execute(params![
                         &s.key[..],
                         s.model,
-                        lz4_flex::block::compress_prepend_size(s.response.get().as_bytes()),
+                        s.response.get(),
                         s.usage.map(|u| u.prompt_tokens as i64),
                         s.usage.map(|u| u.completion_tokens as i64),
                         now,
@@ -462,5 +479,45 @@ mod tests {
 
         std::fs::write(dir.path().join("junk"), b"not a database").unwrap();
         assert!(Cache::open(&dir.path().join("junk"), false).is_err());
+    }
+
+    /// Responses are stored as text; rows an older sluice stored as LZ4 blocks are still
+    /// answered, and a block that does not decompress is a miss, not an error.
+    #[test]
+    fn text_rows_and_older_lz4_rows_are_both_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.sqlite");
+        let body = r#"{"id":"old","choices":[{"message":{"content":"answer"}}]}"#;
+        let (old, new, broken) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        {
+            let mut c = Cache::open(&path, false).unwrap();
+            c.put(&[Store {
+                key: new,
+                model: "m",
+                response: &RawJson::parse(body).unwrap(),
+                usage: None,
+            }])
+            .unwrap();
+            let insert =
+                "INSERT INTO responses (key, model, response, created_at) VALUES (?1, 'm', ?2, 0)";
+            let block = lz4_flex::block::compress_prepend_size(body.as_bytes());
+            c.conn.execute(insert, params![&old[..], block]).unwrap();
+            c.conn
+                .execute(insert, params![&broken[..], vec![9u8, 9, 9]])
+                .unwrap();
+            let kind: String = c
+                .conn
+                .query_row(
+                    "SELECT typeof(response) FROM responses WHERE key = ?1",
+                    params![&new[..]],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(kind, "text");
+        }
+        let c = Cache::open(&path, true).unwrap();
+        assert_eq!(c.get(&new).unwrap().unwrap().response.get(), body);
+        assert_eq!(c.get(&old).unwrap().unwrap().response.get(), body);
+        assert!(c.get(&broken).unwrap().is_none());
     }
 }
