@@ -79,29 +79,97 @@ pub struct Hit {
 
 /// The canonical key of a request sent to `target` (the provider and API base).
 pub fn key(target: &str, request: &Request) -> CacheKey {
-    let mut h = blake3::Hasher::new();
-    h.update(b"sluice-cache-v1\0");
-    h.update(target.as_bytes());
-    h.update(b"\0");
-    h.update(format!("{:?}", request.endpoint).as_bytes());
-    h.update(b"\0");
-    h.update(request.model.as_bytes());
-    h.update(b"\0");
-    match serde_json::from_slice::<Value>(&request.body) {
-        Ok(Value::Object(mut body)) => {
-            for field in NON_SEMANTIC_FIELDS {
-                body.remove(*field);
+    use std::io::Write as _;
+    // Everything hashed is laid out in one buffer and hashed at once (BLAKE3 of the
+    // pieces in turn is the same hash, and each call has its cost).
+    let mut out = Vec::with_capacity(64 + target.len() + request.body.len());
+    out.extend_from_slice(b"sluice-cache-v1\0");
+    out.extend_from_slice(target.as_bytes());
+    out.push(0);
+    write!(out, "{:?}", request.endpoint).expect("writing to a Vec");
+    out.push(0);
+    out.extend_from_slice(request.model.as_bytes());
+    out.push(0);
+    let head = out.len();
+    if canonical_text(&request.body, true, &mut out).is_none() {
+        out.truncate(head);
+        match serde_json::from_slice::<Value>(&request.body) {
+            Ok(Value::Object(mut body)) => {
+                for field in NON_SEMANTIC_FIELDS {
+                    body.remove(*field);
+                }
+                canonical(&Value::Object(body), &mut out);
             }
-            let mut out = Vec::with_capacity(request.body.len());
-            canonical(&Value::Object(body), &mut out);
-            h.update(&out);
-        }
-        // Bodies are JSON objects by construction; anything else is keyed by its bytes.
-        _ => {
-            h.update(&request.body);
+            // Bodies are JSON objects by construction; anything else is keyed by its bytes.
+            _ => out.extend_from_slice(&request.body),
         }
     }
-    *h.finalize().as_bytes()
+    *blake3::hash(&out).as_bytes()
+}
+
+/// [`canonical`] of the JSON text `text` without building a tree (less the non-semantic
+/// fields when `top`): the same bytes, held to them by a test. `None` (and `out` in any
+/// state) for text that is not a JSON object at the top, or has a member name written
+/// with escapes or given twice; [`key`] then builds the tree.
+fn canonical_text(text: &[u8], top: bool, out: &mut Vec<u8>) -> Option<()> {
+    let text = std::str::from_utf8(text).ok()?;
+    let mut members = crate::json::members(text).ok()??;
+    if top {
+        members.retain(|(k, _)| !NON_SEMANTIC_FIELDS.contains(k));
+    }
+    members.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    if members.windows(2).any(|w| w[0].0 == w[1].0) || members.iter().any(|(k, _)| k.contains('\\'))
+    {
+        return None;
+    }
+    out.push(b'{');
+    for (i, (k, v)) in members.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.push(b'"');
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(b"\":");
+        canonical_value(v, out)?;
+    }
+    out.push(b'}');
+    Some(())
+}
+
+/// One value of [`canonical_text`].
+fn canonical_value(v: &str, out: &mut Vec<u8>) -> Option<()> {
+    match v.as_bytes()[0] {
+        b'{' => canonical_text(v.as_bytes(), false, out),
+        b'[' => {
+            out.push(b'[');
+            for (i, item) in crate::json::elements(v).ok()??.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                canonical_value(item, out)?;
+            }
+            out.push(b']');
+            Some(())
+        }
+        // Without escapes a string is written as it is; with them, as serde_json writes it.
+        b'"' if !v.contains('\\') => {
+            out.extend_from_slice(v.as_bytes());
+            Some(())
+        }
+        b'"' => {
+            let s: String = serde_json::from_str(v).ok()?;
+            serde_json::to_writer(&mut *out, &s).ok()
+        }
+        b't' | b'f' | b'n' => {
+            out.extend_from_slice(v.as_bytes());
+            Some(())
+        }
+        _ => {
+            let n: serde_json::Number = serde_json::from_str(v).ok()?;
+            canonical(&Value::Number(n), out);
+            Some(())
+        }
+    }
 }
 
 /// Writes `v` with sorted keys and one spelling per number.
@@ -394,6 +462,147 @@ mod tests {
 
     fn k(line: &str) -> CacheKey {
         key("openai", &req(line))
+    }
+
+    /// The canonical form read from the text is byte for byte the one built from the tree,
+    /// on generated bodies with every kind of number, escapes, nesting and non-semantic
+    /// fields; and it is read from the text for nearly all of them.
+    #[test]
+    fn canonical_text_is_the_trees_canonical_form() {
+        use rand::rngs::SmallRng;
+        use rand::{Rng, SeedableRng};
+        fn value(rng: &mut SmallRng, depth: u32, out: &mut String) {
+            let numbers = [
+                "0",
+                "-0",
+                "7",
+                "-7",
+                "1.0",
+                "1.5",
+                "-2.50",
+                "1e2",
+                "1E-2",
+                "123456789012345678",
+                "18446744073709551615",
+                "18446744073709551616",
+                "-9223372036854775808",
+                "9007199254740993",
+                "1e300",
+                "0.1",
+                "8999999999999999",
+                "9000000000000001",
+            ];
+            let strings = [
+                "\"a\"",
+                "\"\"",
+                "\"é日本\"",
+                "\"tab\\there\"",
+                "\"q\\\"uote\"",
+                "\"\\u00e9\"",
+                "\"\\u0001\"",
+                "\"\\/\"",
+                "\"x y\"",
+            ];
+            match rng.random_range(0..if depth == 0 { 3 } else { 5 }) {
+                0 => out.push_str(numbers[rng.random_range(0..numbers.len())]),
+                1 => out.push_str(strings[rng.random_range(0..strings.len())]),
+                2 => out.push_str(["true", "false", "null"][rng.random_range(0..3)]),
+                3 => {
+                    out.push('[');
+                    for i in 0..rng.random_range(0..4) {
+                        if i > 0 {
+                            out.push_str(if rng.random_bool(0.5) { "," } else { " , " });
+                        }
+                        value(rng, depth - 1, out);
+                    }
+                    out.push(']');
+                }
+                _ => object(rng, depth - 1, out),
+            }
+        }
+        fn object(rng: &mut SmallRng, depth: u32, out: &mut String) {
+            let names = [
+                "messages",
+                "model",
+                "temperature",
+                "user",
+                "metadata",
+                "stream",
+                "b",
+                "a",
+                "é",
+                "role",
+                "content",
+                "r\\u006fle",
+            ];
+            out.push('{');
+            for i in 0..rng.random_range(0..6) {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&format!("\"{}\":", names[rng.random_range(0..names.len())]));
+                value(rng, depth, out);
+            }
+            out.push('}');
+        }
+        let mut rng = SmallRng::seed_from_u64(11);
+        let (mut fast, mut slow) = (0, 0);
+        for _ in 0..20_000 {
+            let mut body = String::new();
+            object(&mut rng, 3, &mut body);
+            let Value::Object(mut tree) = serde_json::from_str::<Value>(&body).unwrap() else {
+                unreachable!()
+            };
+            for field in NON_SEMANTIC_FIELDS {
+                tree.remove(*field);
+            }
+            let mut want = Vec::new();
+            canonical(&Value::Object(tree), &mut want);
+            let mut got = Vec::new();
+            match canonical_text(body.as_bytes(), true, &mut got) {
+                Some(()) => {
+                    fast += 1;
+                    assert_eq!(
+                        String::from_utf8_lossy(&got),
+                        String::from_utf8_lossy(&want),
+                        "{body}"
+                    );
+                }
+                None => slow += 1,
+            }
+        }
+        // Repeated and escaped names take the tree's road.
+        assert!(
+            fast > 10_000 && slow > 1_000,
+            "{fast} read from the text, {slow} not"
+        );
+    }
+
+    /// Keys do not change between versions, so a cache keeps answering after an upgrade:
+    /// these are the keys sluice computed (from the JSON tree, piece by piece) before keys
+    /// were read from the text in one buffer.
+    #[test]
+    fn keys_are_what_earlier_versions_computed() {
+        let cases = [
+            (
+                r#"{"custom_id":"a","model":"gpt-4.1-mini","messages":[{"role":"user","content":"Question 1: hi \u00e9"}],"max_tokens":64,"temperature":0.5,"user":"u"}"#,
+                "5ddbf8426e268b59fc8068a9c41695d9b9107ca223262aecfba6738195ead4fc",
+            ),
+            (
+                r#"{"model":"gpt-4.1-mini","messages":[{"role":"user","content":"x"}],"n":1.0,"z":{"b":[1e2,-0,"\/"],"a":null}}"#,
+                "c396924923a17741bd3d978a2ac2f8216e6bdbb20c2279a33d7b93565620cfcc",
+            ),
+        ];
+        for (line, want) in cases {
+            let mut p = LineParser::new(Some("gpt-4.1-mini".into()));
+            p.count_tokens = false;
+            let r = p.parse(1, line).unwrap();
+            let got: String = key("openai|http://x", &r)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(got, want, "{line}");
+        }
     }
 
     #[test]
