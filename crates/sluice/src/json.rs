@@ -216,6 +216,51 @@ pub fn members(text: &str) -> Result<Option<Vec<(&str, &str)>>, JsonError> {
     Ok(value.starts_with('{').then_some(members))
 }
 
+/// [`members`], refusing (as a `serde_json::Value` does) any number, at any depth, that
+/// may be too big for an `f64`: one of 300 digits or more before its point, or whose
+/// exponent takes it there (some that are not too big are refused too).
+pub fn members_strict(text: &str) -> Result<Option<Vec<(&str, &str)>>, JsonError> {
+    let mut members = Vec::with_capacity(8);
+    let value = walk_inner(text, true, |depth, name, value| {
+        if let (1, Some(name)) = (depth, name) {
+            members.push((name, value));
+        }
+    })?;
+    Ok(value.starts_with('{').then_some(members))
+}
+
+/// Whether the number `n` (valid JSON) may be 1e300 or more.
+fn huge(n: &[u8]) -> bool {
+    if n.len() < 20 && !n.iter().any(|&c| c == b'e' || c == b'E') {
+        return false;
+    }
+    let n = n.strip_prefix(b"-").unwrap_or(n);
+    let whole = n.iter().take_while(|c| c.is_ascii_digit()).count() as i64;
+    let exponent = match n.iter().position(|&c| c == b'e' || c == b'E') {
+        Some(at) => {
+            let digits = &n[at + 1..];
+            let (negative, digits) = match digits.first() {
+                Some(b'-') => (true, &digits[1..]),
+                Some(b'+') => (false, &digits[1..]),
+                _ => (false, digits),
+            };
+            // Big enough either way once past six digits.
+            let value = digits
+                .iter()
+                .take(6)
+                .fold(0i64, |v, &c| v * 10 + i64::from(c - b'0'));
+            let value = if digits.len() > 6 { 1_000_000 } else { value };
+            if negative {
+                -value
+            } else {
+                value
+            }
+        }
+        None => 0,
+    };
+    whole + exponent >= 300
+}
+
 /// The elements of the JSON array `text`, or `None` when `text` is JSON but not an array.
 pub fn elements(text: &str) -> Result<Option<Vec<&str>>, JsonError> {
     let mut elements = Vec::with_capacity(4);
@@ -237,6 +282,15 @@ pub const WALK_DEPTH: usize = 2;
 /// items inside an item come before it).
 pub fn walk<'t>(
     text: &'t str,
+    item: impl FnMut(usize, Option<&'t str>, &'t str),
+) -> Result<&'t str, JsonError> {
+    walk_inner(text, false, item)
+}
+
+/// [`walk`], refusing numbers that may be too big for an `f64` when `strict`.
+fn walk_inner<'t>(
+    text: &'t str,
+    strict: bool,
     mut item: impl FnMut(usize, Option<&'t str>, &'t str),
 ) -> Result<&'t str, JsonError> {
     let b = text.as_bytes();
@@ -293,7 +347,13 @@ pub fn walk<'t>(
                 }
             }
             Some(b'"') => i = string_end(b, i)?,
-            Some(b'-' | b'0'..=b'9') => i = number_end(b, i)?,
+            Some(b'-' | b'0'..=b'9') => {
+                let end = number_end(b, i)?;
+                if strict && huge(&b[i..end]) {
+                    return fail(i, "number too big for an f64");
+                }
+                i = end;
+            }
             Some(&c @ (b't' | b'f' | b'n')) => {
                 let word: &[u8] = match c {
                     b't' => b"true",
@@ -614,6 +674,42 @@ mod tests {
             valid > 15_000 && invalid > 5_000,
             "{valid} valid, {invalid} invalid"
         );
+    }
+
+    /// What `members_strict` takes, a `serde_json::Value` takes: no number too big for
+    /// an f64 passes it, at any depth.
+    #[test]
+    fn strict_members_refuse_what_the_tree_refuses() {
+        let long = "9".repeat(310);
+        let numbers = [
+            "1e308",
+            "1.7976931348623157e308",
+            "1e309",
+            "-1e400",
+            "0.5e299",
+            "1e-999",
+            long.as_str(),
+            "123",
+            "-0.0",
+            "1E+2",
+        ];
+        for n in numbers {
+            for text in [
+                format!("{{\"n\":{n}}}"),
+                format!("{{\"a\":[{{\"b\":{n}}}]}}"),
+            ] {
+                let tree = serde_json::from_str::<Value>(&text).is_ok();
+                match members_strict(&text) {
+                    Ok(Some(_)) => assert!(tree, "{text}"),
+                    Ok(None) => unreachable!(),
+                    Err(_) => assert!(check(&text, None).is_ok()),
+                }
+            }
+        }
+        assert!(members_strict("{\"n\":1E+2,\"m\":-0.25e-400}")
+            .unwrap()
+            .is_some());
+        assert!(members_strict("{\"n\":1e400}").is_err());
     }
 
     #[test]

@@ -663,7 +663,8 @@ impl<'a> Members<'a> {
     /// The members of `text` when it is a JSON object whose member names are written
     /// without escapes and are all different (the full road reads the rest).
     fn of(text: &'a str) -> Option<Members<'a>> {
-        let m = crate::json::members(text).ok()??;
+        // Strict: the JSON tree refuses a number too big for an f64, the walker need not.
+        let m = crate::json::members_strict(text).ok()??;
         let plain = m.iter().all(|(k, _)| !k.contains('\\'));
         let unique = (1..m.len()).all(|i| m[..i].iter().all(|(k, _)| *k != m[i].0));
         (plain && unique).then_some(Members(m))
@@ -1012,7 +1013,9 @@ mod tests {
         r#"{"custom_id":null,"model":null,"messages":[{"role":"user","content":"x"}],"max_tokens":null,"max_completion_tokens":null,"stop":["\n","}"]}"#,
         r#"{"custom_id":"d","body":{"messages":[{"role":"user","content":"x"}]},"url":"/v1/chat/completions","method":"POST","metadata":null}"#,
         r#"{"custom_id":"e\u0301\\\"","model":"gpt\u002d4.1-mini","messages":[{"role":"user","content":"x"}],"max_tokens":4294967295}"#,
+        r#"{"model":"m","messages":[{"role":"user"}],"temperature":1.5E+3,"n":-0.25e-400}"#,
         // Left to the full road.
+        r#"{"model":"m","messages":[{"role":"user"}],"temperature":1e400}"#,
         r#"{"custom_id":"e","model":"m","messages":[{"role":"user","content":"x"}],"model":"n"}"#,
         r#"{"custom_i\u0064":"f","model":"m","messages":[{"role":"user","content":"x"}]}"#,
         r#"{"model":"m","messages":[{"role":"user","role":"assistant","content":"x"}]}"#,
@@ -1097,7 +1100,7 @@ mod tests {
                 }
             }
         }
-        let must_take = 7;
+        let must_take = 8;
         for (i, n) in taken.iter().enumerate() {
             if i < must_take {
                 // Lines 1, 2, 5 and 6 need a default model where they name none.
@@ -1108,6 +1111,16 @@ mod tests {
             } else {
                 assert_eq!(*n, 0, "{} took the lane", LANE_LINES[i]);
             }
+        }
+        // Numbers too big for an f64: the tree refuses them, so the lane leaves them.
+        let p = &parsers[1];
+        let digits = "9".repeat(400);
+        for text in [
+            format!(r#"{{"model":"m","messages":[{{"role":"user"}}],"n":{digits}}}"#),
+            r#"{"model":"m","messages":[{"role":"user"}],"n":1e400}"#.to_string(),
+        ] {
+            assert!(p.fast_lane(1, &text, true, None).is_none(), "{text}");
+            assert!(p.parse_full(1, &text, true, None).is_err(), "{text}");
         }
         // The token estimator needs the full road.
         let p = LineParser::new(Some("gpt-4.1-mini".into()));
