@@ -196,7 +196,7 @@ pub fn check<'t>(
     key: Option<&str>,
 ) -> Result<(&'t str, Option<&'t str>), JsonError> {
     let mut member = None;
-    let value = walk(text, |depth, name, value| {
+    let value = walk_with(text, false, 1, |depth, name, value| {
         if depth == 1 && name.is_some() && name == key {
             member = Some(value);
         }
@@ -208,20 +208,7 @@ pub fn check<'t>(
 /// quotes, and its value's text), or `None` when `text` is JSON but not an object.
 pub fn members(text: &str) -> Result<Option<Vec<(&str, &str)>>, JsonError> {
     let mut members = Vec::with_capacity(8);
-    let value = walk(text, |depth, name, value| {
-        if let (1, Some(name)) = (depth, name) {
-            members.push((name, value));
-        }
-    })?;
-    Ok(value.starts_with('{').then_some(members))
-}
-
-/// [`members`], refusing (as a `serde_json::Value` does) any number, at any depth, that
-/// may be too big for an `f64`: one of 300 digits or more before its point, or whose
-/// exponent takes it there (some that are not too big are refused too).
-pub fn members_strict(text: &str) -> Result<Option<Vec<(&str, &str)>>, JsonError> {
-    let mut members = Vec::with_capacity(8);
-    let value = walk_inner(text, true, |depth, name, value| {
+    let value = walk_with(text, false, 1, |depth, name, value| {
         if let (1, Some(name)) = (depth, name) {
             members.push((name, value));
         }
@@ -264,7 +251,7 @@ fn huge(n: &[u8]) -> bool {
 /// The elements of the JSON array `text`, or `None` when `text` is JSON but not an array.
 pub fn elements(text: &str) -> Result<Option<Vec<&str>>, JsonError> {
     let mut elements = Vec::with_capacity(4);
-    let value = walk(text, |depth, name, value| {
+    let value = walk_with(text, false, 1, |depth, name, value| {
         if depth == 1 && name.is_none() {
             elements.push(value);
         }
@@ -275,6 +262,9 @@ pub fn elements(text: &str) -> Result<Option<Vec<&str>>, JsonError> {
 /// How deep [`walk`] reports items.
 pub const WALK_DEPTH: usize = 2;
 
+/// The deepest [`walk_with`] reports items.
+pub const MAX_WALK_DEPTH: usize = 3;
+
 /// Checks that `text` is one JSON value with only whitespace around it, and returns it.
 /// `item` is called with the depth (1 for the value's own), the name (as written, without
 /// quotes) and the value of every member of an object, and the depth and value of every
@@ -284,22 +274,29 @@ pub fn walk<'t>(
     text: &'t str,
     item: impl FnMut(usize, Option<&'t str>, &'t str),
 ) -> Result<&'t str, JsonError> {
-    walk_inner(text, false, item)
+    walk_with(text, false, WALK_DEPTH, item)
 }
 
-/// [`walk`], refusing numbers that may be too big for an `f64` when `strict`.
-fn walk_inner<'t>(
+/// [`walk`] down to `depth` (at most [`MAX_WALK_DEPTH`]), refusing numbers that may be too
+/// big for an `f64` when `strict`.
+pub fn walk_with<'t>(
     text: &'t str,
     strict: bool,
+    depth: usize,
     mut item: impl FnMut(usize, Option<&'t str>, &'t str),
 ) -> Result<&'t str, JsonError> {
+    assert!(
+        depth <= MAX_WALK_DEPTH,
+        "walks go {MAX_WALK_DEPTH} deep at most"
+    );
     let b = text.as_bytes();
     let n = b.len();
     // Open containers, innermost last: `{` or `[`.
     let mut open: Vec<u8> = Vec::new();
     // The item being read at each depth: its name, and where its value starts.
-    let mut name: [Option<&'t str>; WALK_DEPTH + 1] = [None; WALK_DEPTH + 1];
-    let mut item_start: [Option<usize>; WALK_DEPTH + 1] = [None; WALK_DEPTH + 1];
+    let mut names: [Option<&'t str>; MAX_WALK_DEPTH + 1] = [None; MAX_WALK_DEPTH + 1];
+    let mut starts: [Option<usize>; MAX_WALK_DEPTH + 1] = [None; MAX_WALK_DEPTH + 1];
+    let (name, item_start) = (&mut names[..=depth], &mut starts[..=depth]);
     let start = skip_ws(b, 0);
     let mut i = start;
     // Reads the member name at `i` (after `{` or `,` and whitespace) and its colon;
@@ -369,9 +366,9 @@ fn walk_inner<'t>(
         }
         // A value ended at `i`: close what it closes, then find the next value.
         loop {
-            let depth = open.len();
-            if let Some(Some(from)) = item_start.get_mut(depth).map(Option::take) {
-                item(depth, name[depth].take(), &text[from..i]);
+            let at = open.len();
+            if let Some(Some(from)) = item_start.get_mut(at).map(Option::take) {
+                item(at, name[at].take(), &text[from..i]);
             }
             i = skip_ws(b, i);
             match open.last() {
@@ -636,6 +633,26 @@ mod tests {
                 .unwrap();
             }
             assert_eq!(seconds, inner, "{shown:?}");
+            // And at depth 3, those two levels down.
+            let (mut thirds, mut deeper) = (Vec::new(), Vec::new());
+            walk_with(text, false, 3, |depth, name, value| {
+                if depth == 3 {
+                    thirds.push((name, value));
+                }
+            })
+            .unwrap();
+            walk(text, |depth, _, value| {
+                if depth == 1 {
+                    walk(value, |depth, name, value| {
+                        if depth == 2 {
+                            deeper.push((name, value));
+                        }
+                    })
+                    .unwrap();
+                }
+            })
+            .unwrap();
+            assert_eq!(thirds, deeper, "{shown:?}");
             // `members` and `elements` give the object's members and the array's elements.
             match (&tree, members(text).unwrap(), elements(text).unwrap()) {
                 (Value::Object(map), Some(ms), None) => {
@@ -676,10 +693,10 @@ mod tests {
         );
     }
 
-    /// What `members_strict` takes, a `serde_json::Value` takes: no number too big for
-    /// an f64 passes it, at any depth.
+    /// What a strict walk takes, a `serde_json::Value` takes: no number too big for an
+    /// f64 passes it, at any depth.
     #[test]
-    fn strict_members_refuse_what_the_tree_refuses() {
+    fn strict_walks_refuse_what_the_tree_refuses() {
         let long = "9".repeat(310);
         let numbers = [
             "1e308",
@@ -699,17 +716,14 @@ mod tests {
                 format!("{{\"a\":[{{\"b\":{n}}}]}}"),
             ] {
                 let tree = serde_json::from_str::<Value>(&text).is_ok();
-                match members_strict(&text) {
-                    Ok(Some(_)) => assert!(tree, "{text}"),
-                    Ok(None) => unreachable!(),
+                match walk_with(&text, true, 1, |_, _, _| {}) {
+                    Ok(_) => assert!(tree, "{text}"),
                     Err(_) => assert!(check(&text, None).is_ok()),
                 }
             }
         }
-        assert!(members_strict("{\"n\":1E+2,\"m\":-0.25e-400}")
-            .unwrap()
-            .is_some());
-        assert!(members_strict("{\"n\":1e400}").is_err());
+        assert!(walk_with("{\"n\":1E+2,\"m\":-0.25e-400}", true, 1, |_, _, _| {}).is_ok());
+        assert!(walk_with("{\"n\":1e400}", true, 1, |_, _, _| {}).is_err());
     }
 
     #[test]

@@ -537,7 +537,7 @@ impl LineParser {
         if full && self.count_tokens {
             return None; // the token estimator walks the messages as JSON values
         }
-        let top = Members::of(text)?;
+        let (top, top_roles) = Members::of_line(text)?;
         let custom_id = match top.get("custom_id") {
             None | Some("null") => LineParser::derived_custom_id(line),
             Some(raw) => string_value(raw).filter(|s| !s.is_empty())?,
@@ -577,7 +577,11 @@ impl LineParser {
         if route.provider != ProviderKind::OpenAi {
             return None; // translated from a JSON tree
         }
-        if !roles_checked(body.get("messages")?) {
+        let roles = match plain {
+            true => body.get("messages").is_some() && top_roles,
+            false => roles_checked(body.get("messages")?),
+        };
+        if !roles {
             return None;
         }
         let mut given = None;
@@ -663,8 +667,46 @@ impl<'a> Members<'a> {
     /// The members of `text` when it is a JSON object whose member names are written
     /// without escapes and are all different (the full road reads the rest).
     fn of(text: &'a str) -> Option<Members<'a>> {
-        // Strict: the JSON tree refuses a number too big for an f64, the walker need not.
-        let m = crate::json::members_strict(text).ok()??;
+        Members::checked(crate::json::members(text).ok()??)
+    }
+
+    /// [`Members::of`] for a whole line, strict about numbers (the JSON tree refuses one
+    /// too big for an f64, the walker need not), and in the same walk whether a top-level
+    /// `messages` passes [`roles_checked`].
+    fn of_line(text: &'a str) -> Option<(Members<'a>, bool)> {
+        let mut members = Vec::with_capacity(8);
+        let (mut ok, mut messages, mut roles, mut string) = (true, 0, 0, false);
+        let mut checked = false;
+        crate::json::walk_with(text, true, 3, |depth, name, value| match (depth, name) {
+            // Inside a top-level member: a member of one of its elements (a message's
+            // role, or a name that might be one), then an element (a message) as it ends.
+            (3, Some("role")) => {
+                roles += 1;
+                string = value.starts_with('"');
+            }
+            (3, Some(name)) => ok &= !name.contains('\\'),
+            (2, None) => {
+                ok &= value.starts_with('{') && roles == 1 && string;
+                messages += 1;
+                (roles, string) = (0, false);
+            }
+            (1, Some(name)) => {
+                if name == "messages" {
+                    checked = value.starts_with('[') && ok && messages > 0;
+                }
+                members.push((name, value));
+                (ok, messages, roles, string) = (true, 0, 0, false);
+            }
+            _ => {}
+        })
+        .ok()?
+        .starts_with('{')
+        .then_some(())?;
+        let m = Members::checked(members)?;
+        Some((m, checked))
+    }
+
+    fn checked(m: Vec<(&'a str, &'a str)>) -> Option<Members<'a>> {
         let plain = m.iter().all(|(k, _)| !k.contains('\\'));
         let unique = (1..m.len()).all(|i| m[..i].iter().all(|(k, _)| *k != m[i].0));
         (plain && unique).then_some(Members(m))
