@@ -675,27 +675,18 @@ impl<'a> Members<'a> {
     /// `messages` passes [`roles_checked`].
     fn of_line(text: &'a str) -> Option<(Members<'a>, bool)> {
         let mut members = Vec::with_capacity(8);
-        let (mut ok, mut messages, mut roles, mut string) = (true, 0, 0, false);
+        let mut roles = Roles::default();
         let mut checked = false;
         crate::json::walk_with(text, true, 3, |depth, name, value| match (depth, name) {
-            // Inside a top-level member: a member of one of its elements (a message's
-            // role, or a name that might be one), then an element (a message) as it ends.
-            (3, Some("role")) => {
-                roles += 1;
-                string = value.starts_with('"');
-            }
-            (3, Some(name)) => ok &= !name.contains('\\'),
-            (2, None) => {
-                ok &= value.starts_with('{') && roles == 1 && string;
-                messages += 1;
-                (roles, string) = (0, false);
-            }
+            // Inside a top-level member: the members of its elements, then its elements.
+            (3, Some(name)) => roles.member(name, value),
+            (2, None) => roles.message(value),
             (1, Some(name)) => {
                 if name == "messages" {
-                    checked = value.starts_with('[') && ok && messages > 0;
+                    checked = roles.passed(value);
                 }
                 members.push((name, value));
-                (ok, messages, roles, string) = (true, 0, 0, false);
+                roles = Roles::default();
             }
             _ => {}
         })
@@ -730,24 +721,60 @@ fn string_value(raw: &str) -> Option<String> {
 /// Whether a `messages` array's text is not empty and every element is an object with one
 /// `role` (written without escapes) that is a string.
 fn roles_checked(raw: &str) -> bool {
-    let (mut ok, mut messages) = (true, 0);
-    let (mut roles, mut string) = (0, false);
+    let mut roles = Roles::default();
     let walked = crate::json::walk(raw, |depth, name, value| match (depth, name) {
-        // A member of a message: its role, or a name that might be one.
-        (2, Some("role")) => {
-            roles += 1;
-            string = value.starts_with('"');
-        }
-        (2, Some(name)) => ok &= !name.contains('\\'),
-        // A message, when it ends.
-        (1, None) => {
-            ok &= value.starts_with('{') && roles == 1 && string;
-            messages += 1;
-            (roles, string) = (0, false);
-        }
+        (2, Some(name)) => roles.member(name, value),
+        (1, None) => roles.message(value),
         _ => {}
     });
-    walked.is_ok_and(|v| v.starts_with('[')) && ok && messages > 0
+    walked.is_ok_and(|v| roles.passed(v))
+}
+
+/// The check of [`roles_checked`], fed by a walk: each message's members, then the
+/// message as it ends, then the array.
+struct Roles {
+    /// Every message so far passed.
+    ok: bool,
+    /// Messages so far.
+    messages: usize,
+    /// `role` members of the message being read, and whether the last was a string.
+    roles: usize,
+    string: bool,
+}
+
+impl Default for Roles {
+    fn default() -> Self {
+        Roles {
+            ok: true,
+            messages: 0,
+            roles: 0,
+            string: false,
+        }
+    }
+}
+
+impl Roles {
+    /// A member of a message: its role, or a name that might be one (written with escapes).
+    fn member(&mut self, name: &str, value: &str) {
+        if name == "role" {
+            self.roles += 1;
+            self.string = value.starts_with('"');
+        } else {
+            self.ok &= !name.contains('\\');
+        }
+    }
+
+    /// A message, as it ends.
+    fn message(&mut self, value: &str) {
+        self.ok &= value.starts_with('{') && self.roles == 1 && self.string;
+        self.messages += 1;
+        (self.roles, self.string) = (0, false);
+    }
+
+    /// Whether the array `value` whose messages were fed passes.
+    fn passed(&self, value: &str) -> bool {
+        value.starts_with('[') && self.ok && self.messages > 0
+    }
 }
 
 /// The input shapes, once recognised.
