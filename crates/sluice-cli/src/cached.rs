@@ -2,11 +2,11 @@
 //! engine (so they cost no rate capacity and no money), and identical requests of one run
 //! are sent once, the answer fanned out to the others.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use futures::{Stream, StreamExt};
-use sluice::cache::{self, Cache, CacheKey, Store};
+use rustc_hash::FxHashMap;
+use sluice::cache::{self, Batch, Cache, CacheKey, Store};
 use sluice::{Outcome, Request, Status};
 use tokio::sync::mpsc;
 
@@ -19,10 +19,10 @@ struct Follower {
 
 #[derive(Default)]
 struct Dedup {
-    /// The key of every request sent and not yet answered, by custom_id.
-    leaders: HashMap<String, CacheKey>,
+    /// The key of every request sent and not yet answered, by input line.
+    leaders: FxHashMap<u64, CacheKey>,
     /// Requests waiting on each of them.
-    waiting: HashMap<CacheKey, Vec<Follower>>,
+    waiting: FxHashMap<CacheKey, Vec<Follower>>,
 }
 
 /// The cache as `sluice run` uses it, shared by the request stream (lookups) and the sink
@@ -35,12 +35,7 @@ pub struct CacheLayer {
 }
 
 /// Responses to store at the next commit.
-pub type Pending = Vec<(
-    CacheKey,
-    String,
-    sluice::json::RawJson,
-    Option<sluice::Usage>,
-)>;
+pub type Pending = Batch;
 
 impl CacheLayer {
     /// A layer over `cache` for requests sent to `target` (part of every key).
@@ -103,7 +98,7 @@ impl CacheLayer {
                     return None;
                 }
                 dedup.waiting.insert(key, Vec::new());
-                dedup.leaders.insert(request.custom_id.clone(), key);
+                dedup.leaders.insert(request.line, key);
                 Some(request)
             }
         })
@@ -113,13 +108,18 @@ impl CacheLayer {
     /// (on success) and returns the outcomes of the requests that waited for it.
     pub fn answered(&self, outcome: &Outcome, pending: &mut Pending) -> Vec<Outcome> {
         let mut dedup = self.dedup.lock().expect("not poisoned");
-        let Some(key) = dedup.leaders.remove(&outcome.custom_id) else {
+        let Some(key) = dedup.leaders.remove(&outcome.line) else {
             return Vec::new();
         };
         let followers = dedup.waiting.remove(&key).unwrap_or_default();
         drop(dedup);
         if let (Status::Succeeded, Some(response)) = (outcome.status, &outcome.response) {
-            pending.push((key, outcome.model.clone(), response.clone(), outcome.usage));
+            pending.push(&Store {
+                key,
+                model: &outcome.model,
+                response,
+                usage: outcome.usage,
+            });
         }
         followers
             .into_iter()
@@ -145,18 +145,6 @@ impl CacheLayer {
         if pending.is_empty() {
             return Ok(());
         }
-        let items: Vec<Store<'_>> = pending
-            .iter()
-            .map(|(key, model, response, usage)| Store {
-                key: *key,
-                model,
-                response,
-                usage: *usage,
-            })
-            .collect();
-        let result = self.cache.lock().expect("not poisoned").put(&items);
-        drop(items);
-        pending.clear();
-        result
+        self.cache.lock().expect("not poisoned").put_batch(pending)
     }
 }

@@ -104,13 +104,10 @@ pub const COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(2
 pub const CHECKPOINT_ROWS: u64 = 65_536;
 
 /// Responses are stored in the cache this many at a time (or at the next flush, every
-/// second). Cache keys are hashes, so every stored response lands on a random page of the
-/// key index: in batches of one group commit, each response dirtied a page of its own and
-/// the cache cost more client CPU than the whole engine (measured: +27 µs per request);
-/// bigger batches share the pages. A crash loses at most this batch of the cache, which
-/// costs nothing but a second request for those (the journal, not the cache, is what
-/// resumes a run).
-pub const CACHE_BATCH: usize = 4096;
+/// second): one transaction appending a few chunks (see `sluice::cache::Cache`). A crash
+/// loses at most this batch of the cache, which costs nothing but a second request for
+/// those (the journal, not the cache, is what resumes a run).
+pub const CACHE_BATCH: usize = 1024;
 
 /// Where outcomes go: the journal (first, committed), then the output and the summary. An
 /// error is kept (and stops the run); later outcomes are still counted.
@@ -139,7 +136,7 @@ impl Sink {
             writer: BufWriter::with_capacity(1 << 16, writer),
             journal,
             cache,
-            to_cache: Vec::new(),
+            to_cache: Pending::default(),
             batch: Vec::with_capacity(64),
             summary: SummaryBuilder::new(),
             error: None,

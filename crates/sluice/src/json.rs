@@ -91,7 +91,7 @@ fn is_ws(c: u8) -> bool {
     matches!(c, b' ' | b'\n' | b'\r' | b'\t')
 }
 
-fn skip_ws(b: &[u8], mut i: usize) -> usize {
+pub(crate) fn skip_ws(b: &[u8], mut i: usize) -> usize {
     while i < b.len() && is_ws(b[i]) {
         i += 1;
     }
@@ -125,7 +125,7 @@ fn special(b: &[u8], mut j: usize) -> usize {
 }
 
 /// The end of the string whose opening quote is at `i` (just past its closing quote).
-fn string_end(b: &[u8], i: usize) -> Result<usize, JsonError> {
+pub(crate) fn string_end(b: &[u8], i: usize) -> Result<usize, JsonError> {
     let mut j = i + 1;
     loop {
         j = special(b, j);
@@ -152,7 +152,7 @@ fn string_end(b: &[u8], i: usize) -> Result<usize, JsonError> {
 }
 
 /// The end of the number that starts at `i`.
-fn number_end(b: &[u8], mut i: usize) -> Result<usize, JsonError> {
+pub(crate) fn number_end(b: &[u8], mut i: usize) -> Result<usize, JsonError> {
     let digits = |mut i: usize| {
         while i < b.len() && b[i].is_ascii_digit() {
             i += 1;
