@@ -926,10 +926,12 @@ fn convert(tx: &Connection) -> rusqlite::Result<()> {
                 response: &response,
                 usage,
             });
-            if batch.len() == MERGE_ROWS {
+            if batch.len() == 1024 {
                 fresh.append(tx, &batch, now)?;
-                fresh.merge_in(tx)?;
                 batch.clear();
+            }
+            if fresh.places.len() >= MERGE_ROWS {
+                fresh.merge_in(tx)?;
             }
         }
     }
