@@ -516,4 +516,90 @@ mod tests {
             other => panic!("expected a cut body, got {other:?}"),
         }
     }
+
+    /// A server answering every request with 200 `{}`, counting connections; with
+    /// `close`, it answers one request per connection, saying it will close it, and
+    /// answers 500 to a request sent on it all the same.
+    fn counting_server(close: bool) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let text = String::from_utf8_lossy(&got).to_string();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let len = text
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length: "))
+                                .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                            if got.len() >= end + 4 + len {
+                                got.drain(..end + 4 + len);
+                                let reply: &[u8] = if close {
+                                    b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\n{}"
+                                } else {
+                                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
+                                };
+                                if s.write_all(reply).is_err() {
+                                    return;
+                                }
+                                if close {
+                                    // The client closes its end; a request sent on this
+                                    // connection all the same is answered 500.
+                                    if matches!(s.read(&mut buf), Ok(n) if n > 0) {
+                                        let _ = s.write_all(
+                                            b"HTTP/1.1 500 Reused\r\ncontent-length: 0\r\n\r\n",
+                                        );
+                                    }
+                                    return;
+                                }
+                                continue;
+                            }
+                        }
+                        match s.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        (port, accepted)
+    }
+
+    #[tokio::test]
+    async fn plain_http_connections_are_kept_and_used_again() {
+        let (port, accepted) = counting_server(false);
+        let t = HttpTransport::new(&format!("http://127.0.0.1:{port}/v1"), None, 4).unwrap();
+        for _ in 0..5 {
+            assert_eq!(&t.send(&request()).await.unwrap().body[..], b"{}");
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Three at once need three connections; all are kept, none is opened again.
+        let (a, b, c) = tokio::join!(t.send(&request()), t.send(&request()), t.send(&request()));
+        assert!(a.is_ok() && b.is_ok() && c.is_ok());
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+        for _ in 0..5 {
+            t.send(&request()).await.unwrap();
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    /// A server that closes each connection after its answer: every request gets its
+    /// answer, each on a new connection.
+    #[tokio::test]
+    async fn a_server_that_closes_every_connection_answers_every_request() {
+        let (port, accepted) = counting_server(true);
+        let t = HttpTransport::new(&format!("http://127.0.0.1:{port}/v1"), None, 4).unwrap();
+        for _ in 0..20 {
+            assert_eq!(t.send(&request()).await.unwrap().status, 200);
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 20);
+    }
 }
