@@ -56,51 +56,52 @@ impl CacheLayer {
     ) -> impl Stream<Item = Request> + Send + 'static {
         let layer = self.clone();
         requests.filter_map(move |request| {
-            let layer = layer.clone();
-            let hits = hits.clone();
-            async move {
-                let key = cache::key(&layer.target, &request);
-                let hit = match layer.cache.lock().expect("not poisoned").get(&key) {
-                    Ok(hit) => hit,
-                    Err(e) => {
-                        tracing::warn!("cache lookup failed, sending the request: {e}");
-                        None
-                    }
+            use futures::future::{ready, Either};
+            let key = cache::key(&layer.target, &request);
+            let hit = match layer.cache.lock().expect("not poisoned").get(&key) {
+                Ok(hit) => hit,
+                Err(e) => {
+                    tracing::warn!("cache lookup failed, sending the request: {e}");
+                    None
+                }
+            };
+            if let Some(hit) = hit {
+                let outcome = Outcome {
+                    custom_id: request.custom_id,
+                    status: Status::Succeeded,
+                    model: request.model,
+                    response: Some(hit.response),
+                    error: None,
+                    attempts: 0,
+                    usage: hit.usage,
+                    latency_ms: 0,
+                    metadata: request.metadata,
+                    // Nothing was paid for it.
+                    cost_usd: Some(0.0),
+                    cached: true,
+                    line: request.line,
                 };
-                if let Some(hit) = hit {
-                    let outcome = Outcome {
-                        custom_id: request.custom_id,
-                        status: Status::Succeeded,
-                        model: request.model,
-                        response: Some(hit.response),
-                        error: None,
-                        attempts: 0,
-                        usage: hit.usage,
-                        latency_ms: 0,
-                        metadata: request.metadata,
-                        // Nothing was paid for it.
-                        cost_usd: Some(0.0),
-                        cached: true,
-                        line: request.line,
-                    };
+                let hits = hits.clone();
+                return Either::Right(async move {
                     // The receiver lives as long as the run; if it is gone the run is
                     // over and nothing is lost by dropping this.
                     let _ = hits.send(outcome).await;
-                    return None;
-                }
-                let mut dedup = layer.dedup.lock().expect("not poisoned");
-                if let Some(waiting) = dedup.waiting.get_mut(&key) {
-                    waiting.push(Follower {
-                        custom_id: request.custom_id,
-                        line: request.line,
-                        metadata: request.metadata,
-                    });
-                    return None;
-                }
-                dedup.waiting.insert(key, Vec::new());
-                dedup.leaders.insert(request.line, key);
-                Some(request)
+                    None
+                });
             }
+            // A miss needs no future of its own.
+            let mut dedup = layer.dedup.lock().expect("not poisoned");
+            if let Some(waiting) = dedup.waiting.get_mut(&key) {
+                waiting.push(Follower {
+                    custom_id: request.custom_id,
+                    line: request.line,
+                    metadata: request.metadata,
+                });
+                return Either::Left(ready(None));
+            }
+            dedup.waiting.insert(key, Vec::new());
+            dedup.leaders.insert(request.line, key);
+            Either::Left(ready(Some(request)))
         })
     }
 

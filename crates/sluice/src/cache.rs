@@ -433,6 +433,15 @@ pub const CHUNK_BYTES: usize = 64 << 10;
 /// New keys are written to `keys` once this many wait (and when the cache is closed).
 pub const MERGE_ROWS: usize = 1 << 16;
 
+/// Keys written to `keys` by one statement when merging.
+const MERGE_ROWS_PER_STATEMENT: usize = 64;
+
+/// That statement.
+static MERGE_MANY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let rows = vec!["(?, ?)"; MERGE_ROWS_PER_STATEMENT].join(", ");
+    format!("INSERT OR REPLACE INTO keys (k, at) VALUES {rows}")
+});
+
 /// The bytes before a record's model and response: key, usage flag, prompt and completion
 /// tokens, model length, response length.
 const RECORD_HEADER: usize = 32 + 1 + 8 + 8 + 4 + 4;
@@ -880,10 +889,20 @@ impl Fresh {
         let mut sorted: Vec<(i64, i64)> = self.places.iter().map(|(&k, &at)| (k, at)).collect();
         sorted.sort_unstable();
         {
-            let mut insert =
+            // Many rows to a statement: each execution has its cost.
+            let mut rows = sorted.chunks_exact(MERGE_ROWS_PER_STATEMENT);
+            let mut many = tx.prepare_cached(&MERGE_MANY)?;
+            for group in rows.by_ref() {
+                for (n, &(k, at)) in group.iter().enumerate() {
+                    many.raw_bind_parameter(2 * n + 1, k)?;
+                    many.raw_bind_parameter(2 * n + 2, at)?;
+                }
+                many.raw_execute()?;
+            }
+            let mut one =
                 tx.prepare_cached("INSERT OR REPLACE INTO keys (k, at) VALUES (?1, ?2)")?;
-            for (k, at) in sorted {
-                insert.execute([k, at])?;
+            for &(k, at) in rows.remainder() {
+                one.execute([k, at])?;
             }
             let mut done = tx.prepare_cached("DELETE FROM unmerged WHERE id = ?1")?;
             for id in &self.chunks {
