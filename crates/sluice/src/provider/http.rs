@@ -147,22 +147,9 @@ impl H1Pool {
                 _ => return Err(dropped(e.error())),
             },
         };
-        let (parts, body) = resp.into_parts();
-        let status = parts.status.as_u16();
-        let body = body
-            .collect()
-            .await
-            .map_err(|e| TransportError::BodyCut {
-                status,
-                message: error_chain(&e),
-            })?
-            .to_bytes();
+        let resp = read_whole(resp).await?;
         self.put(sender);
-        Ok(HttpResponse {
-            status,
-            headers: parts.headers,
-            body,
-        })
+        Ok(resp)
     }
 }
 
@@ -368,23 +355,30 @@ impl Transport for HttpTransport {
                     TransportError::Dropped(error_chain(&e))
                 }
             })?;
-            let (parts, body) = resp.into_parts();
-            let status = parts.status.as_u16();
-            let body = body
-                .collect()
-                .await
-                .map_err(|e| TransportError::BodyCut {
-                    status,
-                    message: error_chain(&e),
-                })?
-                .to_bytes();
-            Ok(HttpResponse {
-                status,
-                headers: parts.headers,
-                body,
-            })
+            read_whole(resp).await
         })
     }
+}
+
+/// A response with its whole body (a body cut short is [`TransportError::BodyCut`]).
+async fn read_whole(
+    resp: http::Response<hyper::body::Incoming>,
+) -> Result<HttpResponse, TransportError> {
+    let (parts, body) = resp.into_parts();
+    let status = parts.status.as_u16();
+    let body = body
+        .collect()
+        .await
+        .map_err(|e| TransportError::BodyCut {
+            status,
+            message: error_chain(&e),
+        })?
+        .to_bytes();
+    Ok(HttpResponse {
+        status,
+        headers: parts.headers,
+        body,
+    })
 }
 
 /// The client's error with its sources, which carry the useful part ("connection reset").
