@@ -25,12 +25,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Uri};
 use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 
+use super::h1::H1Pool;
 use super::{AttemptFuture, HttpResponse, ProviderKind, Transport, TransportError};
 use crate::request::{Endpoint, Request};
 
@@ -69,94 +69,6 @@ struct Target {
     headers: HeaderMap,
     /// The target's own connections, when it is plain HTTP.
     h1: Option<Arc<H1Pool>>,
-}
-
-/// Idle HTTP/1.1 connections to one plain-HTTP target, the last one used first.
-struct H1Pool {
-    host: String,
-    port: u16,
-    idle: Mutex<Vec<http1::SendRequest<Full<Bytes>>>>,
-    max_idle: usize,
-}
-
-/// How long a new connection may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-impl H1Pool {
-    /// An idle connection ready to send (`true`), or a new one (`false`).
-    async fn checkout(&self) -> Result<(http1::SendRequest<Full<Bytes>>, bool), TransportError> {
-        loop {
-            let next = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-            let Some(mut sender) = next else {
-                return Ok((self.connect().await?, false));
-            };
-            // A connection is put back as soon as its response is read, maybe before hyper
-            // has made it ready for the next one; one that closes instead is dropped.
-            if !sender.is_closed() && sender.ready().await.is_ok() {
-                return Ok((sender, true));
-            }
-        }
-    }
-
-    /// A new connection, its driver spawned.
-    async fn connect(&self) -> Result<http1::SendRequest<Full<Bytes>>, TransportError> {
-        let fail = |what: &str, e: &dyn std::fmt::Display| {
-            TransportError::Connect(format!("{what} {}:{}: {e}", self.host, self.port))
-        };
-        let stream = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            tokio::net::TcpStream::connect((self.host.as_str(), self.port)),
-        )
-        .await
-        .map_err(|e| fail("connecting to", &e))?
-        .map_err(|e| fail("connecting to", &e))?;
-        let _ = stream.set_nodelay(true);
-        let (sender, conn) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| fail("starting HTTP/1.1 with", &error_chain(&e)))?;
-        tokio::spawn(async move {
-            // Its errors reach the request that was on it.
-            let _ = conn.await;
-        });
-        Ok(sender)
-    }
-
-    /// Keeps a connection whose response has been read, unless enough are idle.
-    fn put(&self, sender: http1::SendRequest<Full<Bytes>>) {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < self.max_idle && !sender.is_closed() {
-            idle.push(sender);
-        }
-    }
-
-    /// Sends `req` and reads the whole response. A request that a reused connection
-    /// closed before taking is sent once more, on a new connection.
-    async fn send(
-        self: Arc<Self>,
-        req: http::Request<Full<Bytes>>,
-    ) -> Result<HttpResponse, TransportError> {
-        let dropped = |e: &hyper::Error| TransportError::Dropped(error_chain(e));
-        let (mut sender, reused) = self.checkout().await?;
-        let resp = match sender.try_send_request(req).await {
-            Ok(resp) => resp,
-            Err(mut e) => match e.take_message() {
-                Some(req) if reused => {
-                    sender = self.connect().await?;
-                    sender.send_request(req).await.map_err(|e| dropped(&e))?
-                }
-                _ => return Err(dropped(e.error())),
-            },
-        };
-        let resp = read_whole(resp).await?;
-        self.put(sender);
-        Ok(resp)
-    }
-}
-
-/// `url` as an HTTP/1.1 request line to the server itself writes it: the path and query.
-fn origin_form(url: &Uri) -> Uri {
-    url.path_and_query()
-        .map_or_else(|| Uri::from_static("/"), |p| Uri::from(p.clone()))
 }
 
 /// Sends requests to their targets, each with its own key.
@@ -272,16 +184,15 @@ impl HttpTransport {
                     let value = HeaderValue::from_str(&value)
                         .map_err(|_| TransportBuildError::BadBaseUrl(base.clone()))?;
                     headers.insert(http::header::HOST, value);
-                    h1 = Some(Arc::new(H1Pool {
+                    h1 = Some(Arc::new(H1Pool::new(
                         // An IPv6 literal without its brackets, as sockets take it.
-                        host: host
-                            .trim_start_matches('[')
+                        host.trim_start_matches('[')
                             .trim_end_matches(']')
                             .to_string(),
-                        port: chat_url.port_u16().unwrap_or(80),
-                        idle: Mutex::new(Vec::new()),
+                        chat_url.port_u16().unwrap_or(80),
+                        &headers,
                         max_idle,
-                    }));
+                    )));
                 }
                 Ok(Target {
                     provider: t.provider,
@@ -338,13 +249,17 @@ impl Transport for HttpTransport {
             Ok(u) => u,
             Err(e) => return Box::pin(async move { Err(e) }),
         };
+        if let Some(pool) = &target.h1 {
+            let pool = pool.clone();
+            let body = request.body.clone();
+            return Box::pin(async move {
+                let path = url.path_and_query().map_or("/", |p| p.as_str());
+                pool.send(path, &body).await
+            });
+        }
         let mut req = http::Request::new(Full::new(request.body.clone()));
         *req.method_mut() = Method::POST;
         *req.headers_mut() = target.headers.clone();
-        if let Some(pool) = &target.h1 {
-            *req.uri_mut() = origin_form(&url);
-            return Box::pin(pool.clone().send(req));
-        }
         *req.uri_mut() = url;
         let sent = self.client.request(req);
         Box::pin(async move {
@@ -511,10 +426,22 @@ mod tests {
         }
     }
 
+    /// How [`counting_server`] ends its connections.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Ends {
+        /// It keeps them open.
+        Never,
+        /// After one answer that says `connection: close`.
+        Saying,
+        /// Silently, a moment after one answer.
+        Silently,
+    }
+
     /// A server answering every request with 200 `{}`, counting connections; with
-    /// `close`, it answers one request per connection, saying it will close it, and
+    /// [`Ends::Saying`], it answers one request per connection, saying it will close it, and
     /// answers 500 to a request sent on it all the same.
-    fn counting_server(close: bool) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    fn counting_server(ends: Ends) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        let close = ends == Ends::Saying;
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -543,6 +470,10 @@ mod tests {
                                 if s.write_all(reply).is_err() {
                                     return;
                                 }
+                                if ends == Ends::Silently {
+                                    std::thread::sleep(std::time::Duration::from_millis(20));
+                                    return;
+                                }
                                 if close {
                                     // The client closes its end; a request sent on this
                                     // connection all the same is answered 500.
@@ -569,7 +500,7 @@ mod tests {
 
     #[tokio::test]
     async fn plain_http_connections_are_kept_and_used_again() {
-        let (port, accepted) = counting_server(false);
+        let (port, accepted) = counting_server(Ends::Never);
         let t = HttpTransport::new(&format!("http://127.0.0.1:{port}/v1"), None, 4).unwrap();
         for _ in 0..5 {
             assert_eq!(&t.send(&request()).await.unwrap().body[..], b"{}");
@@ -589,11 +520,92 @@ mod tests {
     /// answer, each on a new connection.
     #[tokio::test]
     async fn a_server_that_closes_every_connection_answers_every_request() {
-        let (port, accepted) = counting_server(true);
+        let (port, accepted) = counting_server(Ends::Saying);
         let t = HttpTransport::new(&format!("http://127.0.0.1:{port}/v1"), None, 4).unwrap();
         for _ in 0..20 {
             assert_eq!(t.send(&request()).await.unwrap().status, 200);
         }
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 20);
+    }
+
+    /// A server that closes idle connections without saying so: a request is not sent on
+    /// one it has closed, but on a new one.
+    #[tokio::test]
+    async fn an_idle_connection_the_server_closed_is_not_used() {
+        let (port, accepted) = counting_server(Ends::Silently);
+        let t = HttpTransport::new(&format!("http://127.0.0.1:{port}/v1"), None, 4).unwrap();
+        for n in 1..=5 {
+            assert_eq!(&t.send(&request()).await.unwrap().body[..], b"{}");
+            // The server closes it meanwhile; the runtime sees the end of the connection.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), n);
+        }
+    }
+
+    /// What `reply` (one server's whole answer, then the end of its connection) reads as.
+    async fn answer(reply: &'static [u8]) -> Result<HttpResponse, TransportError> {
+        let (port, server) = one_shot(reply);
+        let t = HttpTransport::new(&format!("http://127.0.0.1:{port}/v1"), None, 4).unwrap();
+        let result = t.send(&request()).await;
+        server.join().unwrap();
+        result
+    }
+
+    #[tokio::test]
+    async fn responses_framed_every_way_are_read_whole() {
+        let chunked = answer(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-ratelimit-remaining-requests: 7\r\n\r\n\
+              4\r\n{\"a\"\r\n3;ext=1\r\n:1}\r\n0\r\nx-trailer: y\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        assert_eq!(&chunked.body[..], br#"{"a":1}"#);
+        assert_eq!(chunked.headers["x-ratelimit-remaining-requests"], "7");
+        let interim = answer(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n{}",
+        )
+        .await
+        .unwrap();
+        assert_eq!((interim.status, &interim.body[..]), (201, &b"{}"[..]));
+        let to_the_end =
+            answer(b"HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n\r\n{\"x\":2}")
+                .await
+                .unwrap();
+        assert_eq!(&to_the_end.body[..], br#"{"x":2}"#);
+        let empty = answer(b"HTTP/1.1 204 No Content\r\n\r\n").await.unwrap();
+        assert_eq!((empty.status, empty.body.len()), (204, 0));
+    }
+
+    #[tokio::test]
+    async fn broken_responses_are_errors_that_say_what_broke() {
+        match answer(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n").await {
+            Err(TransportError::BodyCut {
+                status: 200,
+                message,
+            }) => {
+                assert!(message.contains("chunk size"), "{message}")
+            }
+            other => panic!("expected a cut body, got {other:?}"),
+        }
+        match answer(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n10\r\n{}").await {
+            Err(TransportError::BodyCut { status: 200, .. }) => {}
+            other => panic!("expected a cut body, got {other:?}"),
+        }
+        match answer(b"SMTP ready\r\n\r\n").await {
+            Err(TransportError::Dropped(m)) => assert!(m.contains("not HTTP"), "{m}"),
+            other => panic!("expected a dropped attempt, got {other:?}"),
+        }
+        match answer(b"HTTP/1.1 200 OK\r\ncontent-len").await {
+            Err(TransportError::Dropped(m)) => assert!(m.contains("head"), "{m}"),
+            other => panic!("expected a dropped attempt, got {other:?}"),
+        }
+        match answer(b"").await {
+            Err(TransportError::Dropped(m)) => assert!(m.contains("before a response"), "{m}"),
+            other => panic!("expected a dropped attempt, got {other:?}"),
+        }
+        match answer(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n{}").await {
+            Err(TransportError::Dropped(m)) => assert!(m.contains("content-length"), "{m}"),
+            other => panic!("expected a dropped attempt, got {other:?}"),
+        }
     }
 }

@@ -16,6 +16,7 @@
 
 pub mod anthropic;
 pub mod gemini;
+mod h1;
 pub mod http;
 pub mod openai;
 pub mod ratelimit;
