@@ -159,7 +159,7 @@ impl Canon {
 
     /// Writes the canonical form of the value at `i` of `b`; returns where it ends.
     fn value(&mut self, b: &[u8], i: usize, top: bool, out: &mut Vec<u8>) -> Option<usize> {
-        use crate::json::{number_end, skip_ws, string_end};
+        use crate::json::{number_end, skip_ws, string_end_escaped};
         match *b.get(i)? {
             b'{' => {
                 let first = self.members.len();
@@ -170,11 +170,11 @@ impl Canon {
                         if b.get(j) != Some(&b'"') {
                             return None;
                         }
-                        let name_end = string_end(b, j).ok()?;
-                        let name = (j + 1, name_end - 1);
-                        if b[name.0..name.1].contains(&b'\\') {
+                        let (name_end, escaped) = string_end_escaped(b, j).ok()?;
+                        if escaped {
                             return None;
                         }
+                        let name = (j + 1, name_end - 1);
                         j = skip_ws(b, name_end);
                         if b.get(j) != Some(&b':') {
                             return None;
@@ -253,9 +253,9 @@ impl Canon {
                 Some(j + 1)
             }
             b'"' => {
-                let end = string_end(b, i).ok()?;
+                let (end, escaped) = string_end_escaped(b, i).ok()?;
                 let v = &b[i..end];
-                if v.contains(&b'\\') {
+                if escaped {
                     // With escapes, as serde_json writes the string.
                     let s: String = serde_json::from_slice(v).ok()?;
                     serde_json::to_writer(&mut *out, &s).ok()?;

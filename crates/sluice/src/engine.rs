@@ -313,7 +313,7 @@ impl EngineConfigBuilder {
 pub enum StopReason {
     /// The provider said the quota or spend limit is exhausted.
     QuotaExhausted,
-    /// [`Run::stop`] was called (Ctrl-C).
+    /// [`Stopper::stop`] was called (Ctrl-C).
     Interrupted,
     /// The next request could not be sent without risking going over the budget.
     BudgetExhausted,

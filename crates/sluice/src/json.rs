@@ -124,6 +124,16 @@ fn special(b: &[u8], mut j: usize) -> usize {
     j
 }
 
+/// The end of the string whose opening quote is at `i` (just past its closing quote), and
+/// whether it has escapes.
+pub(crate) fn string_end_escaped(b: &[u8], i: usize) -> Result<(usize, bool), JsonError> {
+    let j = special(b, i + 1);
+    if b.get(j) == Some(&b'"') {
+        return Ok((j + 1, false));
+    }
+    Ok((string_end(b, i)?, true))
+}
+
 /// The end of the string whose opening quote is at `i` (just past its closing quote).
 pub(crate) fn string_end(b: &[u8], i: usize) -> Result<usize, JsonError> {
     let mut j = i + 1;
