@@ -31,6 +31,9 @@ const MAX_HEADERS: usize = 100;
 const MAX_HEAD: usize = 64 << 10;
 /// How much is read at a time.
 const READ_AT_LEAST: usize = 8 << 10;
+/// The largest read buffer an idle connection keeps (one that grew for a large response
+/// is let go).
+const KEEP_BUFFER: usize = 256 << 10;
 
 /// Idle connections to one plain-HTTP target, the last one used first.
 pub(super) struct H1Pool {
@@ -286,6 +289,9 @@ impl Conn {
         };
         // Bytes after the response were not asked for: the connection is not used again.
         let keep = keep && self.buf.is_empty();
+        if self.buf.capacity() > KEEP_BUFFER {
+            self.buf = Vec::new();
+        }
         Ok((
             HttpResponse {
                 status,

@@ -574,6 +574,14 @@ mod tests {
         assert_eq!(&to_the_end.body[..], br#"{"x":2}"#);
         let empty = answer(b"HTTP/1.1 204 No Content\r\n\r\n").await.unwrap();
         assert_eq!((empty.status, empty.body.len()), (204, 0));
+        // A body far larger than one read.
+        let big = format!("\"{}\"", "a".repeat(3 << 20));
+        let reply = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{big}",
+            big.len()
+        );
+        let whole = answer(Vec::leak(reply.into_bytes())).await.unwrap();
+        assert_eq!(whole.body, big.as_bytes());
     }
 
     #[tokio::test]
