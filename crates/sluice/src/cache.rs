@@ -403,11 +403,107 @@ pub struct Cache {
     reads: std::cell::Cell<u32>,
     /// Records whose keys are not yet in `keys`.
     fresh: Fresh,
-    /// Whether `keys` was empty when last looked at (then a lookup not in `fresh` is a
-    /// miss without asking SQLite: the first run into a new cache asks it nothing)...
-    keys_empty: std::cell::Cell<bool>,
-    /// ...and SQLite's count of other connections' commits then.
+    /// The keys in `keys`, as a filter: a key it does not hold is a miss without asking
+    /// SQLite (whose pages of `keys`, pushed out of its page cache by the chunks written,
+    /// were read from the file again for each miss). Built when the cache is opened, kept
+    /// up to date by this connection's merges...
+    filter: Option<KeyFilter>,
+    /// ...and no longer used once another connection has written (`filter_stale`), which
+    /// SQLite's count of other connections' commits (`data_version`) tells.
+    filter_stale: std::cell::Cell<bool>,
     data_version: std::cell::Cell<i64>,
+    /// Lookups that asked SQLite (for tests).
+    probes: std::cell::Cell<u64>,
+}
+
+/// A split-block Bloom filter of the first 8 bytes of keys (random already: they are
+/// BLAKE3 output), in parts that double in size as keys are added. No crate offers one
+/// over precomputed 64-bit hashes that grows without the keys it holds.
+struct KeyFilter {
+    /// Each part: blocks of 8 words, a key setting one bit in each word of one block.
+    parts: Vec<Vec<[u64; 8]>>,
+    /// Keys in the last part, and how many it was sized for.
+    last_len: usize,
+    last_capacity: usize,
+}
+
+/// Bits of filter per key: about 0.2% of misses still ask SQLite.
+const FILTER_BITS_PER_KEY: usize = 16;
+/// A cache with more keys than this is opened without a filter (it would take over 64 MiB).
+const FILTER_MAX_KEYS: usize = 1 << 25;
+
+impl KeyFilter {
+    fn with_capacity(keys: usize) -> KeyFilter {
+        let mut f = KeyFilter {
+            parts: Vec::new(),
+            last_len: 0,
+            last_capacity: 0,
+        };
+        f.add_part(keys);
+        f
+    }
+
+    fn add_part(&mut self, keys: usize) {
+        let blocks = (keys.max(1 << 12) * FILTER_BITS_PER_KEY)
+            .div_ceil(512)
+            .next_power_of_two();
+        self.parts.push(vec![[0; 8]; blocks]);
+        self.last_len = 0;
+        self.last_capacity = blocks * 512 / FILTER_BITS_PER_KEY;
+    }
+
+    /// The block of `k` in a part of `blocks` blocks, and its bit in each word.
+    fn place(k: i64, blocks: usize) -> (usize, [u64; 8]) {
+        let k = k as u64;
+        let block = (k.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as usize & (blocks - 1);
+        let bits = k.rotate_left(29).wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
+        (
+            block,
+            std::array::from_fn(|i| 1 << ((bits >> (i * 8)) & 63)),
+        )
+    }
+
+    fn insert(&mut self, k: i64) {
+        if self.last_len >= self.last_capacity {
+            let total = self.parts.iter().map(Vec::len).sum::<usize>() * 512 / FILTER_BITS_PER_KEY;
+            self.add_part(total);
+        }
+        let part = self.parts.last_mut().expect("a part");
+        let (block, bits) = KeyFilter::place(k, part.len());
+        for (word, bit) in part[block].iter_mut().zip(bits) {
+            *word |= bit;
+        }
+        self.last_len += 1;
+    }
+
+    /// Whether `k` may have been inserted (never `false` for one that was).
+    fn may_hold(&self, k: i64) -> bool {
+        self.parts.iter().any(|part| {
+            let (block, bits) = KeyFilter::place(k, part.len());
+            part[block]
+                .iter()
+                .zip(bits)
+                .all(|(word, bit)| word & bit != 0)
+        })
+    }
+
+    /// The filter of the keys in `keys`, or `None` for more than [`FILTER_MAX_KEYS`].
+    fn of_table(conn: &Connection) -> rusqlite::Result<Option<KeyFilter>> {
+        let mut q = conn.prepare("SELECT k FROM keys")?;
+        let mut rows = q.query([])?;
+        let mut keys = Vec::new();
+        while let Some(row) = rows.next()? {
+            if keys.len() == FILTER_MAX_KEYS {
+                return Ok(None);
+            }
+            keys.push(row.get::<_, i64>(0)?);
+        }
+        let mut f = KeyFilter::with_capacity(keys.len().max(MERGE_ROWS));
+        for k in keys {
+            f.insert(k);
+        }
+        Ok(Some(f))
+    }
 }
 
 /// Records stored whose keys are not yet in `keys`.
@@ -555,8 +651,8 @@ impl Cache {
         let conn = Connection::open_with_flags(path, flags).map_err(sql)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(sql)?;
-        // The pages `keys` is read through: 16 MiB holds the keys of about a million
-        // responses (SQLite's default, 2 MiB, read them from the file again and again).
+        // SQLite's default page cache, 2 MiB: more cost more memory than it saved (a miss
+        // does not read `keys`: see `Cache::filter`).
         conn.pragma_update(None, "cache_size", -2000).map_err(sql)?;
         let version = |conn: &Connection| -> Result<Option<String>, CacheError> {
             conn.query_row(
@@ -623,9 +719,19 @@ impl Cache {
             read_only,
             reads: std::cell::Cell::new(0),
             fresh: Fresh::default(),
-            keys_empty: std::cell::Cell::new(false),
+            filter: None,
+            filter_stale: std::cell::Cell::new(false),
             data_version: std::cell::Cell::new(-1),
+            probes: std::cell::Cell::new(0),
         };
+        // The filter and the count of others' commits it goes with, read together.
+        let tx = cache.conn.unchecked_transaction().map_err(sql)?;
+        cache.data_version.set(
+            tx.query_row("PRAGMA data_version", [], |r| r.get(0))
+                .map_err(sql)?,
+        );
+        cache.filter = KeyFilter::of_table(&tx).map_err(sql)?;
+        tx.commit().map_err(sql)?;
         cache.recover().map_err(sql)?;
         Ok(cache)
     }
@@ -678,12 +784,18 @@ impl Cache {
         let k = short(key);
         let at = match self.fresh.places.get(&k) {
             Some(&at) => Some(at),
-            None if self.keys_empty.get() => None,
-            None => self
-                .conn
-                .prepare_cached("SELECT at FROM keys WHERE k = ?1")
-                .and_then(|mut q| q.query_row([k], |r| r.get::<_, i64>(0)).optional())
-                .map_err(sql)?,
+            None if !self.filter_stale.get()
+                && self.filter.as_ref().is_some_and(|f| !f.may_hold(k)) =>
+            {
+                None
+            }
+            None => {
+                self.probes.set(self.probes.get() + 1);
+                self.conn
+                    .prepare_cached("SELECT at FROM keys WHERE k = ?1")
+                    .and_then(|mut q| q.query_row([k], |r| r.get::<_, i64>(0)).optional())
+                    .map_err(sql)?
+            }
         };
         let Some(at) = at else {
             return Ok(None);
@@ -767,15 +879,21 @@ impl Cache {
         if self.fresh.chunks.is_empty() {
             return Ok(());
         }
+        if let Some(filter) = &mut self.filter {
+            // Before they are written: a key in the filter but not in `keys` (the
+            // transaction failed) is only asked for in vain.
+            for &k in self.fresh.places.keys() {
+                filter.insert(k);
+            }
+        }
         let tx = self.conn.unchecked_transaction()?;
         self.fresh.merge_in(&tx)?;
         tx.commit()?;
-        self.keys_empty.set(false);
         Ok(())
     }
 
-    /// Begins a read transaction for lookups; looks again whether `keys` is empty if another
-    /// connection wrote since it last looked.
+    /// Begins a read transaction for lookups; stops using the filter if another
+    /// connection wrote since it was built.
     fn begin_reads(&self) -> rusqlite::Result<()> {
         self.conn.execute_batch("BEGIN")?;
         let version: i64 = self
@@ -783,12 +901,7 @@ impl Cache {
             .prepare_cached("PRAGMA data_version")?
             .query_row([], |r| r.get(0))?;
         if version != self.data_version.get() {
-            let empty = !self
-                .conn
-                .prepare_cached("SELECT 1 FROM keys LIMIT 1")?
-                .exists([])?;
-            self.keys_empty.set(empty);
-            self.data_version.set(version);
+            self.filter_stale.set(true);
         }
         Ok(())
     }
@@ -1357,15 +1470,15 @@ mod tests {
         assert_eq!(c.len().unwrap(), 700);
     }
 
-    /// A cache that found `keys` empty asks SQLite nothing for a miss, until another
-    /// connection writes: then its next read transaction looks again.
+    /// A cache asks SQLite nothing for a miss while its filter holds, until another
+    /// connection writes: then its next read transaction asks it.
     #[test]
     fn what_another_process_stores_is_seen_by_a_cache_that_started_empty() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cache.sqlite");
         let a = Cache::open(&path, false).unwrap();
         assert!(a.get(&key_of(1)).unwrap().is_none());
-        assert!(a.keys_empty.get());
+        assert_eq!(a.probes.get(), 0);
         let mut b = Cache::open(&path, false).unwrap();
         let bodies = fill(&mut b, 3, 3);
         b.close().unwrap();
@@ -1377,7 +1490,66 @@ mod tests {
             .unwrap()
             .expect("seen once another read began");
         assert_eq!(hit.response.get(), bodies[1].get());
-        assert!(!a.keys_empty.get());
+        assert!(a.filter_stale.get());
+    }
+
+    /// Misses ask SQLite nothing, in a cache opened with keys and after merging more; every
+    /// key stored still answers.
+    #[test]
+    fn misses_ask_sqlite_nothing_before_or_after_merging() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.sqlite");
+        let mut c = Cache::open(&path, false).unwrap();
+        let first = fill(&mut c, 3000, 500);
+        c.close().unwrap();
+        let mut c = Cache::open(&path, false).unwrap();
+        all_answer(&c, &first);
+        // Misses, and how many of them asked SQLite.
+        let misses = |c: &Cache, from: usize| {
+            let before = c.probes.get();
+            for i in from..from + 5000 {
+                assert!(c.get(&key_of(i)).unwrap().is_none());
+            }
+            c.probes.get() - before
+        };
+        let asked = misses(&c, 1_000_000);
+        assert!(asked < 50, "{asked} of 5,000 misses asked");
+        // More keys than the filter was sized for: it grows, and forgets none.
+        let bodies: Vec<RawJson> = (0..MERGE_ROWS + 10).map(|i| body(i, 0)).collect();
+        let items: Vec<Store<'_>> = bodies
+            .iter()
+            .enumerate()
+            .map(|(i, b)| Store {
+                key: key_of(10_000 + i),
+                model: "m",
+                response: b,
+                usage: None,
+            })
+            .collect();
+        c.put(&items).unwrap();
+        assert!(c.fresh.places.is_empty(), "merged");
+        let asked = misses(&c, 2_000_000);
+        assert!(asked < 50, "{asked} of 5,000 misses asked");
+        all_answer(&c, &first);
+        for i in (0..bodies.len()).step_by(97) {
+            assert_eq!(
+                c.get(&key_of(10_000 + i)).unwrap().unwrap().response.get(),
+                bodies[i].get()
+            );
+        }
+    }
+
+    #[test]
+    fn the_key_filter_forgets_nothing_as_it_grows() {
+        let mut f = KeyFilter::with_capacity(1000);
+        let k = |i: usize| short(&key_of(i));
+        for i in 0..200_000 {
+            f.insert(k(i));
+        }
+        assert!(f.parts.len() > 3, "it grew");
+        assert!((0..200_000).all(|i| f.may_hold(k(i))));
+        let false_positives = (1_000_000..1_100_000).filter(|&i| f.may_hold(k(i))).count();
+        assert!(false_positives < 1000, "{false_positives} of 100,000");
     }
 
     /// Keys wait in memory up to [`MERGE_ROWS`], then are written.
