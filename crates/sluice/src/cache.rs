@@ -489,18 +489,15 @@ impl KeyFilter {
 
     /// The filter of the keys in `keys`, or `None` for more than [`FILTER_MAX_KEYS`].
     fn of_table(conn: &Connection) -> rusqlite::Result<Option<KeyFilter>> {
+        let n = conn.query_row("SELECT count(*) FROM keys", [], |r| r.get::<_, i64>(0))? as usize;
+        if n > FILTER_MAX_KEYS {
+            return Ok(None);
+        }
+        let mut f = KeyFilter::with_capacity(n.max(MERGE_ROWS));
         let mut q = conn.prepare("SELECT k FROM keys")?;
         let mut rows = q.query([])?;
-        let mut keys = Vec::new();
         while let Some(row) = rows.next()? {
-            if keys.len() == FILTER_MAX_KEYS {
-                return Ok(None);
-            }
-            keys.push(row.get::<_, i64>(0)?);
-        }
-        let mut f = KeyFilter::with_capacity(keys.len().max(MERGE_ROWS));
-        for k in keys {
-            f.insert(k);
+            f.insert(row.get::<_, i64>(0)?);
         }
         Ok(Some(f))
     }
