@@ -177,12 +177,6 @@ impl H1Pool {
             idle.push(conn);
         }
     }
-
-    /// Idle connections held (for tests).
-    #[cfg(test)]
-    pub(super) fn idle(&self) -> usize {
-        self.idle.lock().unwrap().len()
-    }
 }
 
 impl Conn {
