@@ -422,9 +422,8 @@ pub struct Cache {
 struct KeyFilter {
     /// Each part: blocks of 8 words, a key setting one bit in each word of one block.
     parts: Vec<Vec<[u64; 8]>>,
-    /// Keys in the last part, and how many it was sized for.
+    /// Keys in the last part.
     last_len: usize,
-    last_capacity: usize,
 }
 
 /// Bits of filter per key: about 0.2% of misses still ask SQLite.
@@ -437,7 +436,6 @@ impl KeyFilter {
         let mut f = KeyFilter {
             parts: Vec::new(),
             last_len: 0,
-            last_capacity: 0,
         };
         f.add_part(keys);
         f
@@ -449,7 +447,11 @@ impl KeyFilter {
             .next_power_of_two();
         self.parts.push(vec![[0; 8]; blocks]);
         self.last_len = 0;
-        self.last_capacity = blocks * 512 / FILTER_BITS_PER_KEY;
+    }
+
+    /// The keys a part of `blocks` blocks is sized for.
+    fn capacity(blocks: usize) -> usize {
+        blocks * 512 / FILTER_BITS_PER_KEY
     }
 
     /// The block of `k` in a part of `blocks` blocks, and its bit in each word.
@@ -464,8 +466,9 @@ impl KeyFilter {
     }
 
     fn insert(&mut self, k: i64) {
-        if self.last_len >= self.last_capacity {
-            let total = self.parts.iter().map(Vec::len).sum::<usize>() * 512 / FILTER_BITS_PER_KEY;
+        let last = self.parts.last().map_or(0, Vec::len);
+        if self.last_len >= KeyFilter::capacity(last) {
+            let total = KeyFilter::capacity(self.parts.iter().map(Vec::len).sum());
             self.add_part(total);
         }
         let part = self.parts.last_mut().expect("a part");
@@ -1411,6 +1414,20 @@ mod tests {
         bodies
     }
 
+    /// `bodies` to store under the keys `key_of(first + i)`, without usage.
+    fn stores(bodies: &[RawJson], first: usize) -> Vec<Store<'_>> {
+        bodies
+            .iter()
+            .enumerate()
+            .map(|(i, b)| Store {
+                key: key_of(first + i),
+                model: "m",
+                response: b,
+                usage: None,
+            })
+            .collect()
+    }
+
     fn all_answer(c: &Cache, bodies: &[RawJson]) {
         for (i, b) in bodies.iter().enumerate() {
             let hit = c
@@ -1513,16 +1530,7 @@ mod tests {
         assert!(asked < 50, "{asked} of 5,000 misses asked");
         // More keys than the filter was sized for: it grows, and forgets none.
         let bodies: Vec<RawJson> = (0..MERGE_ROWS + 10).map(|i| body(i, 0)).collect();
-        let items: Vec<Store<'_>> = bodies
-            .iter()
-            .enumerate()
-            .map(|(i, b)| Store {
-                key: key_of(10_000 + i),
-                model: "m",
-                response: b,
-                usage: None,
-            })
-            .collect();
+        let items = stores(&bodies, 10_000);
         c.put(&items).unwrap();
         assert!(c.fresh.places.is_empty(), "merged");
         let asked = misses(&c, 2_000_000);
@@ -1555,16 +1563,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut c = Cache::open(&dir.path().join("cache.sqlite"), false).unwrap();
         let bodies: Vec<RawJson> = (0..MERGE_ROWS + 1).map(|i| body(i, 0)).collect();
-        let items: Vec<Store<'_>> = bodies
-            .iter()
-            .enumerate()
-            .map(|(i, b)| Store {
-                key: key_of(i),
-                model: "m",
-                response: b,
-                usage: None,
-            })
-            .collect();
+        let items = stores(&bodies, 0);
         c.put(&items[..MERGE_ROWS - 1]).unwrap();
         assert_eq!(count(&c, "keys"), 0);
         c.put(&items[MERGE_ROWS - 1..]).unwrap();

@@ -254,16 +254,12 @@ impl Conn {
         let body = match framing {
             Framing::Length(len) => {
                 while self.buf.len() < len {
-                    match self.fill().await {
-                        Ok(0) => {
-                            return Err(cut(format!(
-                                "the connection closed after {} of {len} body bytes",
-                                self.buf.len()
-                            )))
-                        }
-                        Ok(_) => {}
-                        Err(e) => return Err(cut(e.to_string())),
-                    }
+                    let had = self.buf.len();
+                    self.fill_or(|| {
+                        format!("the connection closed after {had} of {len} body bytes")
+                    })
+                    .await
+                    .map_err(cut)?;
                 }
                 let body = Bytes::copy_from_slice(&self.buf[..len]);
                 self.buf.drain(..len);
@@ -313,7 +309,7 @@ impl Conn {
                 return Ok(Bytes::from(body));
             }
             while self.buf.len() < size + 2 {
-                self.fill_or(format!("the connection closed in a chunk of {size} bytes"))
+                self.fill_or(|| format!("the connection closed in a chunk of {size} bytes"))
                     .await?;
             }
             if &self.buf[size..size + 2] != b"\r\n" {
@@ -335,15 +331,15 @@ impl Conn {
             if self.buf.len() > MAX_HEAD {
                 return Err("a chunk line too long".into());
             }
-            self.fill_or("the connection closed in a chunked body".into())
+            self.fill_or(|| "the connection closed in a chunked body".into())
                 .await?;
         }
     }
 
-    /// [`Conn::fill`], where the end of the connection is the error `closed`.
-    async fn fill_or(&mut self, closed: String) -> Result<(), String> {
+    /// [`Conn::fill`], where the end of the connection is the error `closed()`.
+    async fn fill_or(&mut self, closed: impl FnOnce() -> String) -> Result<(), String> {
         match self.fill().await {
-            Ok(0) => Err(closed),
+            Ok(0) => Err(closed()),
             Ok(_) => Ok(()),
             Err(e) => Err(e.to_string()),
         }

@@ -584,6 +584,14 @@ mod tests {
         assert_eq!(whole.body, big.as_bytes());
     }
 
+    /// `reply` gives a dropped attempt whose message says `what`.
+    async fn dropped_saying(reply: &'static [u8], what: &str) {
+        match answer(reply).await {
+            Err(TransportError::Dropped(m)) => assert!(m.contains(what), "{m}"),
+            other => panic!("expected a dropped attempt, got {other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn broken_responses_are_errors_that_say_what_broke() {
         match answer(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n").await {
@@ -599,21 +607,13 @@ mod tests {
             Err(TransportError::BodyCut { status: 200, .. }) => {}
             other => panic!("expected a cut body, got {other:?}"),
         }
-        match answer(b"SMTP ready\r\n\r\n").await {
-            Err(TransportError::Dropped(m)) => assert!(m.contains("not HTTP"), "{m}"),
-            other => panic!("expected a dropped attempt, got {other:?}"),
-        }
-        match answer(b"HTTP/1.1 200 OK\r\ncontent-len").await {
-            Err(TransportError::Dropped(m)) => assert!(m.contains("head"), "{m}"),
-            other => panic!("expected a dropped attempt, got {other:?}"),
-        }
-        match answer(b"").await {
-            Err(TransportError::Dropped(m)) => assert!(m.contains("before a response"), "{m}"),
-            other => panic!("expected a dropped attempt, got {other:?}"),
-        }
-        match answer(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n{}").await {
-            Err(TransportError::Dropped(m)) => assert!(m.contains("content-length"), "{m}"),
-            other => panic!("expected a dropped attempt, got {other:?}"),
-        }
+        dropped_saying(b"SMTP ready\r\n\r\n", "not HTTP").await;
+        dropped_saying(b"HTTP/1.1 200 OK\r\ncontent-len", "head").await;
+        dropped_saying(b"", "before a response").await;
+        dropped_saying(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n{}",
+            "content-length",
+        )
+        .await;
     }
 }
