@@ -104,9 +104,10 @@ pub const COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(2
 pub const CHECKPOINT_ROWS: u64 = 65_536;
 
 /// Responses are stored in the cache this many at a time (or at the next flush, every
-/// second): one transaction appending a few chunks (see `sluice::cache::Cache`). A crash
-/// loses at most this batch of the cache, which costs nothing but a second request for
-/// those (the journal, not the cache, is what resumes a run).
+/// second): one write to its data file and one small transaction (see
+/// `sluice::cache::Cache`). A crash loses at most this batch of the cache, which costs
+/// nothing but a second request for those (the journal, not the cache, is what resumes a
+/// run).
 pub const CACHE_BATCH: usize = 1024;
 
 /// Where outcomes go: the journal (first, committed), then the output and the summary. An

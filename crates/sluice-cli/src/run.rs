@@ -172,8 +172,9 @@ pub struct RunArgs {
     #[arg(long)]
     pub retry_failed: bool,
 
-    /// Response cache (SQLite, shared across runs): a request answered before is answered
-    /// from it, without being sent; identical requests of a run are sent once.
+    /// Response cache, shared across runs (a SQLite index, and FILE-data beside it): a
+    /// request answered before is answered from it, without being sent; identical requests
+    /// of a run are sent once.
     #[arg(long, value_name = "FILE", env = "SLUICE_CACHE")]
     pub cache: Option<PathBuf>,
 

@@ -8,7 +8,13 @@
 //! whitespace or those fields share an entry.
 //!
 //! Only successful responses are stored. Writes are batched like the journal's.
+//!
+//! The cache is two files: the SQLite database at the path given, which holds the index,
+//! and the responses themselves beside it (`PATH-data`). Both are needed; a cache moved
+//! without its data file answers nothing it held.
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::json::RawJson;
@@ -34,7 +40,7 @@ pub const NON_SEMANTIC_FIELDS: &[&str] = &[
 ];
 
 /// The cache format this build reads and writes.
-pub const CACHE_VERSION: u32 = 3;
+pub const CACHE_VERSION: u32 = 4;
 
 /// A cache key: 32 bytes of BLAKE3.
 pub type CacheKey = [u8; 32];
@@ -50,6 +56,15 @@ pub enum CacheError {
         /// What SQLite said.
         #[source]
         source: rusqlite::Error,
+    },
+    /// Its data file (`PATH-data`) could not be opened or written.
+    #[error("cache {}: {source}", data_path(path).display())]
+    Data {
+        /// The cache file.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
     },
     /// Not a sluice cache, or another version of one.
     #[error("cache {path} is not a sluice response cache of version {CACHE_VERSION}: {reason}")]
@@ -348,8 +363,8 @@ pub struct Store<'a> {
     pub usage: Option<Usage>,
 }
 
-/// Responses waiting to be stored, already laid out as chunks hold them (so nothing is
-/// copied but the response, once).
+/// Responses waiting to be stored, already laid out as the data file holds them (so
+/// nothing is copied but the response, once, and it is written with one call).
 #[derive(Default)]
 pub struct Batch {
     buf: Vec<u8>,
@@ -383,22 +398,38 @@ impl Batch {
 
 /// The response cache.
 ///
-/// Responses are appended, many to a row, to `chunks`: a record is the key, the usage,
-/// the model and the response, and its place is the chunk's id and the record's offset in
-/// it. `keys` maps the first 8 bytes of a key to that place. Appending costs SQLite one
-/// row per [`CHUNK_BYTES`]; the keys are random, so each one written to `keys` dirties a
-/// page of its own unless many are written at once, in order. So the keys of new records
-/// are first held here (in `fresh`, at most [`MERGE_ROWS`] of them, about 16 bytes
-/// each), and written to `keys` together, sorted. Until then their chunks are listed in
-/// `unmerged`; a cache opened after a crash merges what is listed there.
+/// Responses are appended to the data file (`PATH-data`), a batch at a time, as records:
+/// the key, the usage, the model, the response and a CRC of them. Each batch is a *region*
+/// of the file, listed in `regions`; the file's end is the last region's end, read in the
+/// write transaction that appends the next one, so writers in several processes take turns
+/// and never overlap. A write that was never committed (a crash between the two) lies past
+/// that end and is written over by the next. The responses are written once: through
+/// SQLite they were written twice (its WAL, then the database) and read back in between,
+/// which cost more than the rest of the cache together.
 ///
-/// Version 2 (one row per response, keyed by the whole key) cost SQLite a page write per
-/// response, more client CPU than the whole engine; a cache of version 1 or 2 is converted
-/// the first time it is opened to write.
+/// `keys` maps the first 8 bytes of a key to its record's place. The keys are random, so
+/// each one written to `keys` dirties a page of its own unless many are written at once,
+/// in order. So the keys of new records are first held here (in `fresh`, at most
+/// [`MERGE_ROWS`] of them, about 16 bytes each), and written to `keys` together, sorted.
+/// Until then their regions are listed in `unmerged_regions`; a cache opened after a
+/// crash merges what is listed there.
+///
+/// A record is read with its CRC checked: one that does not check (a torn write after a
+/// power loss, a damaged file) is a miss, never a wrong answer.
+///
+/// Version 3 held the records in SQLite, many to a row of `chunks` (and `unmerged` listed
+/// those not yet merged); those still answer, and a version 3 cache opened to write is
+/// version 4 from then on. Version 2 (one row per response, keyed by the whole key) cost
+/// SQLite a page write per response; a cache of version 1 or 2 is converted the first time
+/// it is opened to write.
 pub struct Cache {
     conn: Connection,
     path: PathBuf,
     read_only: bool,
+    /// The data file (`None` when read-only and there is none).
+    data: Option<File>,
+    /// Whether the database has `regions` (not a version 3 cache opened read-only).
+    has_regions: bool,
     /// Lookups made in the read transaction now open (0: none is open).
     reads: std::cell::Cell<u32>,
     /// Records whose keys are not yet in `keys`.
@@ -511,8 +542,10 @@ impl KeyFilter {
 struct Fresh {
     /// Their places, by their key's first 8 bytes.
     places: FxHashMap<i64, i64>,
-    /// The chunks holding them.
+    /// The version 3 chunks holding them (found unmerged when the cache was opened).
     chunks: Vec<i64>,
+    /// The regions of the data file holding them.
+    regions: Vec<i64>,
 }
 
 /// Lookups share one read transaction, this many at most: on its own, every lookup took
@@ -520,11 +553,6 @@ struct Fresh {
 /// which cost more than the lookup. A lookup may miss what another process stored since
 /// the transaction began, which only means that request is sent.
 const READS_PER_TRANSACTION: u32 = 512;
-
-/// A chunk is closed once it holds this many bytes (a response bigger than that has a
-/// chunk of its own). Bigger chunks cost fewer rows; a hit reads its record in place, but
-/// SQLite walks the chunk's pages up to it.
-pub const CHUNK_BYTES: usize = 64 << 10;
 
 /// New keys are written to `keys` once this many wait (and when the cache is closed).
 pub const MERGE_ROWS: usize = 1 << 16;
@@ -542,6 +570,13 @@ static MERGE_MANY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 /// tokens, model length, response length.
 const RECORD_HEADER: usize = 32 + 1 + 8 + 8 + 4 + 4;
 
+/// The bytes after a record's response in the data file: the CRC-32 of the rest of the
+/// record. (Version 3's records, in `chunks`, have none.)
+const RECORD_TRAILER: usize = 4;
+
+/// A record bigger than this is not read (its header is damaged).
+const RECORD_MAX: usize = 1 << 30;
+
 impl std::fmt::Debug for Cache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cache").field("path", &self.path).finish()
@@ -557,20 +592,39 @@ CREATE TABLE IF NOT EXISTS chunks (
 );
 CREATE TABLE IF NOT EXISTS keys (k INTEGER PRIMARY KEY, at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS unmerged (id INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS regions (
+    at INTEGER PRIMARY KEY,
+    len INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS unmerged_regions (at INTEGER PRIMARY KEY);
 ";
+
+/// The data file of the cache at `path`.
+pub fn data_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push("-data");
+    PathBuf::from(p)
+}
 
 /// The first 8 bytes of a key, as `keys` holds them.
 fn short(key: &CacheKey) -> i64 {
     i64::from_le_bytes(key[..8].try_into().expect("8 bytes"))
 }
 
-/// A record's place: its chunk and its offset in it.
+/// A record's place in a version 3 chunk: the chunk and its offset in it (never negative).
 fn place(chunk: i64, offset: usize) -> i64 {
     (chunk << 32) | offset as i64
 }
 
-/// Appends one record to `buf`.
+/// A record's place in the data file: its offset, as a negative number.
+fn file_place(offset: u64) -> i64 {
+    -(offset as i64) - 1
+}
+
+/// Appends one record to `buf`, with its CRC.
 fn encode(buf: &mut Vec<u8>, s: &Store<'_>) {
+    let start = buf.len();
     buf.extend_from_slice(&s.key);
     buf.push(s.usage.is_some() as u8);
     let u = s.usage.unwrap_or_default();
@@ -580,6 +634,8 @@ fn encode(buf: &mut Vec<u8>, s: &Store<'_>) {
     buf.extend_from_slice(&(s.response.get().len() as u32).to_le_bytes());
     buf.extend_from_slice(s.model.as_bytes());
     buf.extend_from_slice(s.response.get().as_bytes());
+    let crc = crc32fast::hash(&buf[start..]);
+    buf.extend_from_slice(&crc.to_le_bytes());
 }
 
 /// A record's header.
@@ -613,25 +669,35 @@ impl Header {
     }
 }
 
-/// The records of a chunk: each key's short form and the record's offset. Stops at a
-/// record that does not fit.
-fn records(data: &[u8]) -> Vec<(i64, usize)> {
+/// The records of a version 3 chunk (`checked` false) or of a region of the data file
+/// (`checked`: each with its CRC): each key's short form and the record's offset. Stops at
+/// a record that does not fit or does not check.
+fn records(data: &[u8], checked: bool) -> Vec<(i64, usize)> {
+    let trailer = if checked { RECORD_TRAILER } else { 0 };
     let mut out = Vec::new();
     let mut at = 0;
     while let Some(h) = data.get(at..at + RECORD_HEADER) {
         let h = Header::decode(h.try_into().expect("header"));
-        if at + h.len() > data.len() {
+        let end = at.saturating_add(h.len()).saturating_add(trailer);
+        if end > data.len() || (checked && !crc_holds(&data[at..end])) {
             break;
         }
         out.push((short(&h.key), at));
-        at += h.len();
+        at = end;
     }
     out
 }
 
+/// Whether a record of the data file (header to trailer) matches its CRC.
+fn crc_holds(record: &[u8]) -> bool {
+    let (body, crc) = record.split_at(record.len() - RECORD_TRAILER);
+    crc32fast::hash(body).to_le_bytes() == crc
+}
+
 impl Cache {
-    /// Opens the cache at `path`, creating it unless `read_only`. A cache of an earlier
-    /// version is converted when opened to write, refused when opened read-only.
+    /// Opens the cache at `path` (and its data file), creating it unless `read_only`. A
+    /// cache of an earlier version is converted when opened to write; opened read-only, one
+    /// of version 3 is read as it is and one of version 1 or 2 refused.
     pub fn open(path: &Path, read_only: bool) -> Result<Cache, CacheError> {
         let sql = |source| CacheError::Sqlite {
             path: path.to_path_buf(),
@@ -663,10 +729,14 @@ impl Cache {
             .optional()
             .map_err(|e| incompatible(e.to_string()))
         };
+        let data_error = |source| CacheError::Data {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut data = None;
         if !read_only {
-            // Pages of 16 KiB: a chunk spans fewer of them, and SQLite writes each with a
-            // call of its own (measured: a third less CPU per stored response than 4 KiB).
-            // Only a new file takes it.
+            // Pages of 16 KiB: SQLite writes each with a call of its own, and merging keys
+            // dirties fewer of them. Only a new file takes it.
             conn.pragma_update(None, "page_size", 16384).map_err(sql)?;
             conn.pragma_update(None, "journal_mode", "WAL")
                 .map_err(|e| incompatible(e.to_string()))?;
@@ -684,8 +754,17 @@ impl Cache {
             let was = if older { version(&tx)? } else { None };
             tx.execute_batch(SCHEMA)
                 .map_err(|e| incompatible(e.to_string()))?;
+            // A data file left by a cache whose database was deleted holds nothing this one
+            // lists: it is emptied (under the write lock, before anything is listed).
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(!older)
+                .open(data_path(path))
+                .map_err(data_error)?;
             match was.as_deref() {
-                Some("1" | "2") => {
+                Some("1" | "2" | "3") => {
                     tx.execute(
                         "UPDATE cache_meta SET value = ?1 WHERE key = 'version'",
                         params![CACHE_VERSION.to_string()],
@@ -701,22 +780,45 @@ impl Cache {
                 }
             }
             if matches!(was.as_deref(), Some("1" | "2")) {
-                convert(&tx).map_err(sql)?;
+                convert(&tx, &file, path)?;
             }
             tx.commit().map_err(sql)?;
+            data = Some(file);
         }
         let found = version(&conn)?;
-        if found.as_deref() != Some(&CACHE_VERSION.to_string()) {
+        let readable = match found.as_deref() {
+            Some("3") => read_only,
+            v => v == Some(&CACHE_VERSION.to_string()),
+        };
+        if !readable {
             let hint = match found.as_deref() {
                 Some("1" | "2") => "; open it once without --cache-read-only to convert it",
                 _ => "",
             };
             return Err(incompatible(format!("its version is {found:?}{hint}")));
         }
+        if read_only {
+            data = match File::open(data_path(path)) {
+                Ok(f) => Some(f),
+                // Nothing of it answers (a version 3 cache has none).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(data_error(e)),
+            };
+        }
+        let has_regions = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'regions'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(sql)?
+            == 1;
         let mut cache = Cache {
             conn,
             path: path.to_path_buf(),
             read_only,
+            data,
+            has_regions,
             reads: std::cell::Cell::new(0),
             fresh: Fresh::default(),
             filter: None,
@@ -732,30 +834,55 @@ impl Cache {
         );
         cache.filter = KeyFilter::of_table(&tx).map_err(sql)?;
         tx.commit().map_err(sql)?;
-        cache.recover().map_err(sql)?;
+        cache.recover()?;
         Ok(cache)
     }
 
-    /// Takes up the records of chunks whose keys were never merged (a run that stopped
-    /// before it closed its cache): merged now, or held in memory when read-only.
-    fn recover(&mut self) -> rusqlite::Result<()> {
-        let ids: Vec<i64> = {
-            let mut q = self.conn.prepare("SELECT id FROM unmerged ORDER BY id")?;
-            let ids = q.query_map([], |r| r.get(0))?;
-            ids.collect::<rusqlite::Result<_>>()?
+    /// Takes up the records of regions (and version 3 chunks) whose keys were never merged
+    /// (a run that stopped before it closed its cache): merged now, or held in memory when
+    /// read-only.
+    fn recover(&mut self) -> Result<(), CacheError> {
+        let path = self.path.clone();
+        let sql = |source| CacheError::Sqlite {
+            path: path.clone(),
+            source,
         };
-        for id in ids {
+        let pairs = |conn: &Connection, q: &str| -> rusqlite::Result<Vec<(i64, i64)>> {
+            let mut q = conn.prepare(q)?;
+            let rows = q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        };
+        let ids = pairs(&self.conn, "SELECT id, 0 FROM unmerged ORDER BY id").map_err(sql)?;
+        for (id, _) in ids {
             let data: Option<Vec<u8>> = self
                 .conn
                 .query_row("SELECT data FROM chunks WHERE id = ?1", [id], |r| r.get(0))
-                .optional()?;
-            for (k, offset) in records(data.as_deref().unwrap_or_default()) {
+                .optional()
+                .map_err(sql)?;
+            for (k, offset) in records(data.as_deref().unwrap_or_default(), false) {
                 self.fresh.places.insert(k, place(id, offset));
             }
             self.fresh.chunks.push(id);
         }
+        if self.has_regions {
+            let regions = pairs(
+                &self.conn,
+                "SELECT at, len FROM regions JOIN unmerged_regions USING (at) ORDER BY at",
+            )
+            .map_err(sql)?;
+            for (at, len) in regions {
+                // A region that cannot be read has nothing to merge (its records miss).
+                if let (Some(f), Ok(len)) = (&self.data, usize::try_from(len)) {
+                    let mut bytes = vec![0; len];
+                    if f.read_exact_at(&mut bytes, at as u64).is_ok() {
+                        self.fresh.took(at, &records(&bytes, true));
+                    }
+                }
+                self.fresh.regions.push(at);
+            }
+        }
         if !self.read_only {
-            self.merge()?;
+            self.merge().map_err(sql)?;
         }
         Ok(())
     }
@@ -797,14 +924,40 @@ impl Cache {
                     .map_err(sql)?
             }
         };
-        let Some(at) = at else {
-            return Ok(None);
-        };
-        self.read(key, at).map_err(sql)
+        match at {
+            None => Ok(None),
+            Some(at) if at < 0 => Ok(self.read_file(key, (-(at + 1)) as u64)),
+            Some(at) => self.read(key, at).map_err(sql),
+        }
     }
 
-    /// The record at `at`, if it holds `key` (another key with the same first 8 bytes is a
-    /// miss, as is a record that does not read).
+    /// The record at `offset` of the data file, if it holds `key` and checks (another key
+    /// with the same first 8 bytes is a miss, as is a record that does not read or check).
+    fn read_file(&self, key: &CacheKey, offset: u64) -> Option<Hit> {
+        let f = self.data.as_ref()?;
+        let mut h = [0u8; RECORD_HEADER];
+        f.read_exact_at(&mut h, offset).ok()?;
+        let header = Header::decode(&h);
+        if header.key != *key || header.len() > RECORD_MAX {
+            return None;
+        }
+        let mut record = vec![0u8; header.len() + RECORD_TRAILER];
+        record[..RECORD_HEADER].copy_from_slice(&h);
+        f.read_exact_at(&mut record[RECORD_HEADER..], offset + RECORD_HEADER as u64)
+            .ok()?;
+        if !crc_holds(&record) {
+            return None;
+        }
+        record.truncate(header.len());
+        record.drain(..RECORD_HEADER + header.model_len);
+        Some(Hit {
+            response: Stored::Text(record).json()?,
+            usage: header.usage,
+        })
+    }
+
+    /// The record at `at` of a version 3 chunk, if it holds `key` (another key with the
+    /// same first 8 bytes is a miss, as is a record that does not read).
     fn read(&self, key: &CacheKey, at: i64) -> rusqlite::Result<Option<Hit>> {
         let (chunk, offset) = (at >> 32, (at & 0xffff_ffff) as usize);
         let blob = match self
@@ -855,17 +1008,29 @@ impl Cache {
             source,
         };
         self.end_reads().map_err(sql)?;
-        let tx = self.conn.unchecked_transaction().map_err(sql)?;
-        let before = self.fresh.chunks.len();
-        let appended = self.fresh.append(&tx, batch, now());
-        batch.clear();
-        if let Err(e) = appended.and_then(|()| tx.commit()) {
-            // Nothing of this call was committed: forget the places it held.
-            let gone: Vec<i64> = self.fresh.chunks.drain(before..).collect();
-            self.fresh
-                .places
-                .retain(|_, at| !gone.contains(&(*at >> 32)));
-            return Err(sql(e));
+        // The write lock first: the data file's end is read, and written at, under it.
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(sql)?;
+        let data = self
+            .data
+            .as_ref()
+            .expect("a cache opened to write has its data file");
+        let appended = append_region(&self.conn, data, &path, batch, now()).and_then(|at| {
+            self.conn.execute_batch("COMMIT").map_err(sql)?;
+            Ok(at)
+        });
+        match appended {
+            Ok(at) => {
+                self.fresh.took(at, &batch.records);
+                self.fresh.regions.push(at);
+                batch.clear();
+            }
+            Err(e) => {
+                // Nothing of it was committed, so nothing of it is held (what was written
+                // lies past the file's end).
+                let _ = self.conn.execute_batch("ROLLBACK");
+                batch.clear();
+                return Err(e);
+            }
         }
         if self.fresh.places.len() >= MERGE_ROWS {
             self.merge().map_err(sql)?;
@@ -876,7 +1041,7 @@ impl Cache {
     /// Writes the waiting keys to `keys`, in order, in one transaction.
     fn merge(&mut self) -> rusqlite::Result<()> {
         self.end_reads()?;
-        if self.fresh.chunks.is_empty() {
+        if self.fresh.is_empty() {
             return Ok(());
         }
         if let Some(filter) = &mut self.filter {
@@ -957,7 +1122,7 @@ impl Cache {
 
 impl Drop for Cache {
     fn drop(&mut self) {
-        if !self.read_only && !self.fresh.chunks.is_empty() {
+        if !self.read_only && !self.fresh.is_empty() {
             if let Err(e) = self.merge() {
                 tracing::warn!(
                     "cache {}: writing its new keys failed ({e}); the next run that opens it will",
@@ -969,32 +1134,18 @@ impl Drop for Cache {
 }
 
 impl Fresh {
-    /// Appends the records of `batch` in chunks of about [`CHUNK_BYTES`], in `tx`, and
-    /// holds their places.
-    fn append(&mut self, tx: &Connection, batch: &Batch, now: i64) -> rusqlite::Result<()> {
-        let mut insert =
-            tx.prepare_cached("INSERT INTO chunks (created_at, data) VALUES (?1, ?2)")?;
-        let mut unmerged = tx.prepare_cached("INSERT INTO unmerged (id) VALUES (?1)")?;
-        let mut first = 0;
-        while first < batch.records.len() {
-            let start = batch.records[first].1;
-            let mut last = first + 1;
-            while last < batch.records.len() && batch.records[last].1 - start < CHUNK_BYTES {
-                last += 1;
-            }
-            let end = batch.records.get(last).map_or(batch.buf.len(), |r| r.1);
-            insert.execute(params![now, &batch.buf[start..end]])?;
-            let id = tx.last_insert_rowid();
-            unmerged.execute([id])?;
-            self.places.extend(
-                batch.records[first..last]
-                    .iter()
-                    .map(|&(k, o)| (k, place(id, o - start))),
-            );
-            self.chunks.push(id);
-            first = last;
-        }
-        Ok(())
+    /// Whether no record waits to be merged.
+    fn is_empty(&self) -> bool {
+        self.chunks.is_empty() && self.regions.is_empty()
+    }
+
+    /// Holds the places of `records` (offsets in the region at `at` of the data file).
+    fn took(&mut self, at: i64, records: &[(i64, usize)]) {
+        self.places.extend(
+            records
+                .iter()
+                .map(|&(k, offset)| (k, file_place(at as u64 + offset as u64))),
+        );
     }
 
     /// Writes the held keys to `keys` in `tx`, in order, and forgets them.
@@ -1021,55 +1172,113 @@ impl Fresh {
             for id in &self.chunks {
                 done.execute([id])?;
             }
+            let mut done = tx.prepare_cached("DELETE FROM unmerged_regions WHERE at = ?1")?;
+            for at in &self.regions {
+                done.execute([at])?;
+            }
         }
         self.places.clear();
         self.chunks.clear();
+        self.regions.clear();
         Ok(())
     }
 }
 
-/// Converts the rows of a version 1 or 2 cache (`responses`) to records, in `tx`.
-fn convert(tx: &Connection) -> rusqlite::Result<()> {
+/// Converts the rows of a version 1 or 2 cache (`responses`) to records, in `tx` (which
+/// holds the write lock).
+fn convert(tx: &Connection, data: &File, path: &Path) -> Result<(), CacheError> {
+    let sql = |source| CacheError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
     let now = now();
     let mut fresh = Fresh::default();
     let mut batch = Batch::default();
-    {
-        let mut q = tx.prepare(
+    let append = |fresh: &mut Fresh, batch: &mut Batch| -> Result<(), CacheError> {
+        if !batch.is_empty() {
+            let at = append_region(tx, data, path, batch, now)?;
+            fresh.took(at, &batch.records);
+            fresh.regions.push(at);
+            batch.clear();
+        }
+        Ok(())
+    };
+    let mut q = tx
+        .prepare(
             "SELECT key, model, response, prompt_tokens, completion_tokens FROM responses ORDER BY rowid",
-        )?;
-        let mut it = q.query([])?;
-        while let Some(r) = it.next()? {
+        )
+        .map_err(sql)?;
+    let mut it = q.query([]).map_err(sql)?;
+    while let Some(r) = it.next().map_err(sql)? {
+        // A row that does not read as a response is dropped.
+        let take = |batch: &mut Batch| -> rusqlite::Result<()> {
             let Ok(key) = <CacheKey>::try_from(r.get_ref(0)?.as_blob()?) else {
-                continue;
+                return Ok(());
             };
             let body = match r.get_ref(2)? {
                 ValueRef::Text(t) => Stored::Text(t.to_vec()),
                 ValueRef::Blob(b) => Stored::Lz4(b.to_vec()),
-                _ => continue,
+                _ => return Ok(()),
             };
             let Some(response) = body.json() else {
-                continue;
+                return Ok(());
             };
-            let usage = usage(r.get(3)?, r.get(4)?);
             let model: String = r.get(1)?;
             batch.push(&Store {
                 key,
                 model: &model,
                 response: &response,
-                usage,
+                usage: usage(r.get(3)?, r.get(4)?),
             });
-            if batch.len() == 1024 {
-                fresh.append(tx, &batch, now)?;
-                batch.clear();
-            }
-            if fresh.places.len() >= MERGE_ROWS {
-                fresh.merge_in(tx)?;
-            }
+            Ok(())
+        };
+        take(&mut batch).map_err(sql)?;
+        if batch.len() == 1024 {
+            append(&mut fresh, &mut batch)?;
+        }
+        if fresh.places.len() >= MERGE_ROWS {
+            fresh.merge_in(tx).map_err(sql)?;
         }
     }
-    fresh.append(tx, &batch, now)?;
-    fresh.merge_in(tx)?;
-    tx.execute_batch("DROP TABLE responses")
+    drop(it);
+    drop(q);
+    append(&mut fresh, &mut batch)?;
+    fresh.merge_in(tx).map_err(sql)?;
+    tx.execute_batch("DROP TABLE responses").map_err(sql)
+}
+
+/// Appends `batch` to the data file at its end, as a region listed (and listed as not yet
+/// merged) in the transaction open on `conn`, which holds the write lock; returns where it
+/// begins.
+fn append_region(
+    conn: &Connection,
+    data: &File,
+    path: &Path,
+    batch: &Batch,
+    now: i64,
+) -> Result<i64, CacheError> {
+    let sql = |source| CacheError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
+    let at: i64 = conn
+        .prepare_cached("SELECT at + len FROM regions ORDER BY at DESC LIMIT 1")
+        .and_then(|mut q| q.query_row([], |r| r.get(0)).optional())
+        .map_err(sql)?
+        .unwrap_or(0);
+    data.write_all_at(&batch.buf, at as u64)
+        .map_err(|source| CacheError::Data {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    conn.prepare_cached("INSERT INTO regions (at, len, created_at) VALUES (?1, ?2, ?3)")
+        .and_then(|mut q| q.execute(params![at, batch.buf.len() as i64, now]))
+        .and_then(|_| {
+            conn.prepare_cached("INSERT INTO unmerged_regions (at) VALUES (?1)")?
+                .execute([at])
+        })
+        .map_err(sql)?;
+    Ok(at)
 }
 
 /// Seconds since the epoch.
@@ -1385,15 +1594,10 @@ mod tests {
         *blake3::hash(&i.to_le_bytes()).as_bytes()
     }
 
-    /// Stores `n` responses, of many sizes (some bigger than a chunk), in calls of `per`.
+    /// Stores `n` responses, of many sizes (some of 64 KiB and more), in calls of `per`.
     fn fill(c: &mut Cache, n: usize, per: usize) -> Vec<RawJson> {
         let bodies: Vec<RawJson> = (0..n)
-            .map(|i| {
-                body(
-                    i,
-                    (i * 977) % 3000 + if i % 97 == 0 { CHUNK_BYTES } else { 0 },
-                )
-            })
+            .map(|i| body(i, (i * 977) % 3000 + if i % 97 == 0 { 64 << 10 } else { 0 }))
             .collect();
         for start in (0..n).step_by(per) {
             let items: Vec<Store<'_>> = (start..n.min(start + per))
@@ -1457,7 +1661,8 @@ mod tests {
         let path = dir.path().join("cache.sqlite");
         let mut c = Cache::open(&path, false).unwrap();
         let bodies = fill(&mut c, 600, 64);
-        assert!(count(&c, "chunks") > 600 / 64, "several chunks per call");
+        assert_eq!(count(&c, "regions"), 10, "a region per call");
+        assert_eq!(count(&c, "chunks"), 0, "nothing in SQLite's pages");
         assert_eq!(count(&c, "keys"), 0);
         all_answer(&c, &bodies);
         assert!(c.get(&key_of(600)).unwrap().is_none());
@@ -1469,17 +1674,17 @@ mod tests {
         c.close().unwrap();
 
         let mut c = Cache::open(&path, false).unwrap();
-        assert_eq!((count(&c, "keys"), count(&c, "unmerged")), (600, 0));
+        assert_eq!((count(&c, "keys"), count(&c, "unmerged_regions")), (600, 0));
         all_answer(&c, &bodies);
         // A crash: stored, never closed.
         let more = fill(&mut c, 700, 100);
         std::mem::forget(c);
         let c = Cache::open(&path, true).unwrap();
-        assert!(count(&c, "unmerged") > 0);
+        assert_eq!(count(&c, "unmerged_regions"), 7);
         all_answer(&c, &more);
         drop(c);
         let c = Cache::open(&path, false).unwrap();
-        assert_eq!((count(&c, "keys"), count(&c, "unmerged")), (700, 0));
+        assert_eq!((count(&c, "keys"), count(&c, "unmerged_regions")), (700, 0));
         all_answer(&c, &more);
         assert_eq!(c.len().unwrap(), 700);
     }
@@ -1568,12 +1773,181 @@ mod tests {
         assert_eq!(count(&c, "keys"), 0);
         c.put(&items[MERGE_ROWS - 1..]).unwrap();
         assert_eq!(count(&c, "keys"), MERGE_ROWS as i64 + 1);
-        assert_eq!(count(&c, "unmerged"), 0);
+        assert_eq!(count(&c, "unmerged_regions"), 0);
         assert!(c.fresh.places.is_empty());
         assert_eq!(
             c.get(&key_of(77)).unwrap().unwrap().response.get(),
             bodies[77].get()
         );
+    }
+
+    /// A cache of version 3 (records in SQLite's `chunks`, one chunk's keys not yet
+    /// merged) answers read-only as it is; opened to write it is version 4, its chunks still
+    /// answer and new responses go to the data file.
+    #[test]
+    fn a_version_3_cache_answers_and_stores_beside_its_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.sqlite");
+        let bodies: Vec<RawJson> = (0..3).map(|i| body(i, 10 * i)).collect();
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 CREATE TABLE cache_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                 INSERT INTO cache_meta VALUES ('version', '3');
+                 CREATE TABLE chunks (id INTEGER PRIMARY KEY, created_at INTEGER NOT NULL,
+                     data BLOB NOT NULL);
+                 CREATE TABLE keys (k INTEGER PRIMARY KEY, at INTEGER NOT NULL);
+                 CREATE TABLE unmerged (id INTEGER PRIMARY KEY);",
+            )
+            .unwrap();
+            // A record as version 3 wrote it: no CRC after it.
+            for (i, s) in stores(&bodies[..2], 0).iter().enumerate() {
+                let mut record = Vec::new();
+                encode(&mut record, s);
+                record.truncate(record.len() - RECORD_TRAILER);
+                let id = i as i64 + 1;
+                conn.execute("INSERT INTO chunks VALUES (?1, 0, ?2)", params![id, record])
+                    .unwrap();
+                if i == 0 {
+                    conn.execute(
+                        "INSERT INTO keys VALUES (?1, ?2)",
+                        [short(&key_of(0)), place(id, 0)],
+                    )
+                    .unwrap();
+                } else {
+                    conn.execute("INSERT INTO unmerged VALUES (?1)", [id])
+                        .unwrap();
+                }
+            }
+        }
+        let answers = |c: &Cache, n: usize| {
+            for (i, b) in bodies[..n].iter().enumerate() {
+                let hit = c
+                    .get(&key_of(i))
+                    .unwrap()
+                    .unwrap_or_else(|| panic!("{i} missed"));
+                assert_eq!(hit.response.get(), b.get(), "{i}");
+            }
+        };
+        let c = Cache::open(&path, true).unwrap();
+        answers(&c, 2);
+        drop(c);
+        assert!(!data_path(&path).exists(), "read-only creates nothing");
+
+        let mut c = Cache::open(&path, false).unwrap();
+        answers(&c, 2);
+        c.put(&stores(&bodies[2..], 2)).unwrap();
+        answers(&c, 3);
+        assert_eq!((count(&c, "chunks"), count(&c, "regions")), (2, 1));
+        c.close().unwrap();
+        let c = Cache::open(&path, true).unwrap();
+        answers(&c, 3);
+        let version: String = c
+            .conn
+            .query_row(
+                "SELECT value FROM cache_meta WHERE key = 'version'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(version, "4");
+    }
+
+    /// A record whose bytes changed after it was written (a torn write, a damaged file)
+    /// fails its CRC and is a miss, as is one the file no longer holds whole: never a wrong
+    /// answer, never an error. The others still answer.
+    #[test]
+    fn a_record_that_does_not_check_is_a_miss_never_a_wrong_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.sqlite");
+        let bodies: Vec<RawJson> = (0..3).map(|i| body(i, 40)).collect();
+        let mut c = Cache::open(&path, false).unwrap();
+        c.put(&stores(&bodies, 0)).unwrap();
+        c.close().unwrap();
+        let data = data_path(&path);
+        let mut bytes = std::fs::read(&data).unwrap();
+        // One letter of the second response: still JSON, no longer what was stored.
+        let at = bytes.windows(4).position(|w| w == b"\"r1\"").unwrap() + 13;
+        assert_eq!(bytes[at], b'a');
+        bytes[at] = b'b';
+        // The last record cut short.
+        bytes.truncate(bytes.len() - 10);
+        std::fs::write(&data, &bytes).unwrap();
+        let c = Cache::open(&path, true).unwrap();
+        assert_eq!(
+            c.get(&key_of(0)).unwrap().unwrap().response.get(),
+            bodies[0].get()
+        );
+        assert!(c.get(&key_of(1)).unwrap().is_none(), "changed");
+        assert!(c.get(&key_of(2)).unwrap().is_none(), "cut");
+        drop(c);
+        // Without its data file, a cache answers nothing and fails nothing.
+        std::fs::remove_file(&data).unwrap();
+        let c = Cache::open(&path, true).unwrap();
+        assert!(c.get(&key_of(0)).unwrap().is_none());
+    }
+
+    /// Two writers (two processes' connections) take turns at the data file's end: their
+    /// regions follow one another without overlapping, and what each stored answers. Bytes
+    /// written past the end by a write that was never committed are written over, and a new
+    /// cache empties a data file left beside it.
+    #[test]
+    fn writers_take_turns_at_the_end_and_uncommitted_bytes_are_written_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.sqlite");
+        std::fs::write(data_path(&path), vec![7u8; 5000]).unwrap();
+        let mut a = Cache::open(&path, false).unwrap();
+        assert_eq!(std::fs::metadata(data_path(&path)).unwrap().len(), 0);
+        let mut b = Cache::open(&path, false).unwrap();
+        let bodies: Vec<RawJson> = (0..60).map(|i| body(i, i * 7)).collect();
+        for (n, part) in bodies.chunks(10).enumerate() {
+            let writer = if n % 2 == 0 { &mut a } else { &mut b };
+            writer.put(&stores(part, n * 10)).unwrap();
+            if n == 2 {
+                // A write that died before its commit: bytes past the end.
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(data_path(&path))
+                    .unwrap();
+                f.write_all(&[9u8; 3000]).unwrap();
+            }
+        }
+        let regions: Vec<(i64, i64)> = {
+            let mut q = a
+                .conn
+                .prepare("SELECT at, len FROM regions ORDER BY at")
+                .unwrap();
+            let rows = q.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+            rows.collect::<rusqlite::Result<_>>().unwrap()
+        };
+        assert_eq!(regions.len(), 6);
+        assert_eq!(regions[0].0, 0);
+        for w in regions.windows(2) {
+            assert_eq!(w[0].0 + w[0].1, w[1].0, "{regions:?}");
+        }
+        let end = regions[5].0 + regions[5].1;
+        assert_eq!(
+            std::fs::metadata(data_path(&path)).unwrap().len(),
+            end as u64
+        );
+        let stored = |c: &Cache, from: usize| {
+            for i in (from..60).step_by(20).flat_map(|s| s..s + 10) {
+                let hit = c
+                    .get(&key_of(i))
+                    .unwrap()
+                    .unwrap_or_else(|| panic!("{i} missed"));
+                assert_eq!(hit.response.get(), bodies[i].get(), "{i}");
+            }
+        };
+        stored(&a, 0);
+        stored(&b, 10);
+        a.close().unwrap();
+        b.close().unwrap();
+        let c = Cache::open(&path, true).unwrap();
+        stored(&c, 0);
+        stored(&c, 10);
     }
 
     /// A cache of version 2 (one row per response, as text or as an LZ4 block) is converted
