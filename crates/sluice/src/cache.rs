@@ -427,19 +427,23 @@ impl Batch {
 /// SQLite they were written twice (its WAL, then the database) and read back in between,
 /// which cost more than the rest of the cache together.
 ///
-/// `keys` maps the first 8 bytes of a key to its record's place. The keys are random, so
-/// each one written to `keys` dirties a page of its own unless many are written at once,
-/// in order. So the keys of new records are first held here (in `fresh`, at most
-/// [`MERGE_ROWS`] of them, about 16 bytes each), and written to `keys` together, sorted.
-/// Until then their regions are listed in `unmerged_regions`; a cache opened after a
-/// crash merges what is listed there.
+/// The index maps the first 8 bytes of a key to its record's place. It is `key_blocks`:
+/// rows of up to [`BLOCK_KEYS`] pairs (key, place) in the order of the keys, each row
+/// holding the keys from its `lo` to the next row's. The keys are random, so each one
+/// written to the index dirties a page of its own unless many are written at once, in
+/// order. So the keys of new records are first held here (in `fresh`, at most
+/// [`MERGE_ROWS`] of them, about 16 bytes each), then merged into the blocks together:
+/// each block is read, merged and written once, which costs a tenth of what a row per key
+/// did (SQLite seeking and inserting each one). Until then their regions are listed in
+/// `unmerged_regions`; a cache opened after a crash merges what is listed there.
 ///
 /// A record is read with its CRC checked: one that does not check (a torn write after a
 /// power loss, a damaged file) is a miss, never a wrong answer.
 ///
 /// Version 3 held the records in SQLite, many to a row of `chunks` (and `unmerged` listed
-/// those not yet merged); those still answer, and a version 3 cache opened to write is
-/// version 4 from then on. Version 2 (one row per response, keyed by the whole key) cost
+/// those not yet merged), and its index as a row per key (`keys`). Its records still
+/// answer where they are; its index is converted to blocks the first time it is opened to
+/// write, and it is version 4 from then on. Version 2 (one row per response, keyed by the whole key) cost
 /// SQLite a page write per response; a cache of version 1 or 2 is converted the first time
 /// it is opened to write.
 pub struct Cache {
@@ -448,14 +452,12 @@ pub struct Cache {
     read_only: bool,
     /// The data file (`None` when read-only and there is none).
     data: Option<File>,
-    /// Whether the database has `regions` (not a version 3 cache opened read-only).
-    has_regions: bool,
     /// Lookups made in the read transaction now open (0: none is open).
     reads: std::cell::Cell<u32>,
-    /// Records whose keys are not yet in `keys`.
+    /// Records whose keys are not yet in the index.
     fresh: Fresh,
-    /// The keys in `keys`, as a filter: a key it does not hold is a miss without asking
-    /// SQLite (whose pages of `keys`, pushed out of its page cache by the chunks written,
+    /// The keys in the index, as a filter: a key it does not hold is a miss without asking
+    /// SQLite (whose pages of the index, pushed out of its page cache by what is written,
     /// were read from the file again for each miss). Built when the cache is opened, kept
     /// up to date by this connection's merges...
     filter: Option<KeyFilter>,
@@ -541,23 +543,27 @@ impl KeyFilter {
         })
     }
 
-    /// The filter of the keys in `keys`, or `None` for more than [`FILTER_MAX_KEYS`].
-    fn of_table(conn: &Connection) -> rusqlite::Result<Option<KeyFilter>> {
-        let n = conn.query_row("SELECT count(*) FROM keys", [], |r| r.get::<_, i64>(0))? as usize;
+    /// The filter of the keys in the index, or `None` for more than [`FILTER_MAX_KEYS`].
+    fn of_index(conn: &Connection) -> rusqlite::Result<Option<KeyFilter>> {
+        let n = indexed(conn)? as usize;
         if n > FILTER_MAX_KEYS {
             return Ok(None);
         }
         let mut f = KeyFilter::with_capacity(n.max(MERGE_ROWS));
-        let mut q = conn.prepare("SELECT k FROM keys")?;
+        let mut q = conn.prepare("SELECT keys FROM key_blocks")?;
         let mut rows = q.query([])?;
         while let Some(row) = rows.next()? {
-            f.insert(row.get::<_, i64>(0)?);
+            if let ValueRef::Blob(block) = row.get_ref(0)? {
+                for (k, _) in pairs(block) {
+                    f.insert(k);
+                }
+            }
         }
         Ok(Some(f))
     }
 }
 
-/// Records stored whose keys are not yet in `keys`.
+/// Records stored whose keys are not yet in the index.
 #[derive(Default)]
 struct Fresh {
     /// Their places, by their key's first 8 bytes.
@@ -574,17 +580,16 @@ struct Fresh {
 /// the transaction began, which only means that request is sent.
 const READS_PER_TRANSACTION: u32 = 512;
 
-/// New keys are written to `keys` once this many wait (and when the cache is closed).
+/// New keys are merged into the index once this many wait (and when the cache is closed).
 pub const MERGE_ROWS: usize = 1 << 16;
 
-/// Keys written to `keys` by one statement when merging.
-const MERGE_ROWS_PER_STATEMENT: usize = 64;
+/// A block of the index holds at most this many keys (16 bytes each), so that it fits in
+/// one of the database's 16 KiB pages...
+const BLOCK_KEYS: usize = 960;
 
-/// That statement.
-static MERGE_MANY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let rows = vec!["(?, ?)"; MERGE_ROWS_PER_STATEMENT].join(", ");
-    format!("INSERT OR REPLACE INTO keys (k, at) VALUES {rows}")
-});
+/// ...and a block that outgrows it is written as blocks this full, leaving room for the
+/// keys of the next merges.
+const BLOCK_FILL: usize = BLOCK_KEYS * 3 / 4;
 
 /// The bytes before a record's model and response: key, usage flag, prompt and completion
 /// tokens, model length, response length.
@@ -610,7 +615,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     created_at INTEGER NOT NULL,
     data BLOB NOT NULL
 );
-CREATE TABLE IF NOT EXISTS keys (k INTEGER PRIMARY KEY, at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS key_blocks (lo INTEGER PRIMARY KEY, keys BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS unmerged (id INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS regions (
     at INTEGER PRIMARY KEY,
@@ -627,9 +632,62 @@ pub fn data_path(path: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// The first 8 bytes of a key, as `keys` holds them.
+/// The first 8 bytes of a key, as the index holds them.
 fn short(key: &CacheKey) -> i64 {
     i64::from_le_bytes(key[..8].try_into().expect("8 bytes"))
+}
+
+/// The pairs of a block of the index: a key's first 8 bytes and its record's place, in the
+/// order of the keys.
+fn pairs(block: &[u8]) -> impl Iterator<Item = (i64, i64)> + '_ {
+    block.chunks_exact(16).map(|p| {
+        let (k, at) = p.split_at(8);
+        (
+            i64::from_le_bytes(k.try_into().expect("8 bytes")),
+            i64::from_le_bytes(at.try_into().expect("8 bytes")),
+        )
+    })
+}
+
+/// The place of `k` in a block of the index, if it holds it.
+fn block_find(block: &[u8], k: i64) -> Option<i64> {
+    let n = block.len() / 16;
+    let pair = |i: usize| pairs(&block[16 * i..16 * i + 16]).next().expect("a pair");
+    let (mut lo, mut hi) = (0, n);
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        let (key, at) = pair(mid);
+        match key.cmp(&k) {
+            std::cmp::Ordering::Less => lo = mid + 1,
+            std::cmp::Ordering::Greater => hi = mid,
+            std::cmp::Ordering::Equal => return Some(at),
+        }
+    }
+    None
+}
+
+/// The keys in the index.
+fn indexed(conn: &Connection) -> rusqlite::Result<u64> {
+    conn.query_row(
+        "SELECT coalesce(sum(length(keys)), 0) / 16 FROM key_blocks",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n as u64)
+}
+
+/// The place the index gives `k`, if any.
+fn lookup(conn: &Connection, k: i64) -> rusqlite::Result<Option<i64>> {
+    let mut q =
+        conn.prepare_cached("SELECT keys FROM key_blocks WHERE lo <= ?1 ORDER BY lo DESC LIMIT 1")?;
+    let mut rows = q.query([k])?;
+    Ok(match rows.next()? {
+        Some(row) => match row.get_ref(0)? {
+            ValueRef::Blob(block) => block_find(block, k),
+            _ => None,
+        },
+        None => None,
+    })
 }
 
 /// A record's place in a version 3 chunk: the chunk and its offset in it (never negative).
@@ -738,7 +796,7 @@ impl Cache {
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(sql)?;
         // SQLite's default page cache, 2 MiB: more cost more memory than it saved (a miss
-        // does not read `keys`: see `Cache::filter`).
+        // does not read the index: see `Cache::filter`).
         conn.pragma_update(None, "cache_size", -2000).map_err(sql)?;
         let version = |conn: &Connection| -> Result<Option<String>, CacheError> {
             conn.query_row(
@@ -799,20 +857,18 @@ impl Cache {
                     .map_err(sql)?;
                 }
             }
-            if matches!(was.as_deref(), Some("1" | "2")) {
-                convert(&tx, &file, path)?;
+            match was.as_deref() {
+                Some("1" | "2") => convert(&tx, &file, path)?,
+                Some("3") => convert_keys(&tx).map_err(sql)?,
+                _ => {}
             }
             tx.commit().map_err(sql)?;
             data = Some(file);
         }
         let found = version(&conn)?;
-        let readable = match found.as_deref() {
-            Some("3") => read_only,
-            v => v == Some(&CACHE_VERSION.to_string()),
-        };
-        if !readable {
+        if found.as_deref() != Some(&CACHE_VERSION.to_string()) {
             let hint = match found.as_deref() {
-                Some("1" | "2") => "; open it once without --cache-read-only to convert it",
+                Some("1" | "2" | "3") => "; open it once without --cache-read-only to convert it",
                 _ => "",
             };
             return Err(incompatible(format!("its version is {found:?}{hint}")));
@@ -825,20 +881,11 @@ impl Cache {
                 Err(e) => return Err(data_error(e)),
             };
         }
-        let has_regions = conn
-            .query_row(
-                "SELECT count(*) FROM sqlite_master WHERE name = 'regions'",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .map_err(sql)?
-            == 1;
         let mut cache = Cache {
             conn,
             path: path.to_path_buf(),
             read_only,
             data,
-            has_regions,
             reads: std::cell::Cell::new(0),
             fresh: Fresh::default(),
             filter: None,
@@ -852,7 +899,7 @@ impl Cache {
             tx.query_row("PRAGMA data_version", [], |r| r.get(0))
                 .map_err(sql)?,
         );
-        cache.filter = KeyFilter::of_table(&tx).map_err(sql)?;
+        cache.filter = KeyFilter::of_index(&tx).map_err(sql)?;
         tx.commit().map_err(sql)?;
         cache.recover()?;
         Ok(cache)
@@ -867,12 +914,12 @@ impl Cache {
             path: path.clone(),
             source,
         };
-        let pairs = |conn: &Connection, q: &str| -> rusqlite::Result<Vec<(i64, i64)>> {
+        let two_ints = |conn: &Connection, q: &str| -> rusqlite::Result<Vec<(i64, i64)>> {
             let mut q = conn.prepare(q)?;
             let rows = q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.collect()
         };
-        let ids = pairs(&self.conn, "SELECT id, 0 FROM unmerged ORDER BY id").map_err(sql)?;
+        let ids = two_ints(&self.conn, "SELECT id, 0 FROM unmerged ORDER BY id").map_err(sql)?;
         for (id, _) in ids {
             let data: Option<Vec<u8>> = self
                 .conn
@@ -884,22 +931,20 @@ impl Cache {
             }
             self.fresh.chunks.push(id);
         }
-        if self.has_regions {
-            let regions = pairs(
-                &self.conn,
-                "SELECT at, len FROM regions JOIN unmerged_regions USING (at) ORDER BY at",
-            )
-            .map_err(sql)?;
-            for (at, len) in regions {
-                // A region that cannot be read has nothing to merge (its records miss).
-                if let (Some(f), Ok(len)) = (&self.data, usize::try_from(len)) {
-                    let mut bytes = vec![0; len];
-                    if f.read_exact_at(&mut bytes, at as u64).is_ok() {
-                        self.fresh.took(at, &records(&bytes, true));
-                    }
+        let regions = two_ints(
+            &self.conn,
+            "SELECT at, len FROM regions JOIN unmerged_regions USING (at) ORDER BY at",
+        )
+        .map_err(sql)?;
+        for (at, len) in regions {
+            // A region that cannot be read has nothing to merge (its records miss).
+            if let (Some(f), Ok(len)) = (&self.data, usize::try_from(len)) {
+                let mut bytes = vec![0; len];
+                if f.read_exact_at(&mut bytes, at as u64).is_ok() {
+                    self.fresh.took(at, &records(&bytes, true));
                 }
-                self.fresh.regions.push(at);
             }
+            self.fresh.regions.push(at);
         }
         if !self.read_only {
             self.merge().map_err(sql)?;
@@ -938,10 +983,7 @@ impl Cache {
             }
             None => {
                 self.probes.set(self.probes.get() + 1);
-                self.conn
-                    .prepare_cached("SELECT at FROM keys WHERE k = ?1")
-                    .and_then(|mut q| q.query_row([k], |r| r.get::<_, i64>(0)).optional())
-                    .map_err(sql)?
+                lookup(&self.conn, k).map_err(sql)?
             }
         };
         match at {
@@ -1058,14 +1100,14 @@ impl Cache {
         Ok(())
     }
 
-    /// Writes the waiting keys to `keys`, in order, in one transaction.
+    /// Merges the waiting keys into the index, in one transaction.
     fn merge(&mut self) -> rusqlite::Result<()> {
         self.end_reads()?;
         if self.fresh.is_empty() {
             return Ok(());
         }
         if let Some(filter) = &mut self.filter {
-            // Before they are written: a key in the filter but not in `keys` (the
+            // Before they are written: a key in the filter but not in the index (the
             // transaction failed) is only asked for in vain.
             for &k in self.fresh.places.keys() {
                 filter.insert(k);
@@ -1117,17 +1159,10 @@ impl Cache {
             path: self.path.clone(),
             source,
         };
-        let merged = self
-            .conn
-            .query_row("SELECT COUNT(*) FROM keys", [], |r| r.get::<_, i64>(0))
-            .map_err(sql)? as u64;
-        let mut known = self
-            .conn
-            .prepare("SELECT 1 FROM keys WHERE k = ?1")
-            .map_err(sql)?;
+        let merged = indexed(&self.conn).map_err(sql)?;
         let mut fresh = 0;
-        for k in self.fresh.places.keys() {
-            if !known.exists([k]).map_err(sql)? {
+        for &k in self.fresh.places.keys() {
+            if lookup(&self.conn, k).map_err(sql)?.is_none() {
                 fresh += 1;
             }
         }
@@ -1168,25 +1203,71 @@ impl Fresh {
         );
     }
 
-    /// Writes the held keys to `keys` in `tx`, in order, and forgets them.
+    /// Writes the held keys to the index in `tx` and forgets them: each block that takes
+    /// some is read, merged with them in order (a key already there takes its new place)
+    /// and written again, as two or more blocks once it holds more than [`BLOCK_KEYS`].
     fn merge_in(&mut self, tx: &Connection) -> rusqlite::Result<()> {
         let mut sorted: Vec<(i64, i64)> = self.places.iter().map(|(&k, &at)| (k, at)).collect();
         sorted.sort_unstable();
         {
-            // Many rows to a statement: each execution has its cost.
-            let mut rows = sorted.chunks_exact(MERGE_ROWS_PER_STATEMENT);
-            let mut many = tx.prepare_cached(&MERGE_MANY)?;
-            for group in rows.by_ref() {
-                for (n, &(k, at)) in group.iter().enumerate() {
-                    many.raw_bind_parameter(2 * n + 1, k)?;
-                    many.raw_bind_parameter(2 * n + 2, at)?;
-                }
-                many.raw_execute()?;
+            let mut los: Vec<i64> = {
+                let mut q = tx.prepare_cached("SELECT lo FROM key_blocks ORDER BY lo")?;
+                let los = q.query_map([], |r| r.get(0))?;
+                los.collect::<rusqlite::Result<_>>()?
+            };
+            if los.is_empty() {
+                // The first block covers every key below the second's first.
+                los.push(i64::MIN);
             }
-            let mut one =
-                tx.prepare_cached("INSERT OR REPLACE INTO keys (k, at) VALUES (?1, ?2)")?;
-            for &(k, at) in rows.remainder() {
-                one.execute([k, at])?;
+            let mut read = tx.prepare_cached("SELECT keys FROM key_blocks WHERE lo = ?1")?;
+            let mut write =
+                tx.prepare_cached("INSERT OR REPLACE INTO key_blocks (lo, keys) VALUES (?1, ?2)")?;
+            let (mut merged, mut block) = (Vec::new(), Vec::new());
+            let mut rest = &sorted[..];
+            for (i, &lo) in los.iter().enumerate() {
+                let n = match los.get(i + 1) {
+                    Some(&next) => rest.partition_point(|&(k, _)| k < next),
+                    None => rest.len(),
+                };
+                let (new, after) = rest.split_at(n);
+                rest = after;
+                if new.is_empty() {
+                    continue;
+                }
+                let old: Vec<u8> = read
+                    .query_row([lo], |r| r.get(0))
+                    .optional()?
+                    .unwrap_or_default();
+                merged.clear();
+                let mut old = pairs(&old).peekable();
+                let mut new = new.iter().copied().peekable();
+                loop {
+                    let next = match (old.peek(), new.peek()) {
+                        (Some(o), Some(n)) if o.0 < n.0 => old.next(),
+                        (Some(o), Some(n)) if o.0 == n.0 => {
+                            old.next();
+                            new.next()
+                        }
+                        (_, Some(_)) => new.next(),
+                        (Some(_), None) => old.next(),
+                        (None, None) => break,
+                    };
+                    merged.extend(next);
+                }
+                let per = if merged.len() <= BLOCK_KEYS {
+                    merged.len()
+                } else {
+                    merged.len().div_ceil(merged.len().div_ceil(BLOCK_FILL))
+                };
+                for (j, part) in merged.chunks(per).enumerate() {
+                    block.clear();
+                    for (k, at) in part {
+                        block.extend_from_slice(&k.to_le_bytes());
+                        block.extend_from_slice(&at.to_le_bytes());
+                    }
+                    let part_lo = if j == 0 { lo } else { part[0].0 };
+                    write.execute(params![part_lo, block])?;
+                }
             }
             let mut done = tx.prepare_cached("DELETE FROM unmerged WHERE id = ?1")?;
             for id in &self.chunks {
@@ -1265,6 +1346,21 @@ fn convert(tx: &Connection, data: &File, path: &Path) -> Result<(), CacheError> 
     append(&mut fresh, &mut batch)?;
     fresh.merge_in(tx).map_err(sql)?;
     tx.execute_batch("DROP TABLE responses").map_err(sql)
+}
+
+/// Converts the index of a version 3 cache (`keys`, a row per key) to blocks, in `tx`.
+fn convert_keys(tx: &Connection) -> rusqlite::Result<()> {
+    let mut fresh = Fresh::default();
+    {
+        let mut q = tx.prepare("SELECT k, at FROM keys")?;
+        let rows = q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        for row in rows {
+            let (k, at) = row?;
+            fresh.places.insert(k, at);
+        }
+    }
+    fresh.merge_in(tx)?;
+    tx.execute_batch("DROP TABLE keys")
 }
 
 /// Appends `batch` to the data file at its end, as a region listed (and listed as not yet
@@ -1708,7 +1804,7 @@ mod tests {
         let bodies = fill(&mut c, 600, 64);
         assert_eq!(count(&c, "regions"), 10, "a region per call");
         assert_eq!(count(&c, "chunks"), 0, "nothing in SQLite's pages");
-        assert_eq!(count(&c, "keys"), 0);
+        assert_eq!(indexed(&c.conn).unwrap(), 0);
         all_answer(&c, &bodies);
         assert!(c.get(&key_of(600)).unwrap().is_none());
         // Same first 8 bytes, another key: a miss, not somebody else's answer.
@@ -1719,7 +1815,10 @@ mod tests {
         c.close().unwrap();
 
         let mut c = Cache::open(&path, false).unwrap();
-        assert_eq!((count(&c, "keys"), count(&c, "unmerged_regions")), (600, 0));
+        assert_eq!(
+            (indexed(&c.conn).unwrap(), count(&c, "unmerged_regions")),
+            (600, 0)
+        );
         all_answer(&c, &bodies);
         // A crash: stored, never closed.
         let more = fill(&mut c, 700, 100);
@@ -1729,7 +1828,10 @@ mod tests {
         all_answer(&c, &more);
         drop(c);
         let c = Cache::open(&path, false).unwrap();
-        assert_eq!((count(&c, "keys"), count(&c, "unmerged_regions")), (700, 0));
+        assert_eq!(
+            (indexed(&c.conn).unwrap(), count(&c, "unmerged_regions")),
+            (700, 0)
+        );
         all_answer(&c, &more);
         assert_eq!(c.len().unwrap(), 700);
     }
@@ -1815,9 +1917,9 @@ mod tests {
         let bodies: Vec<RawJson> = (0..MERGE_ROWS + 1).map(|i| body(i, 0)).collect();
         let items = stores(&bodies, 0);
         c.put(&items[..MERGE_ROWS - 1]).unwrap();
-        assert_eq!(count(&c, "keys"), 0);
+        assert_eq!(indexed(&c.conn).unwrap(), 0);
         c.put(&items[MERGE_ROWS - 1..]).unwrap();
-        assert_eq!(count(&c, "keys"), MERGE_ROWS as i64 + 1);
+        assert_eq!(indexed(&c.conn).unwrap(), MERGE_ROWS as u64 + 1);
         assert_eq!(count(&c, "unmerged_regions"), 0);
         assert!(c.fresh.places.is_empty());
         assert_eq!(
@@ -1826,11 +1928,12 @@ mod tests {
         );
     }
 
-    /// A cache of version 3 (records in SQLite's `chunks`, one chunk's keys not yet
-    /// merged) answers read-only as it is; opened to write it is version 4, its chunks still
-    /// answer and new responses go to the data file.
+    /// A cache of version 3 (records in SQLite's `chunks`, a row per key in `keys`, one
+    /// chunk's keys not yet merged) is refused read-only, saying how to convert it; opened
+    /// to write, its index becomes blocks, its chunks still answer and new responses go to
+    /// the data file.
     #[test]
-    fn a_version_3_cache_answers_and_stores_beside_its_chunks() {
+    fn a_version_3_cache_is_converted_and_its_chunks_still_answer() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cache.sqlite");
         let bodies: Vec<RawJson> = (0..3).map(|i| body(i, 10 * i)).collect();
@@ -1875,28 +1978,92 @@ mod tests {
                 assert_eq!(hit.response.get(), b.get(), "{i}");
             }
         };
-        let c = Cache::open(&path, true).unwrap();
-        answers(&c, 2);
-        drop(c);
+        let e = Cache::open(&path, true).unwrap_err().to_string();
+        assert!(
+            e.contains("\"3\"") && e.contains("without --cache-read-only"),
+            "{e}"
+        );
         assert!(!data_path(&path).exists(), "read-only creates nothing");
 
         let mut c = Cache::open(&path, false).unwrap();
         answers(&c, 2);
+        assert_eq!(indexed(&c.conn).unwrap(), 2);
         c.put(&stores(&bodies[2..], 2)).unwrap();
         answers(&c, 3);
         assert_eq!((count(&c, "chunks"), count(&c, "regions")), (2, 1));
         c.close().unwrap();
         let c = Cache::open(&path, true).unwrap();
         answers(&c, 3);
-        let version: String = c
+        assert_eq!(c.len().unwrap(), 3);
+        let old_index: i64 = c
             .conn
             .query_row(
-                "SELECT value FROM cache_meta WHERE key = 'version'",
+                "SELECT count(*) FROM sqlite_master WHERE name = 'keys'",
                 [],
                 |r| r.get(0),
             )
             .unwrap();
-        assert_eq!(version, "4");
+        assert_eq!(old_index, 0);
+    }
+
+    /// The index's blocks split as they fill, hold their keys in order within their range,
+    /// and answer every key; a key stored again answers with its newest response.
+    #[test]
+    fn index_blocks_split_stay_in_order_and_take_a_key_stored_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.sqlite");
+        let bodies: Vec<RawJson> = (0..6000).map(|i| body(i, i % 50)).collect();
+        for part in 0..3 {
+            let mut c = Cache::open(&path, false).unwrap();
+            c.put(&stores(
+                &bodies[part * 2000..(part + 1) * 2000],
+                part * 2000,
+            ))
+            .unwrap();
+            c.close().unwrap();
+        }
+        let c = Cache::open(&path, false).unwrap();
+        let blocks: Vec<(i64, Vec<u8>)> = {
+            let mut q = c
+                .conn
+                .prepare("SELECT lo, keys FROM key_blocks ORDER BY lo")
+                .unwrap();
+            let rows = q.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+            rows.collect::<rusqlite::Result<_>>().unwrap()
+        };
+        assert!(blocks.len() > 6000 / BLOCK_KEYS, "{} blocks", blocks.len());
+        assert_eq!(blocks[0].0, i64::MIN);
+        let mut last = i64::MIN;
+        for (n, (lo, block)) in blocks.iter().enumerate() {
+            let ks: Vec<i64> = pairs(block).map(|(k, _)| k).collect();
+            assert!(!ks.is_empty() && ks.len() <= BLOCK_KEYS, "{}", ks.len());
+            assert!(ks[0] >= *lo, "within its range");
+            assert!(n == 0 || ks[0] > last, "after the block before");
+            assert!(ks.windows(2).all(|w| w[0] < w[1]), "in order");
+            if let Some((next, _)) = blocks.get(n + 1) {
+                assert!(ks[ks.len() - 1] < *next, "within its range");
+            }
+            last = ks[ks.len() - 1];
+        }
+        assert_eq!(indexed(&c.conn).unwrap(), 6000);
+        for (i, b) in bodies.iter().enumerate() {
+            let hit = c
+                .get(&key_of(i))
+                .unwrap()
+                .unwrap_or_else(|| panic!("{i} missed"));
+            assert_eq!(hit.response.get(), b.get(), "{i}");
+        }
+        drop(c);
+        let newer = body(7, 99);
+        let mut c = Cache::open(&path, false).unwrap();
+        c.put(&stores(std::slice::from_ref(&newer), 7)).unwrap();
+        c.close().unwrap();
+        let c = Cache::open(&path, true).unwrap();
+        assert_eq!(
+            c.get(&key_of(7)).unwrap().unwrap().response.get(),
+            newer.get()
+        );
+        assert_eq!(c.len().unwrap(), 6000);
     }
 
     /// A record whose bytes changed after it was written (a torn write, a damaged file)
