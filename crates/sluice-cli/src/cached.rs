@@ -82,12 +82,15 @@ impl CacheLayer {
                     line: request.line,
                 };
                 let hits = hits.clone();
-                return Either::Right(async move {
+                // Boxed: the stream moves its pending future about, and a miss's is then
+                // no bigger than the request (measured: the copies cost 0.6% of a run's
+                // CPU when every request was a miss).
+                return Either::Right(Box::pin(async move {
                     // The receiver lives as long as the run; if it is gone the run is
                     // over and nothing is lost by dropping this.
                     let _ = hits.send(outcome).await;
                     None
-                });
+                }));
             }
             // A miss needs no future of its own.
             let mut dedup = layer.dedup.lock().expect("not poisoned");

@@ -456,10 +456,10 @@ pub struct Cache {
     reads: std::cell::Cell<u32>,
     /// Records whose keys are not yet in the index.
     fresh: Fresh,
-    /// The keys in the index, as a filter: a key it does not hold is a miss without asking
-    /// SQLite (whose pages of the index, pushed out of its page cache by what is written,
-    /// were read from the file again for each miss). Built when the cache is opened, kept
-    /// up to date by this connection's merges...
+    /// The keys in the index and in `fresh`, as a filter: a key it does not hold is a miss
+    /// without asking SQLite (whose pages of the index, pushed out of its page cache by what
+    /// is written, were read from the file again for each miss). Built when the cache is
+    /// opened, kept up to date as this connection stores...
     filter: Option<KeyFilter>,
     /// ...and no longer used once another connection has written (`filter_stale`), which
     /// SQLite's count of other connections' commits (`data_version`) tells.
@@ -905,6 +905,17 @@ impl Cache {
         Ok(cache)
     }
 
+    /// Holds the places of records stored (or found unmerged) until they are merged, and
+    /// puts their keys in the filter.
+    fn took(&mut self, at: i64, records: &[(i64, usize)]) {
+        self.fresh.took(at, records);
+        if let Some(f) = &mut self.filter {
+            for &(k, _) in records {
+                f.insert(k);
+            }
+        }
+    }
+
     /// Takes up the records of regions (and version 3 chunks) whose keys were never merged
     /// (a run that stopped before it closed its cache): merged now, or held in memory when
     /// read-only.
@@ -928,6 +939,9 @@ impl Cache {
                 .map_err(sql)?;
             for (k, offset) in records(data.as_deref().unwrap_or_default(), false) {
                 self.fresh.places.insert(k, place(id, offset));
+                if let Some(f) = &mut self.filter {
+                    f.insert(k);
+                }
             }
             self.fresh.chunks.push(id);
         }
@@ -941,7 +955,7 @@ impl Cache {
             if let (Some(f), Ok(len)) = (&self.data, usize::try_from(len)) {
                 let mut bytes = vec![0; len];
                 if f.read_exact_at(&mut bytes, at as u64).is_ok() {
-                    self.fresh.took(at, &records(&bytes, true));
+                    self.took(at, &records(&bytes, true));
                 }
             }
             self.fresh.regions.push(at);
@@ -974,13 +988,13 @@ impl Cache {
         }
         self.reads.set(self.reads.get() + 1);
         let k = short(key);
+        // The filter first: it holds the keys waiting to be merged too, and it is much
+        // smaller than their map, so a miss reads one line of memory.
+        if !self.filter_stale.get() && self.filter.as_ref().is_some_and(|f| !f.may_hold(k)) {
+            return Ok(None);
+        }
         let at = match self.fresh.places.get(&k) {
             Some(&at) => Some(at),
-            None if !self.filter_stale.get()
-                && self.filter.as_ref().is_some_and(|f| !f.may_hold(k)) =>
-            {
-                None
-            }
             None => {
                 self.probes.set(self.probes.get() + 1);
                 lookup(&self.conn, k).map_err(sql)?
@@ -1082,7 +1096,7 @@ impl Cache {
         });
         match appended {
             Ok(at) => {
-                self.fresh.took(at, &batch.records);
+                self.took(at, &batch.records);
                 self.fresh.regions.push(at);
                 batch.clear();
             }
@@ -1105,13 +1119,6 @@ impl Cache {
         self.end_reads()?;
         if self.fresh.is_empty() {
             return Ok(());
-        }
-        if let Some(filter) = &mut self.filter {
-            // Before they are written: a key in the filter but not in the index (the
-            // transaction failed) is only asked for in vain.
-            for &k in self.fresh.places.keys() {
-                filter.insert(k);
-            }
         }
         let tx = self.conn.unchecked_transaction()?;
         self.fresh.merge_in(&tx)?;
