@@ -180,3 +180,64 @@ async fn read_only_and_no_cache() {
     assert!(stderr(&out).contains("junk"), "{}", stderr(&out));
     assert_eq!(sim.stats().requests, 14);
 }
+
+/// Two runs sharing one cache at the same time (each storing more than one batch) lose
+/// nothing of each other's: a third run over both inputs is answered wholly from the
+/// cache, with the answers each run got.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_runs_sharing_a_cache_at_once_lose_nothing() {
+    let sim = sim(SimConfig {
+        latency: std::time::Duration::from_millis(2),
+        ..SimConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache.sqlite");
+    let lines = |set: &str| -> Vec<String> {
+        (0..1500)
+            .map(|i| format!(r#"{{"custom_id":"{set}{i}","model":"gpt-4.1-mini","prompt":"{set} question {i}","max_tokens":16}}"#))
+            .collect()
+    };
+    let mut cmds = Vec::new();
+    for set in ["a", "b"] {
+        let sub = dir.path().join(set);
+        std::fs::create_dir(&sub).unwrap();
+        let input = write_input(&sub, &lines(set));
+        let mut cmd = run_against(&sim, &input, &sub.join("out.jsonl"));
+        cmd.arg("--cache").arg(&cache);
+        cmds.push(cmd);
+    }
+    let b = cmds.pop().unwrap();
+    let a = cmds.pop().unwrap();
+    let (a, b) = tokio::join!(run(a), run(b));
+    for out in [&a, &b] {
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(out));
+    }
+    assert_eq!(sim.stats().requests, 3000);
+
+    let both = dir.path().join("both");
+    std::fs::create_dir(&both).unwrap();
+    let input = write_input(&both, &[lines("a"), lines("b")].concat());
+    let rep = dir.path().join("report.json");
+    let mut cmd = run_against(&sim, &input, &both.join("out.jsonl"));
+    cmd.args(["--rpm", "6", "--report"])
+        .arg(&rep)
+        .arg("--cache")
+        .arg(&cache);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(sim.stats().requests, 3000, "nothing was sent");
+    assert_eq!(report(&rep)["cache_hits"], 3000);
+    let first: HashMap<String, Value> = ["a", "b"]
+        .iter()
+        .flat_map(|set| read_output(&dir.path().join(set).join("out.jsonl")))
+        .map(|l| (l["custom_id"].as_str().unwrap().to_string(), l))
+        .collect();
+    let again = read_output(&both.join("out.jsonl"));
+    assert_eq!(again.len(), 3000);
+    for l in again {
+        let id = l["custom_id"].as_str().unwrap();
+        assert_eq!(l["cached"], true, "{id}");
+        assert_eq!(l["response"], first[id]["response"], "{id}");
+    }
+}

@@ -792,7 +792,7 @@ impl Cache {
                 | OpenFlags::SQLITE_OPEN_CREATE
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX
         };
-        let conn = Connection::open_with_flags(path, flags).map_err(sql)?;
+        let mut conn = Connection::open_with_flags(path, flags).map_err(sql)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(sql)?;
         // SQLite's default page cache, 2 MiB: more cost more memory than it saved (a miss
@@ -813,56 +813,29 @@ impl Cache {
         };
         let mut data = None;
         if !read_only {
-            // Pages of 16 KiB: SQLite writes each with a call of its own, and merging keys
-            // dirties fewer of them. Only a new file takes it.
-            conn.pragma_update(None, "page_size", 16384).map_err(sql)?;
-            conn.pragma_update(None, "journal_mode", "WAL")
-                .map_err(|e| incompatible(e.to_string()))?;
-            conn.pragma_update(None, "synchronous", "NORMAL")
-                .map_err(sql)?;
-            let tx = conn.unchecked_transaction().map_err(sql)?;
-            let older = tx
-                .query_row(
-                    "SELECT count(*) FROM sqlite_master WHERE name = 'cache_meta'",
-                    [],
-                    |r| r.get::<_, i64>(0),
-                )
-                .map_err(|e| incompatible(e.to_string()))?
-                == 1;
-            let was = if older { version(&tx)? } else { None };
-            tx.execute_batch(SCHEMA)
-                .map_err(|e| incompatible(e.to_string()))?;
-            // A data file left by a cache whose database was deleted holds nothing this one
-            // lists: it is emptied (under the write lock, before anything is listed).
+            // Opening to write is done by one process at a time, under a lock of the data
+            // file (not SQLite's: two runs opening a new cache together had one of them
+            // fail at once with "database is locked" while the other made it WAL).
+            let data_file = data_path(path);
+            let created = !data_file.exists();
             let file = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
-                .truncate(!older)
-                .open(data_path(path))
+                .truncate(false)
+                .open(&data_file)
                 .map_err(data_error)?;
-            match was.as_deref() {
-                Some("1" | "2" | "3") => {
-                    tx.execute(
-                        "UPDATE cache_meta SET value = ?1 WHERE key = 'version'",
-                        params![CACHE_VERSION.to_string()],
-                    )
-                    .map_err(sql)?;
+            file.lock().map_err(data_error)?;
+            let set_up = Cache::set_up(&mut conn, &file, path);
+            // Unlocked when closed, too.
+            let _ = file.unlock();
+            if let Err(e) = set_up {
+                if created {
+                    // Not a cache: leave nothing beside it.
+                    let _ = std::fs::remove_file(&data_file);
                 }
-                _ => {
-                    tx.execute(
-                        "INSERT OR IGNORE INTO cache_meta (key, value) VALUES ('version', ?1)",
-                        params![CACHE_VERSION.to_string()],
-                    )
-                    .map_err(sql)?;
-                }
+                return Err(e);
             }
-            match was.as_deref() {
-                Some("1" | "2") => convert(&tx, &file, path)?,
-                Some("3") => convert_keys(&tx).map_err(sql)?,
-                _ => {}
-            }
-            tx.commit().map_err(sql)?;
             data = Some(file);
         }
         let found = version(&conn)?;
@@ -903,6 +876,82 @@ impl Cache {
         tx.commit().map_err(sql)?;
         cache.recover()?;
         Ok(cache)
+    }
+
+    /// Makes the database open on `conn` a cache of this version, under the lock of its
+    /// data file `file`: WAL, the schema, an earlier version converted, and a data file left
+    /// by a database since deleted emptied.
+    fn set_up(conn: &mut Connection, file: &File, path: &Path) -> Result<(), CacheError> {
+        let sql = |source| CacheError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        let incompatible = |e: rusqlite::Error| CacheError::Incompatible {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        // Pages of 16 KiB: SQLite writes each with a call of its own, and merging keys
+        // dirties fewer of them. Only a new file takes it.
+        conn.pragma_update(None, "page_size", 16384).map_err(sql)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(incompatible)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql)?;
+        // The write lock from the start (waiting for it as long as the busy timeout): a
+        // transaction that read first could not take it if a run already using the cache
+        // wrote in between.
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql)?;
+        let older = tx
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'cache_meta'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(incompatible)?
+            == 1;
+        let was: Option<String> = if older {
+            tx.query_row(
+                "SELECT value FROM cache_meta WHERE key = 'version'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(incompatible)?
+        } else {
+            None
+        };
+        tx.execute_batch(SCHEMA).map_err(incompatible)?;
+        if !older {
+            // It holds nothing this database lists.
+            file.set_len(0).map_err(|source| CacheError::Data {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        }
+        match was.as_deref() {
+            Some("1" | "2" | "3") => {
+                tx.execute(
+                    "UPDATE cache_meta SET value = ?1 WHERE key = 'version'",
+                    params![CACHE_VERSION.to_string()],
+                )
+                .map_err(sql)?;
+            }
+            _ => {
+                tx.execute(
+                    "INSERT OR IGNORE INTO cache_meta (key, value) VALUES ('version', ?1)",
+                    params![CACHE_VERSION.to_string()],
+                )
+                .map_err(sql)?;
+            }
+        }
+        match was.as_deref() {
+            Some("1" | "2") => convert(&tx, file, path)?,
+            Some("3") => convert_keys(&tx).map_err(sql)?,
+            _ => {}
+        }
+        tx.commit().map_err(sql)
     }
 
     /// Holds the places of records stored (or found unmerged) until they are merged, and
@@ -1120,7 +1169,10 @@ impl Cache {
         if self.fresh.is_empty() {
             return Ok(());
         }
-        let tx = self.conn.unchecked_transaction()?;
+        // Immediate: merging reads the blocks before writing them (see `Cache::open`).
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         self.fresh.merge_in(&tx)?;
         tx.commit()?;
         Ok(())
