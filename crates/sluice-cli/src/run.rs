@@ -661,7 +661,8 @@ async fn execute(
     let cache = match args.cache.as_deref().filter(|_| !args.no_cache) {
         None => None,
         Some(path) => match sluice::cache::Cache::open(path, args.cache_read_only) {
-            Ok(c) => {
+            Ok(mut c) => {
+                c.reserve(scan.good() as usize);
                 // The target is part of every key: the same request to another server is
                 // another request.
                 let target = if args.sim {

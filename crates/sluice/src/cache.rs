@@ -532,6 +532,21 @@ impl KeyFilter {
         self.last_len += 1;
     }
 
+    /// Makes room for `more` keys in one part: a miss reads a line of every part, and a
+    /// filter grown part by part to a million keys has five. A filter that holds nothing
+    /// yet is made again at that size.
+    fn reserve(&mut self, more: usize) {
+        let last = self.parts.last().map_or(0, Vec::len);
+        if self.last_len + more <= KeyFilter::capacity(last) {
+            return;
+        }
+        if self.parts.len() == 1 && self.last_len == 0 {
+            *self = KeyFilter::with_capacity(more);
+        } else {
+            self.add_part(more);
+        }
+    }
+
     /// Whether `k` may have been inserted (never `false` for one that was).
     fn may_hold(&self, k: i64) -> bool {
         self.parts.iter().any(|part| {
@@ -1013,6 +1028,14 @@ impl Cache {
             self.merge().map_err(sql)?;
         }
         Ok(())
+    }
+
+    /// Sizes the filter of keys for `more` responses to come (a run's requests, at most
+    /// 2^25), so that it does not grow in parts as they are stored.
+    pub fn reserve(&mut self, more: usize) {
+        if let Some(f) = &mut self.filter {
+            f.reserve(more.min(FILTER_MAX_KEYS));
+        }
     }
 
     /// Whether the cache only answers and stores nothing.
@@ -1953,6 +1976,27 @@ mod tests {
                 bodies[i].get()
             );
         }
+    }
+
+    /// A filter sized for the keys to come holds them in one part (a miss reads one line),
+    /// and one that held keys already takes a second part for them, forgetting none.
+    #[test]
+    fn a_filter_reserved_for_its_keys_holds_them_in_one_part() {
+        let k = |i: usize| short(&key_of(i));
+        let mut f = KeyFilter::with_capacity(MERGE_ROWS);
+        f.reserve(1_000_000);
+        for i in 0..1_000_000 {
+            f.insert(k(i));
+        }
+        assert_eq!(f.parts.len(), 1);
+        let mut f = KeyFilter::with_capacity(MERGE_ROWS);
+        f.insert(k(0));
+        f.reserve(300_000);
+        for i in 1..300_000 {
+            f.insert(k(i));
+        }
+        assert_eq!(f.parts.len(), 2);
+        assert!((0..300_000).all(|i| f.may_hold(k(i))));
     }
 
     #[test]
