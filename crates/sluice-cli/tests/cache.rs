@@ -15,6 +15,25 @@ fn report(path: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
+/// Runs `input` with `cache` at 6 requests a minute (so that anything sent would take
+/// minutes), writing `output`; checks that it succeeded and returns its report.
+async fn run_at_six_a_minute(
+    sim: &sluice_sim::SimHandle,
+    input: &Path,
+    output: &Path,
+    cache: &Path,
+) -> Value {
+    let rep = output.with_extension("report.json");
+    let mut cmd = run_against(sim, input, output);
+    cmd.args(["--rpm", "6", "--report"])
+        .arg(&rep)
+        .arg("--cache")
+        .arg(cache);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    report(&rep)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_identical_run_sends_nothing_and_does_not_wait_on_the_rate_limit() {
     let sim = sim(SimConfig {
@@ -41,16 +60,8 @@ async fn a_second_identical_run_sends_nothing_and_does_not_wait_on_the_rate_limi
     let dir2 = tempfile::tempdir().unwrap();
     let input2 = write_input(dir2.path(), &reordered);
     let second = dir.path().join("second.jsonl");
-    let rep = dir.path().join("report.json");
-    let mut cmd = run_against(&sim, &input2, &second);
-    cmd.args(["--rpm", "6", "--report"])
-        .arg(&rep)
-        .arg("--cache")
-        .arg(&cache);
-    let out = run(cmd).await;
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let r = run_at_six_a_minute(&sim, &input2, &second, &cache).await;
     assert_eq!(sim.stats().requests, 60, "nothing was sent");
-    let r = report(&rep);
     assert_eq!(r["cache_hits"], 60);
     assert_eq!(r["attempts"], 0);
     assert_eq!(r["prompt_tokens"], 0, "a hit is never charged");
@@ -218,16 +229,9 @@ async fn two_runs_sharing_a_cache_at_once_lose_nothing() {
     let both = dir.path().join("both");
     std::fs::create_dir(&both).unwrap();
     let input = write_input(&both, &[lines("a"), lines("b")].concat());
-    let rep = dir.path().join("report.json");
-    let mut cmd = run_against(&sim, &input, &both.join("out.jsonl"));
-    cmd.args(["--rpm", "6", "--report"])
-        .arg(&rep)
-        .arg("--cache")
-        .arg(&cache);
-    let out = run(cmd).await;
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let r = run_at_six_a_minute(&sim, &input, &both.join("out.jsonl"), &cache).await;
     assert_eq!(sim.stats().requests, 3000, "nothing was sent");
-    assert_eq!(report(&rep)["cache_hits"], 3000);
+    assert_eq!(r["cache_hits"], 3000);
     let first: HashMap<String, Value> = ["a", "b"]
         .iter()
         .flat_map(|set| read_output(&dir.path().join(set).join("out.jsonl")))

@@ -681,6 +681,16 @@ fn block_find(block: &[u8], k: i64) -> Option<i64> {
     None
 }
 
+/// Whether the database has the table `name`.
+fn has_table(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE name = ?1",
+        [name],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n == 1)
+}
+
 /// The keys in the index.
 fn indexed(conn: &Connection) -> rusqlite::Result<u64> {
     conn.query_row(
@@ -918,14 +928,7 @@ impl Cache {
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(sql)?;
-        let older = tx
-            .query_row(
-                "SELECT count(*) FROM sqlite_master WHERE name = 'cache_meta'",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .map_err(incompatible)?
-            == 1;
+        let older = has_table(&tx, "cache_meta").map_err(incompatible)?;
         let was: Option<String> = if older {
             tx.query_row(
                 "SELECT value FROM cache_meta WHERE key = 'version'",
@@ -2098,15 +2101,10 @@ mod tests {
         let c = Cache::open(&path, true).unwrap();
         answers(&c, 3);
         assert_eq!(c.len().unwrap(), 3);
-        let old_index: i64 = c
-            .conn
-            .query_row(
-                "SELECT count(*) FROM sqlite_master WHERE name = 'keys'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(old_index, 0);
+        assert!(
+            !has_table(&c.conn, "keys").unwrap(),
+            "the old index is gone"
+        );
     }
 
     /// The index's blocks split as they fill, hold their keys in order within their range,
@@ -2306,15 +2304,7 @@ mod tests {
         assert_eq!((hit.response.get(), hit.usage.unwrap().total()), (body, 5));
         assert!(c.get(&broken).unwrap().is_none());
         assert_eq!(c.len().unwrap(), 2);
-        let tables: i64 = c
-            .conn
-            .query_row(
-                "SELECT count(*) FROM sqlite_master WHERE name = 'responses'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        assert_eq!(tables, 0);
+        assert!(!has_table(&c.conn, "responses").unwrap());
         drop(c);
         let c = Cache::open(&path, true).unwrap();
         assert_eq!(c.get(&lz4).unwrap().unwrap().response.get(), body);
