@@ -159,46 +159,154 @@ fn endpoint_name(e: crate::request::Endpoint) -> &'static str {
 }
 
 /// [`canonical`] of the JSON text `text` without building a tree (less the non-semantic
-/// fields at the top): the same bytes, held to them by a test. One pass: each object's
-/// members are written as they come, then put in order. `None` (and `out` in any state)
-/// for text that is not one JSON object, or has a member name written with escapes or
-/// given twice; [`key`] then builds the tree.
+/// fields at the top): the same bytes, held to them by a test. Two passes (see
+/// [`Canon`]). `None` (and `out` in any state) for text that is not one JSON object, or has
+/// a member name written with escapes or given twice; [`key`] then builds the tree.
 #[cfg(test)]
 fn canonical_text(text: &[u8], out: &mut Vec<u8>) -> Option<()> {
     Canon::default().text(text, out)
 }
 
-/// The buffers of [`canonical_text`].
+/// The buffers of [`canonical_text`], which reads the text in two passes: the first finds
+/// its values and puts each object's members in order, the second writes the canonical
+/// form, each piece of text copied once (a member whose value needs no change, written
+/// without spaces, is copied whole).
 #[derive(Default)]
 struct Canon {
-    /// The members of the objects being written: name (span in the text), canonical value
-    /// (span in the output).
-    members: Vec<(usize, usize, usize, usize)>,
-    scratch: Vec<u8>,
+    /// The values read, each container's children together (after their own children).
+    nodes: Vec<Node>,
+    /// The children of the containers being read.
+    stack: Vec<Node>,
+}
+
+/// A value read by [`Canon`] (and, for a member of an object, its name). Kept small and
+/// named in place: a profile of a first version, whose nodes were twice the size and
+/// returned by value, spent most of its time moving them.
+#[derive(Clone, Copy)]
+struct Node {
+    /// The member's name: its first 8 bytes, big-endian, zeros after a shorter name. In
+    /// the names' order (an unescaped name holds no zero byte), so most comparisons need
+    /// only these.
+    head: u64,
+    /// The name's span in the text, without its quotes (empty for an array's item).
+    name: (u32, u32),
+    /// The value: a span of the text (a leaf), or of `nodes` (a container's children).
+    at: (u32, u32),
+    kind: Kind,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    /// Text written as it is (a string without escapes, a literal, a whole number).
+    Same,
+    /// A string with escapes: written as serde_json writes it.
+    Escaped,
+    /// Any other number: written as [`canonical`] writes it.
+    Number,
+    Object,
+    Array,
+}
+
+impl Node {
+    fn new(kind: Kind, from: usize, to: usize) -> Node {
+        Node {
+            head: 0,
+            name: (0, 0),
+            at: (from as u32, to as u32),
+            kind,
+        }
+    }
+
+    /// The order of the names (in the text `b`).
+    fn order(&self, other: &Node, b: &[u8]) -> std::cmp::Ordering {
+        self.head.cmp(&other.head).then_with(|| {
+            let (x, y) = (self.span(self.name), other.span(other.name));
+            if x.len() <= 8 && y.len() <= 8 {
+                // The heads are the names.
+                std::cmp::Ordering::Equal
+            } else {
+                b[x].cmp(&b[y])
+            }
+        })
+    }
+
+    fn span(&self, (from, to): (u32, u32)) -> std::ops::Range<usize> {
+        from as usize..to as usize
+    }
+}
+
+/// [`Node::head`] of the name at `b[from..to]`.
+fn name_head(b: &[u8], from: usize, to: usize) -> u64 {
+    let len = to - from;
+    match b.get(from..from + 8) {
+        // Eight bytes read at once (copying fewer into a buffer and reading it whole
+        // stalls the load), less those past the name.
+        Some(eight) => {
+            let v = u64::from_be_bytes(eight.try_into().expect("8 bytes"));
+            if len >= 8 {
+                v
+            } else {
+                v & !(u64::MAX >> (len * 8))
+            }
+        }
+        None => {
+            let mut v = 0u64;
+            for (n, &c) in b[from..to].iter().take(8).enumerate() {
+                v |= u64::from(c) << (56 - 8 * n);
+            }
+            v
+        }
+    }
+}
+
+/// Whether a top-level member named `name` is left out of the key ([`NON_SEMANTIC_FIELDS`],
+/// held to the same list by a test).
+fn non_semantic(name: &[u8]) -> bool {
+    matches!(
+        name,
+        b"user"
+            | b"metadata"
+            | b"stream"
+            | b"stream_options"
+            | b"store"
+            | b"service_tier"
+            | b"safety_identifier"
+            | b"prompt_cache_key"
+    )
 }
 
 impl Canon {
     /// [`canonical_text`].
     fn text(&mut self, text: &[u8], out: &mut Vec<u8>) -> Option<()> {
+        if text.len() >= u32::MAX as usize {
+            return None;
+        }
         if !text.is_ascii() {
             std::str::from_utf8(text).ok()?;
         }
-        self.members.clear();
+        self.nodes.clear();
+        self.stack.clear();
         let i = crate::json::skip_ws(text, 0);
         if text.get(i) != Some(&b'{') {
             return None;
         }
-        let end = self.value(text, i, true, out)?;
-        (crate::json::skip_ws(text, end) == text.len()).then_some(())
+        let end = self.read(text, i, true)?;
+        if crate::json::skip_ws(text, end) != text.len() {
+            return None;
+        }
+        let root = self.stack.pop()?;
+        out.reserve(text.len() + 2);
+        self.write(text, &root, out)
     }
 
-    /// Writes the canonical form of the value at `i` of `b`; returns where it ends.
-    fn value(&mut self, b: &[u8], i: usize, top: bool, out: &mut Vec<u8>) -> Option<usize> {
+    /// Reads the value at `i` of `b` onto the stack (its name not set); returns where it
+    /// ends.
+    fn read(&mut self, b: &[u8], i: usize, top: bool) -> Option<usize> {
         use crate::json::{number_end, skip_ws, string_end_escaped};
-        match *b.get(i)? {
+        let (node, end) = match *b.get(i)? {
             b'{' => {
-                let first = self.members.len();
-                let base = out.len();
+                let first = self.stack.len();
+                let mut in_order = true;
                 let mut j = skip_ws(b, i + 1);
                 if b.get(j) != Some(&b'}') {
                     loop {
@@ -210,22 +318,30 @@ impl Canon {
                             return None;
                         }
                         let name = (j + 1, name_end - 1);
-                        j = skip_ws(b, name_end);
-                        if b.get(j) != Some(&b':') {
-                            return None;
+                        let mut colon = name_end;
+                        if b.get(colon) != Some(&b':') {
+                            colon = skip_ws(b, colon);
+                            if b.get(colon) != Some(&b':') {
+                                return None;
+                            }
                         }
-                        let from = out.len();
-                        j = skip_ws(b, self.value(b, skip_ws(b, j + 1), false, out)?);
-                        let name_text = &b[name.0..name.1];
-                        if top
-                            && NON_SEMANTIC_FIELDS
-                                .iter()
-                                .any(|f| f.as_bytes() == name_text)
-                        {
-                            out.truncate(from);
+                        let at = match b.get(colon + 1) {
+                            Some(b' ' | b'\n' | b'\r' | b'\t') => skip_ws(b, colon + 1),
+                            _ => colon + 1,
+                        };
+                        let end = self.read(b, at, false)?;
+                        if top && non_semantic(&b[name.0..name.1]) {
+                            self.stack.pop();
                         } else {
-                            self.members.push((name.0, name.1, from, out.len()));
+                            let head = name_head(b, name.0, name.1);
+                            let m = self.stack.last_mut().expect("just read");
+                            m.head = head;
+                            m.name = (name.0 as u32, name.1 as u32);
+                            if let [.., last, m] = &self.stack[first..] {
+                                in_order &= last.order(m, b).is_lt();
+                            }
                         }
+                        j = skip_ws(b, end);
                         match b.get(j) {
                             Some(b',') => j = skip_ws(b, j + 1),
                             Some(b'}') => break,
@@ -233,71 +349,50 @@ impl Canon {
                         }
                     }
                 }
-                let ms = &mut self.members[first..];
-                // Most objects are small: insertion sort for those.
-                if ms.len() > 16 {
-                    ms.sort_unstable_by(|x, y| b[x.0..x.1].cmp(&b[y.0..y.1]));
-                }
-                for n in 1..ms.len() {
-                    let mut m = n;
-                    while m > 0 && b[ms[m - 1].0..ms[m - 1].1] > b[ms[m].0..ms[m].1] {
-                        ms.swap(m - 1, m);
-                        m -= 1;
+                let from = self.nodes.len();
+                self.nodes.extend(self.stack.drain(first..));
+                let ms = &mut self.nodes[from..];
+                if !in_order {
+                    // Most objects are small: insertion sort for those.
+                    if ms.len() > 16 {
+                        ms.sort_unstable_by(|x, y| x.order(y, b));
+                    } else {
+                        for n in 1..ms.len() {
+                            let mut m = n;
+                            while m > 0 && ms[m].order(&ms[m - 1], b).is_lt() {
+                                ms.swap(m - 1, m);
+                                m -= 1;
+                            }
+                        }
+                    }
+                    // Strictly in order now, or a name is given twice.
+                    if ms.windows(2).any(|w| !w[0].order(&w[1], b).is_lt()) {
+                        return None;
                     }
                 }
-                if ms
-                    .windows(2)
-                    .any(|w| b[w[0].0..w[0].1] == b[w[1].0..w[1].1])
-                {
-                    return None;
-                }
-                self.scratch.clear();
-                self.scratch.extend_from_slice(&out[base..]);
-                out.truncate(base);
-                out.push(b'{');
-                for (n, &(n0, n1, v0, v1)) in ms.iter().enumerate() {
-                    if n > 0 {
-                        out.push(b',');
-                    }
-                    out.push(b'"');
-                    out.extend_from_slice(&b[n0..n1]);
-                    out.extend_from_slice(b"\":");
-                    out.extend_from_slice(&self.scratch[v0 - base..v1 - base]);
-                }
-                out.push(b'}');
-                self.members.truncate(first);
-                Some(j + 1)
+                (Node::new(Kind::Object, from, self.nodes.len()), j + 1)
             }
             b'[' => {
-                out.push(b'[');
+                let first = self.stack.len();
                 let mut j = skip_ws(b, i + 1);
                 if b.get(j) != Some(&b']') {
                     loop {
-                        j = skip_ws(b, self.value(b, j, false, out)?);
+                        j = skip_ws(b, self.read(b, j, false)?);
                         match b.get(j) {
-                            Some(b',') => {
-                                out.push(b',');
-                                j = skip_ws(b, j + 1);
-                            }
+                            Some(b',') => j = skip_ws(b, j + 1),
                             Some(b']') => break,
                             _ => return None,
                         }
                     }
                 }
-                out.push(b']');
-                Some(j + 1)
+                let from = self.nodes.len();
+                self.nodes.extend(self.stack.drain(first..));
+                (Node::new(Kind::Array, from, self.nodes.len()), j + 1)
             }
             b'"' => {
                 let (end, escaped) = string_end_escaped(b, i).ok()?;
-                let v = &b[i..end];
-                if escaped {
-                    // With escapes, as serde_json writes the string.
-                    let s: String = serde_json::from_slice(v).ok()?;
-                    serde_json::to_writer(&mut *out, &s).ok()?;
-                } else {
-                    out.extend_from_slice(v);
-                }
-                Some(end)
+                let kind = if escaped { Kind::Escaped } else { Kind::Same };
+                (Node::new(kind, i, end), end)
             }
             b't' | b'f' | b'n' => {
                 let word: &[u8] = match b[i] {
@@ -308,23 +403,67 @@ impl Canon {
                 if !b[i..].starts_with(word) {
                     return None;
                 }
-                out.extend_from_slice(word);
-                Some(i + word.len())
+                (Node::new(Kind::Same, i, i + word.len()), i + word.len())
             }
             _ => {
                 let end = number_end(b, i).ok()?;
                 let v = &b[i..end];
                 let digits = v.strip_prefix(b"-").unwrap_or(v);
-                if digits.len() <= 15 && digits.iter().all(u8::is_ascii_digit) && v != b"-0" {
-                    // A whole number that an f64 holds exactly is written as it is.
-                    out.extend_from_slice(v);
-                } else {
-                    let n: serde_json::Number = serde_json::from_slice(v).ok()?;
-                    canonical(&Value::Number(n), out);
+                // A whole number that an f64 holds exactly is written as it is.
+                let same =
+                    digits.len() <= 15 && digits.iter().all(u8::is_ascii_digit) && v != b"-0";
+                let kind = if same { Kind::Same } else { Kind::Number };
+                (Node::new(kind, i, end), end)
+            }
+        };
+        self.stack.push(node);
+        Some(end)
+    }
+
+    /// Writes the canonical form of `node` (read from `b`).
+    fn write(&self, b: &[u8], node: &Node, out: &mut Vec<u8>) -> Option<()> {
+        let at = node.span(node.at);
+        match node.kind {
+            Kind::Same => out.extend_from_slice(&b[at]),
+            Kind::Escaped => {
+                // As serde_json writes the string.
+                let s: String = serde_json::from_slice(&b[at]).ok()?;
+                serde_json::to_writer(&mut *out, &s).ok()?;
+            }
+            Kind::Number => {
+                let n: serde_json::Number = serde_json::from_slice(&b[at]).ok()?;
+                canonical(&Value::Number(n), out);
+            }
+            Kind::Object => {
+                out.push(b'{');
+                for (n, m) in self.nodes[at].iter().enumerate() {
+                    if n > 0 {
+                        out.push(b',');
+                    }
+                    let name = m.span(m.name);
+                    if m.kind == Kind::Same && m.at.0 as usize == name.end + 2 {
+                        // `"name":value` as written.
+                        out.extend_from_slice(&b[name.start - 1..m.at.1 as usize]);
+                    } else {
+                        out.extend_from_slice(&b[name.start - 1..name.end + 1]);
+                        out.push(b':');
+                        self.write(b, m, out)?;
+                    }
                 }
-                Some(end)
+                out.push(b'}');
+            }
+            Kind::Array => {
+                out.push(b'[');
+                for (n, item) in self.nodes[at].iter().enumerate() {
+                    if n > 0 {
+                        out.push(b',');
+                    }
+                    self.write(b, item, out)?;
+                }
+                out.push(b']');
             }
         }
+        Some(())
     }
 }
 
@@ -454,6 +593,9 @@ pub struct Cache {
     data: Option<File>,
     /// Lookups made in the read transaction now open (0: none is open).
     reads: std::cell::Cell<u32>,
+    /// Lookups the filter answered since SQLite was last asked whether another connection
+    /// wrote.
+    unasked: std::cell::Cell<u32>,
     /// Records whose keys are not yet in the index.
     fresh: Fresh,
     /// The keys in the index and in `fresh`, as a filter: a key it does not hold is a miss
@@ -591,8 +733,9 @@ struct Fresh {
 
 /// Lookups share one read transaction, this many at most: on its own, every lookup took
 /// and released SQLite's shared locks (two `fcntl` calls and a scan of the WAL index),
-/// which cost more than the lookup. A lookup may miss what another process stored since
-/// the transaction began, which only means that request is sent.
+/// which cost more than the lookup. The filter asks whether another connection wrote once
+/// per this many lookups. A lookup may miss what another process stored since the
+/// transaction began or the filter last asked, which only means that request is sent.
 const READS_PER_TRANSACTION: u32 = 512;
 
 /// New keys are merged into the index once this many wait (and when the cache is closed).
@@ -885,6 +1028,7 @@ impl Cache {
             read_only,
             data,
             reads: std::cell::Cell::new(0),
+            unasked: std::cell::Cell::new(0),
             fresh: Fresh::default(),
             filter: None,
             filter_stale: std::cell::Cell::new(false),
@@ -1052,22 +1196,32 @@ impl Cache {
             path: self.path.clone(),
             source,
         };
+        let k = short(key);
+        // The filter first: it holds the keys waiting to be merged too, and it is much
+        // smaller than their map, so a miss reads one line of memory and asks SQLite
+        // nothing (a read transaction for them had cost more than the filter). Whether
+        // another connection wrote is asked every so many of these misses instead.
+        if let Some(f) = &self.filter {
+            let unasked = self.unasked.get() + 1;
+            self.unasked.set(unasked);
+            if unasked >= READS_PER_TRANSACTION {
+                self.unasked.set(0);
+                self.end_reads().map_err(sql)?;
+                self.check_others().map_err(sql)?;
+            }
+            if !self.filter_stale.get() && !f.may_hold(k) {
+                return Ok(None);
+            }
+        }
         match self.reads.get() {
             0 => self.begin_reads().map_err(sql)?,
             READS_PER_TRANSACTION.. => {
-                self.conn.execute_batch("COMMIT").map_err(sql)?;
+                self.end_reads().map_err(sql)?;
                 self.begin_reads().map_err(sql)?;
-                self.reads.set(0);
             }
             _ => {}
         }
         self.reads.set(self.reads.get() + 1);
-        let k = short(key);
-        // The filter first: it holds the keys waiting to be merged too, and it is much
-        // smaller than their map, so a miss reads one line of memory.
-        if !self.filter_stale.get() && self.filter.as_ref().is_some_and(|f| !f.may_hold(k)) {
-            return Ok(None);
-        }
         let at = match self.fresh.places.get(&k) {
             Some(&at) => Some(at),
             None => {
@@ -1207,7 +1361,12 @@ impl Cache {
     /// Begins a read transaction for lookups; stops using the filter if another
     /// connection wrote since it was built.
     fn begin_reads(&self) -> rusqlite::Result<()> {
-        self.conn.execute_batch("BEGIN")?;
+        self.conn.prepare_cached("BEGIN")?.execute([])?;
+        self.check_others()
+    }
+
+    /// Stops using the filter if another connection wrote since it was built.
+    fn check_others(&self) -> rusqlite::Result<()> {
         let version: i64 = self
             .conn
             .prepare_cached("PRAGMA data_version")?
@@ -1222,7 +1381,7 @@ impl Cache {
     fn end_reads(&self) -> rusqlite::Result<()> {
         if self.reads.get() > 0 {
             self.reads.set(0);
-            self.conn.execute_batch("COMMIT")?;
+            self.conn.prepare_cached("COMMIT")?.execute([])?;
         }
         Ok(())
     }
@@ -1601,6 +1760,13 @@ mod tests {
                 "role",
                 "content",
                 "r\\u006fle",
+                // Names alike in their first 8 bytes, or more.
+                "response_format",
+                "response_schema",
+                "response",
+                "max_completion_tokens",
+                "max_completion",
+                "stream_options",
             ];
             out.push('{');
             for i in 0..rng.random_range(0..6) {
@@ -1664,6 +1830,31 @@ mod tests {
             }
             body.push('}');
             assert!(agrees(&body), "{body}");
+        }
+        // Names alike in their first 8 bytes are told apart (and read from the text).
+        for body in [
+            r#"{"response_schema":1,"response_format":2,"response":3,"responses":[]}"#,
+            r#"{"max_completion_tokens":4,"max_completion":{"b":1,"max_completion_tokenz":0}}"#,
+        ] {
+            assert!(agrees(body), "{body}");
+        }
+    }
+
+    #[test]
+    fn the_fields_left_out_are_the_listed_ones() {
+        for f in NON_SEMANTIC_FIELDS {
+            assert!(non_semantic(f.as_bytes()), "{f}");
+        }
+        for f in [
+            "model",
+            "messages",
+            "users",
+            "stor",
+            "stream_option",
+            "",
+            "metadata2",
+        ] {
+            assert!(!non_semantic(f.as_bytes()), "{f}");
         }
     }
 
@@ -1929,7 +2120,8 @@ mod tests {
         let path = dir.path().join("cache.sqlite");
         let a = Cache::open(&path, false).unwrap();
         assert!(a.get(&key_of(1)).unwrap().is_none());
-        assert_eq!(a.probes.get(), 0);
+        // Not asked, and no read transaction begun for it.
+        assert_eq!((a.probes.get(), a.reads.get()), (0, 0));
         let mut b = Cache::open(&path, false).unwrap();
         let bodies = fill(&mut b, 3, 3);
         b.close().unwrap();
