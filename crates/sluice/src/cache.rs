@@ -2230,6 +2230,19 @@ mod tests {
         );
     }
 
+    /// A cache as version `version` made it: its meta table, then `tables`.
+    fn old_cache(path: &Path, version: u32, tables: &str) -> Connection {
+        let conn = Connection::open(path).unwrap();
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE cache_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             INSERT INTO cache_meta VALUES ('version', '{version}');
+             {tables}"
+        ))
+        .unwrap();
+        conn
+    }
+
     /// A cache of version 3 (records in SQLite's `chunks`, a row per key in `keys`, one
     /// chunk's keys not yet merged) is refused read-only, saying how to convert it; opened
     /// to write, its index becomes blocks, its chunks still answer and new responses go to
@@ -2240,17 +2253,14 @@ mod tests {
         let path = dir.path().join("cache.sqlite");
         let bodies: Vec<RawJson> = (0..3).map(|i| body(i, 10 * i)).collect();
         {
-            let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(
-                "PRAGMA journal_mode = WAL;
-                 CREATE TABLE cache_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-                 INSERT INTO cache_meta VALUES ('version', '3');
-                 CREATE TABLE chunks (id INTEGER PRIMARY KEY, created_at INTEGER NOT NULL,
+            let conn = old_cache(
+                &path,
+                3,
+                "CREATE TABLE chunks (id INTEGER PRIMARY KEY, created_at INTEGER NOT NULL,
                      data BLOB NOT NULL);
                  CREATE TABLE keys (k INTEGER PRIMARY KEY, at INTEGER NOT NULL);
                  CREATE TABLE unmerged (id INTEGER PRIMARY KEY);",
-            )
-            .unwrap();
+            );
             // A record as version 3 wrote it: no CRC after it.
             for (i, s) in stores(&bodies[..2], 0).iter().enumerate() {
                 let mut record = Vec::new();
@@ -2469,16 +2479,13 @@ mod tests {
         let body = r#"{"id":"old","choices":[{"message":{"content":"answer"}}]}"#;
         let (lz4, text, broken) = ([1u8; 32], [2u8; 32], [3u8; 32]);
         {
-            let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(
-                "PRAGMA journal_mode = WAL;
-                 CREATE TABLE cache_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-                 INSERT INTO cache_meta VALUES ('version', '2');
-                 CREATE TABLE responses (key BLOB PRIMARY KEY, model TEXT NOT NULL,
+            let conn = old_cache(
+                &path,
+                2,
+                "CREATE TABLE responses (key BLOB PRIMARY KEY, model TEXT NOT NULL,
                      response BLOB NOT NULL, prompt_tokens INTEGER, completion_tokens INTEGER,
                      created_at INTEGER NOT NULL);",
-            )
-            .unwrap();
+            );
             let insert = "INSERT INTO responses VALUES (?1, 'm', ?2, ?3, 5, 0)";
             let block = lz4_flex::block::compress_prepend_size(body.as_bytes());
             conn.execute(insert, params![&lz4[..], block, 4]).unwrap();
