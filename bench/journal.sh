@@ -3,7 +3,7 @@
 #   1. overhead: unpaced N_OVERHEAD [20000] requests, simulator latency 0, journal on
 #      (--fresh), journal and an empty --cache, and --no-journal, PAIRS [5] rounds in turn;
 #      client CPU µs/request (user+sys of the client process, GNU time) and peak RSS,
-#      medians.
+#      medians, and the median of each round's own ratios.
 #   2. paced:    N_PACED [10000] requests at 6,000 RPM (simulator latency 300 ms), --no-journal
 #      then the journal, PAIRS_PACED [1] pairs: client CPU and wall time.
 #   3. resume:   a N_RESUME [1000000]-request run killed (-9) once RESUME_DONE [999000]
@@ -93,6 +93,15 @@ for m in modes:
         print(f"| {label[m]} | {med[m]:.1f} | {d:+.1f} ({100 * d / b:+.1f}%) | "
               f"{statistics.median(rss[m]):.1f} |")
 print()
+# Each round ran the three in turn, so a round's ratios share its moment of the machine:
+# their median is steadier than the ratio of the medians when the VM's speed drifts.
+rounds = min(len(by[m]) for m in modes)
+def paired(a, b):
+    return statistics.median(by[a][i] / by[b][i] for i in range(rounds))
+if rounds:
+    print(f"paired (median of the {rounds} rounds' own ratios): journal against --no-journal "
+          f"{100 * (paired('journal', 'none') - 1):+.1f}%, cache against the journal alone "
+          f"{100 * (paired('cache', 'journal') - 1):+.1f}%\n")
 print("all runs (µs/request): " + "; ".join(
     m + " " + ", ".join(f"{x:.1f}" for x in by[m]) for m in modes) + "\n")
 PY
