@@ -696,7 +696,7 @@ async fn execute(
         Some(layer) => Box::pin(layer.filter(requests, hits_tx)),
         None => {
             drop(hits_tx);
-            Box::pin(requests)
+            Box::pin(requests.flat_map(futures::stream::iter))
         }
     };
 
@@ -869,15 +869,15 @@ fn resume_hint(journal: &Journal) -> String {
     )
 }
 
-/// Requests from the input thread as a stream; a read error ends it and is kept for the
-/// end of the run.
+/// Requests from the input thread as a stream of the batches it hands over; a read error
+/// ends it and is kept for the end of the run.
 fn request_stream(
     rx: mpsc::Receiver<io::Result<Vec<Request>>>,
     error: Arc<Mutex<Option<io::Error>>>,
-) -> impl futures::Stream<Item = Request> + Send + 'static {
+) -> impl futures::Stream<Item = Vec<Request>> + Send + 'static {
     futures::stream::unfold((rx, error), |(mut rx, error)| async move {
         match rx.recv().await {
-            Some(Ok(batch)) => Some((futures::stream::iter(batch), (rx, error))),
+            Some(Ok(batch)) => Some((batch, (rx, error))),
             Some(Err(e)) => {
                 *error.lock().expect("not poisoned") = Some(e);
                 None
@@ -885,7 +885,6 @@ fn request_stream(
             None => None,
         }
     })
-    .flatten()
 }
 
 /// Ctrl-C (SIGINT) and SIGTERM: both stop the run the same way. The listeners live for the

@@ -142,6 +142,57 @@ async fn identical_requests_in_one_run_are_sent_once_and_fanned_out() {
     assert_eq!(report(&rep)["cache_hits"], 20);
 }
 
+/// Hits and misses side by side in every batch the input reader hands over: only the misses
+/// are sent, every line is answered once, and each hit is the answer stored for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_half_in_the_cache_sends_only_the_other_half() {
+    let sim = sim(SimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache.sqlite");
+    let all = prompts(80);
+    let even: Vec<String> = all.iter().step_by(2).cloned().collect();
+
+    let first = dir.path().join("first.jsonl");
+    let input = write_input(dir.path(), &even);
+    let mut cmd = run_against(&sim, &input, &first);
+    cmd.arg("--cache").arg(&cache);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(sim.stats().requests, 40);
+    let stored: HashMap<String, Value> = read_output(&first)
+        .into_iter()
+        .map(|l| (l["custom_id"].as_str().unwrap().to_string(), l))
+        .collect();
+
+    let dir2 = tempfile::tempdir().unwrap();
+    let input2 = write_input(dir2.path(), &all);
+    let second = dir.path().join("second.jsonl");
+    let rep = dir.path().join("report.json");
+    let mut cmd = run_against(&sim, &input2, &second);
+    cmd.arg("--cache").arg(&cache).arg("--report").arg(&rep);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(sim.stats().requests, 80, "only the 40 odd lines were sent");
+    assert_eq!(report(&rep)["cache_hits"], 40);
+
+    let lines = read_output(&second);
+    assert_eq!(lines.len(), 80);
+    let mut seen = std::collections::HashSet::new();
+    for l in &lines {
+        let id = l["custom_id"].as_str().unwrap();
+        assert!(seen.insert(id.to_string()), "{id} answered twice");
+        let n: usize = id[1..].parse().unwrap();
+        assert_eq!(l["status"], "succeeded", "{l}");
+        if n.is_multiple_of(2) {
+            assert_eq!(l["cached"], true, "{l}");
+            assert_eq!(l["response"], stored[id]["response"], "the stored answer");
+        } else {
+            assert_eq!(l["cached"], false, "{l}");
+            assert_eq!(l["attempts"], 1, "{l}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_and_no_cache() {
     let sim = sim(SimConfig::default()).await;
