@@ -134,27 +134,31 @@ impl CacheLayer {
         (send, answered)
     }
 
-    /// Takes the outcome of a request that was sent: queues its response for the cache
-    /// (on success) and returns the outcomes of the requests that waited for it.
-    pub fn answered(&self, outcome: &Outcome, pending: &mut Pending) -> Vec<Outcome> {
+    /// Takes the outcomes of requests that were sent: queues their responses for the
+    /// cache (on success) and adds to `followers` the outcomes of the requests that waited
+    /// for them. One lock for all of them.
+    pub fn answered(
+        &self,
+        outcomes: &[Outcome],
+        pending: &mut Pending,
+        followers: &mut Vec<Outcome>,
+    ) {
         let mut shared = self.shared.lock().expect("not poisoned");
         let dedup = &mut shared.dedup;
-        let Some(key) = dedup.leaders.remove(&outcome.line) else {
-            return Vec::new();
-        };
-        let followers = dedup.waiting.remove(&key).unwrap_or_default();
-        drop(shared);
-        if let (Status::Succeeded, Some(response)) = (outcome.status, &outcome.response) {
-            pending.push(&Store {
-                key,
-                model: &outcome.model,
-                response,
-                usage: outcome.usage,
-            });
-        }
-        followers
-            .into_iter()
-            .map(|f| Outcome {
+        for outcome in outcomes {
+            let Some(key) = dedup.leaders.remove(&outcome.line) else {
+                continue;
+            };
+            if let (Status::Succeeded, Some(response)) = (outcome.status, &outcome.response) {
+                pending.push(&Store {
+                    key,
+                    model: &outcome.model,
+                    response,
+                    usage: outcome.usage,
+                });
+            }
+            let waited = dedup.waiting.remove(&key).unwrap_or_default();
+            followers.extend(waited.into_iter().map(|f| Outcome {
                 custom_id: f.custom_id,
                 status: outcome.status,
                 model: outcome.model.clone(),
@@ -167,8 +171,8 @@ impl CacheLayer {
                 cost_usd: Some(0.0),
                 cached: true,
                 line: f.line,
-            })
-            .collect()
+            }));
+        }
     }
 
     /// Stores the queued responses.

@@ -144,17 +144,27 @@ impl Sink {
         }
     }
 
-    /// Takes an outcome (and, for a request that was sent, those of the identical requests
-    /// that waited for it); they are written by the next [`commit`](Self::commit).
-    pub fn add(&mut self, outcome: &Outcome) {
-        self.add_one(outcome);
+    /// Takes the outcomes of requests that were sent, and empties `outcomes`: with those
+    /// of the identical requests that waited for them, they are written by the next
+    /// [`commit`](Self::commit).
+    pub fn add_sent(&mut self, outcomes: &mut Vec<Outcome>) {
+        for outcome in outcomes.iter() {
+            self.add_one(outcome);
+        }
         if let Some(layer) = &self.cache {
-            if !outcome.cached {
-                for follower in layer.clone().answered(outcome, &mut self.to_cache) {
-                    self.add_one(&follower);
-                }
+            let mut followers = Vec::new();
+            layer.answered(outcomes, &mut self.to_cache, &mut followers);
+            for follower in &followers {
+                self.add_one(follower);
             }
         }
+        outcomes.clear();
+    }
+
+    /// Takes the outcome of a request that was never sent (a cache hit, a bad line), which
+    /// no other request waits for; it is written by the next [`commit`](Self::commit).
+    pub fn add_unsent(&mut self, outcome: &Outcome) {
+        self.add_one(outcome);
     }
 
     fn add_one(&mut self, outcome: &Outcome) {

@@ -724,16 +724,18 @@ async fn execute(
     let commit_timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(commit_timer);
     let mut commit_armed = false;
+    // The engine's outcomes, taken as they come, a burst at a time.
+    let mut burst = Vec::new();
 
     loop {
         tokio::select! {
             outcome = run.next() => match outcome {
                 Some(o) => {
-                    sink.add(&o);
+                    burst.push(o);
                     let mut ended = false;
                     for _ in 1..durable::MAX_BATCH {
                         match run.next().now_or_never() {
-                            Some(Some(o)) => sink.add(&o),
+                            Some(Some(o)) => burst.push(o),
                             Some(None) => {
                                 ended = true;
                                 break;
@@ -741,6 +743,7 @@ async fn execute(
                             None => break,
                         }
                     }
+                    sink.add_sent(&mut burst);
                     if ended {
                         break;
                     }
@@ -762,7 +765,7 @@ async fn execute(
             }
             hit = hits_rx.recv(), if hits_open => match hit {
                 Some(o) => {
-                    sink.add(&o);
+                    sink.add_unsent(&o);
                     if sink.pending() >= durable::GROUP_COMMIT {
                         sink.commit();
                     } else if !commit_armed {
@@ -776,7 +779,7 @@ async fn execute(
             },
             bad = bad_rx.recv(), if bad_open => match bad {
                 Some(b) => {
-                    sink.add(&Outcome::invalid_input(&b));
+                    sink.add_unsent(&Outcome::invalid_input(&b));
                     sink.commit();
                 }
                 None => bad_open = false,
@@ -803,10 +806,10 @@ async fn execute(
         }
     }
     while let Ok(b) = bad_rx.try_recv() {
-        sink.add(&Outcome::invalid_input(&b));
+        sink.add_unsent(&Outcome::invalid_input(&b));
     }
     while let Ok(o) = hits_rx.try_recv() {
-        sink.add(&o);
+        sink.add_unsent(&o);
     }
     let progress = run.progress().snapshot();
     let end = run.finish().await;
