@@ -2,6 +2,7 @@
 //! engine (so they cost no rate capacity and no money), and identical requests of one run
 //! are sent once, the answer fanned out to the others.
 
+use std::collections::hash_map::Entry;
 use std::sync::{Arc, Mutex};
 
 use futures::{Stream, StreamExt};
@@ -119,16 +120,19 @@ impl CacheLayer {
                     cached: true,
                     line: request.line,
                 });
-            } else if let Some(waiting) = dedup.waiting.get_mut(&key) {
-                waiting.push(Follower {
-                    custom_id: request.custom_id,
-                    line: request.line,
-                    metadata: request.metadata,
-                });
             } else {
-                dedup.waiting.insert(key, Vec::new());
-                dedup.leaders.insert(request.line, key);
-                send.push(request);
+                match dedup.waiting.entry(key) {
+                    Entry::Occupied(mut waiting) => waiting.get_mut().push(Follower {
+                        custom_id: request.custom_id,
+                        line: request.line,
+                        metadata: request.metadata,
+                    }),
+                    Entry::Vacant(none) => {
+                        none.insert(Vec::new());
+                        dedup.leaders.insert(request.line, key);
+                        send.push(request);
+                    }
+                }
             }
         }
         (send, answered)
