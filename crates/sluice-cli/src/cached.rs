@@ -69,12 +69,15 @@ impl CacheLayer {
         batches
             .then(move |batch| {
                 let (send, answered) = layer.sort(batch);
-                let hits = hits.clone();
+                // A batch of misses needs no sender (cloning one is two atomic operations).
+                let hits = (!answered.is_empty()).then(|| hits.clone());
                 async move {
-                    for outcome in answered {
-                        // The receiver lives as long as the run; if it is gone the run is
-                        // over and nothing is lost by dropping this.
-                        let _ = hits.send(outcome).await;
+                    if let Some(hits) = hits {
+                        for outcome in answered {
+                            // The receiver lives as long as the run; if it is gone the run
+                            // is over and nothing is lost by dropping this.
+                            let _ = hits.send(outcome).await;
+                        }
                     }
                     futures::stream::iter(send)
                 }
