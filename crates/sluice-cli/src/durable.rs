@@ -133,11 +133,12 @@ impl Sink {
         journal: Option<Journal>,
         cache: Option<CacheLayer>,
     ) -> Self {
+        let caching = cache.is_some();
         Sink {
             writer: BufWriter::with_capacity(1 << 16, writer),
             journal,
             cache,
-            to_cache: Pending::default(),
+            to_cache: Pending::with_capacity(if caching { CACHE_BATCH } else { 0 }),
             batch: Vec::with_capacity(64),
             summary: SummaryBuilder::new(),
             error: None,

@@ -532,8 +532,23 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// A batch for about `responses` responses at a time: its buffer is sized by the
+    /// first response (up to [`BATCH_RESERVE_MAX`]), not grown (copied, and its fresh
+    /// memory zeroed) as they come.
+    pub fn with_capacity(responses: usize) -> Batch {
+        Batch {
+            buf: Vec::new(),
+            records: Vec::with_capacity(responses),
+        }
+    }
+
     /// Adds a response.
     pub fn push(&mut self, s: &Store<'_>) {
+        if self.buf.capacity() == 0 {
+            let record = RECORD_HEADER + s.model.len() + s.response.get().len() + RECORD_TRAILER;
+            let room = self.records.capacity().max(1) * (record + record / 4);
+            self.buf.reserve(room.min(BATCH_RESERVE_MAX));
+        }
         self.records.push((short(&s.key), self.buf.len()));
         encode(&mut self.buf, s);
     }
@@ -791,6 +806,9 @@ const RECORD_HEADER: usize = 32 + 1 + 8 + 8 + 4 + 4;
 /// The bytes after a record's response in the data file: the CRC-32 of the rest of the
 /// record. (Version 3's records, in `chunks`, have none.)
 const RECORD_TRAILER: usize = 4;
+
+/// [`Batch::with_capacity`] sizes its buffer for at most this many bytes at first.
+const BATCH_RESERVE_MAX: usize = 8 << 20;
 
 /// A record bigger than this is not read (its header is damaged).
 const RECORD_MAX: usize = 1 << 30;
@@ -1121,11 +1139,16 @@ impl Cache {
         };
         tx.execute_batch(SCHEMA).map_err(incompatible)?;
         if !older {
-            // It holds nothing this database lists.
-            file.set_len(0).map_err(|source| CacheError::Data {
+            // It holds nothing this database lists. Truncated only if not empty already:
+            // ext4 writes back a file truncated to nothing when it is closed, which put
+            // writing out a run's new cache on the run's own time.
+            let data_error = |source| CacheError::Data {
                 path: path.to_path_buf(),
                 source,
-            })?;
+            };
+            if file.metadata().map_err(data_error)?.len() > 0 {
+                file.set_len(0).map_err(data_error)?;
+            }
         }
         match was.as_deref() {
             Some("1" | "2" | "3") => {
@@ -1223,10 +1246,17 @@ impl Cache {
     }
 
     /// Sizes the filter of keys for `more` responses to come (a run's requests, at most
-    /// 2^25), so that it does not grow in parts as they are stored.
+    /// 2^25), so that it does not grow in parts as they are stored, and the map of keys
+    /// not yet merged for as many (at most [`MERGE_ROWS`]), so that it is not rebuilt as
+    /// it grows (in a profile, rebuilding it and zeroing the fresh memory it took were a
+    /// quarter of storing the keys).
     pub fn reserve(&mut self, more: usize) {
         if let Some(f) = &mut self.filter {
             f.reserve(more.min(FILTER_MAX_KEYS));
+        }
+        if !self.read_only {
+            let room = more.min(MERGE_ROWS).saturating_sub(self.fresh.places.len());
+            self.fresh.places.reserve(room);
         }
     }
 
@@ -1536,6 +1566,7 @@ impl Fresh {
                     .optional()?
                     .unwrap_or_default();
                 merged.clear();
+                merged.reserve(old.len() / 16 + new.len());
                 let mut old = pairs(&old).peekable();
                 let mut new = new.iter().copied().peekable();
                 loop {
@@ -2089,6 +2120,33 @@ mod tests {
     }
 
     /// `bodies` to store under the keys `key_of(first + i)`, without usage.
+    /// A batch made for `n` responses takes `n` of the size of the first without moving its
+    /// buffer (each growth copied what it held), stores them as any batch does, and a first
+    /// response too big for the bound does not make it reserve more.
+    #[test]
+    fn a_batch_sized_for_its_responses_does_not_grow() {
+        let bodies: Vec<RawJson> = (0..200).map(|i| body(i, 600 + i % 7)).collect();
+        let mut batch = Batch::with_capacity(200);
+        let mut at = None;
+        for s in stores(&bodies, 0) {
+            batch.push(&s);
+            let now = batch.buf.as_ptr();
+            assert_eq!(*at.get_or_insert(now), now, "the buffer moved");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.sqlite");
+        let mut c = Cache::open(&path, false).unwrap();
+        c.put_batch(&mut batch).unwrap();
+        assert!(batch.is_empty());
+        for (i, b) in bodies.iter().enumerate() {
+            assert_eq!(c.get(&key_of(i)).unwrap().unwrap().response.get(), b.get());
+        }
+        let big = body(0, BATCH_RESERVE_MAX);
+        let mut batch = Batch::with_capacity(1024);
+        batch.push(&stores(std::slice::from_ref(&big), 0)[0]);
+        assert!(batch.buf.capacity() <= 2 * BATCH_RESERVE_MAX + big.get().len());
+    }
+
     fn stores(bodies: &[RawJson], first: usize) -> Vec<Store<'_>> {
         bodies
             .iter()
