@@ -87,9 +87,8 @@ impl CacheLayer {
 
     /// Splits a batch into the requests to send and the outcomes of those the cache
     /// answered (requests that wait for an identical one are held here until it is).
-    fn sort(&self, batch: Vec<Request>) -> (Vec<Request>, Vec<Outcome>) {
+    fn sort(&self, mut batch: Vec<Request>) -> (Vec<Request>, Vec<Outcome>) {
         let keys: Vec<CacheKey> = batch.iter().map(|r| cache::key(&self.target, r)).collect();
-        let mut send = Vec::with_capacity(batch.len());
         let mut answered = Vec::new();
         let mut shared = self.shared.lock().expect("not poisoned");
         let Shared { cache, dedup } = &mut *shared;
@@ -99,7 +98,11 @@ impl CacheLayer {
         for key in &keys {
             cache.prefetch(key);
         }
-        for (request, key) in batch.into_iter().zip(keys) {
+        let mut keys = keys.into_iter();
+        // The requests to send stay in the batch, in order: a batch of misses is not moved
+        // at all, nor a second vector allocated for it.
+        batch.retain_mut(|request| {
+            let key = keys.next().expect("a key for each request");
             let hit = match cache.get(&key) {
                 Ok(hit) => hit,
                 Err(e) => {
@@ -109,36 +112,39 @@ impl CacheLayer {
             };
             if let Some(hit) = hit {
                 answered.push(Outcome {
-                    custom_id: request.custom_id,
+                    custom_id: std::mem::take(&mut request.custom_id),
                     status: Status::Succeeded,
-                    model: request.model,
+                    model: std::mem::take(&mut request.model),
                     response: Some(hit.response),
                     error: None,
                     attempts: 0,
                     usage: hit.usage,
                     latency_ms: 0,
-                    metadata: request.metadata,
+                    metadata: request.metadata.take(),
                     // Nothing was paid for it.
                     cost_usd: Some(0.0),
                     cached: true,
                     line: request.line,
                 });
-            } else {
-                match dedup.waiting.entry(key) {
-                    Entry::Occupied(mut waiting) => waiting.get_mut().push(Follower {
-                        custom_id: request.custom_id,
+                return false;
+            }
+            match dedup.waiting.entry(key) {
+                Entry::Occupied(mut waiting) => {
+                    waiting.get_mut().push(Follower {
+                        custom_id: std::mem::take(&mut request.custom_id),
                         line: request.line,
-                        metadata: request.metadata,
-                    }),
-                    Entry::Vacant(none) => {
-                        none.insert(Vec::new());
-                        dedup.leaders.insert(request.line, key);
-                        send.push(request);
-                    }
+                        metadata: request.metadata.take(),
+                    });
+                    false
+                }
+                Entry::Vacant(none) => {
+                    none.insert(Vec::new());
+                    dedup.leaders.insert(request.line, key);
+                    true
                 }
             }
-        }
-        (send, answered)
+        });
+        (batch, answered)
     }
 
     /// Takes the outcomes of requests that were sent: queues their responses for the
