@@ -2,7 +2,7 @@
 # What durability costs (issue 4):
 #   1. overhead: unpaced N_OVERHEAD [20000] requests, simulator latency 0, journal on
 #      (--fresh), journal and an empty --cache, and --no-journal, PAIRS [5] rounds in turn;
-#      client CPU µs/request (user+sys of the client process, GNU time) and peak RSS,
+#      client CPU µs/request (user+sys of the client process, from wait4) and peak RSS,
 #      medians, and the median of each round's own ratios.
 #   2. paced:    N_PACED [10000] requests at 6,000 RPM (simulator latency 300 ms), --no-journal
 #      then the journal, PAIRS_PACED [1] pairs: client CPU and wall time.
@@ -34,6 +34,21 @@ with open(path, "w") as f:
 PY
 }
 
+# cpu_of FILE CMD...: runs CMD (its output discarded) and writes its user and system CPU
+# seconds, to the microsecond, and peak RSS in KiB to FILE. GNU time prints hundredths of
+# a second, 2% of a 20,000-request run.
+cpu_of() {
+    python3 - "$@" <<'PY'
+import os, subprocess, sys
+p = subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)
+_, status, ru = os.wait4(p.pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{ru.ru_utime:.6f} {ru.ru_stime:.6f} {ru.ru_maxrss}\n")
+sys.exit(os.waitstatus_to_exitcode(status))
+PY
+}
+
 sim_pid=""
 start_sim() {
     "$bin" sim --port 0 "$@" > "$out/sim.log" 2>&1 &
@@ -61,12 +76,14 @@ if [[ $only == all || $only == overhead ]]; then
     : > "$out/overhead.rows"
     for i in $(seq "$PAIRS"); do
         for mode in journal none cache; do
-            rm -f "$out/cache.sqlite"*
+            # Every run starts from nothing: an output file truncated by the next run is
+            # written back by ext4 when closed, which is noise on the client's CPU.
+            rm -f "$out/cache.sqlite"* "$out/overhead.out.jsonl"*
             flags=(--fresh)
             [[ $mode == none ]] && flags=(--no-journal)
             [[ $mode == cache ]] && flags=(--fresh --cache "$out/cache.sqlite")
-            /usr/bin/time -f "%U %S %M" -o "$out/t" "$bin" run "$out/in-$N_OVERHEAD.jsonl" \
-                -o "$out/overhead.out.jsonl" --base-url "$base" --no-progress "${flags[@]}" 2>/dev/null
+            cpu_of "$out/t" "$bin" run "$out/in-$N_OVERHEAD.jsonl" \
+                -o "$out/overhead.out.jsonl" --base-url "$base" --no-progress "${flags[@]}"
             echo "$mode $(cat "$out/t")" >> "$out/overhead.rows"
         done
     done
