@@ -2119,7 +2119,6 @@ mod tests {
         bodies
     }
 
-    /// `bodies` to store under the keys `key_of(first + i)`, without usage.
     /// A batch made for `n` responses takes `n` of the size of the first without moving its
     /// buffer (each growth copied what it held), stores them as any batch does, and a first
     /// response too big for the bound does not make it reserve more.
@@ -2147,6 +2146,7 @@ mod tests {
         assert!(batch.buf.capacity() <= 2 * BATCH_RESERVE_MAX + big.get().len());
     }
 
+    /// `bodies` to store under the keys `key_of(first + i)`, without usage.
     fn stores(bodies: &[RawJson], first: usize) -> Vec<Store<'_>> {
         bodies
             .iter()
