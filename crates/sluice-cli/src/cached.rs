@@ -88,7 +88,7 @@ impl CacheLayer {
     /// Splits a batch into the requests to send and the outcomes of those the cache
     /// answered (requests that wait for an identical one are held here until it is).
     fn sort(&self, mut batch: Vec<Request>) -> (Vec<Request>, Vec<Outcome>) {
-        let keys: Vec<CacheKey> = batch.iter().map(|r| cache::key(&self.target, r)).collect();
+        let keys = cache::keys(&self.target, &batch);
         let mut answered = Vec::new();
         let mut shared = self.shared.lock().expect("not poisoned");
         let Shared { cache, dedup } = &mut *shared;

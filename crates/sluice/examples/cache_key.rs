@@ -1,11 +1,12 @@
 //! The cost of a cache key: nanoseconds per request for 100,000 requests shaped like the
-//! engine benchmark's, the best of ROUNDS [15] passes.
+//! engine benchmark's, the best of ROUNDS [15] passes, taken in batches of 16 as `sluice run`
+//! takes them (`keys`), and one at a time (`key`).
 //!
 //!     cargo run --release -p sluice --example cache_key [ROUNDS]
 //!
 //! Instructions instead of time (steady on a busy machine):
 //!
-//!     valgrind --tool=callgrind --toggle-collect='sluice::cache::key' \
+//!     valgrind --tool=callgrind --toggle-collect='sluice::cache::keys' \
 //!         target/release/examples/cache_key 1
 
 use sluice::request::LineParser;
@@ -24,18 +25,29 @@ fn main() {
             parser.parse(i + 1, &line).expect("a valid line")
         })
         .collect();
-    let mut best = f64::MAX;
+    let target = "openai|http://127.0.0.1:1/v1";
     let mut seen = 0u8;
-    for _ in 0..rounds {
-        let t = std::time::Instant::now();
-        for r in &requests {
-            seen ^= sluice::cache::key("openai|http://127.0.0.1:1/v1", r)[0];
+    let mut time = |what: &str, each: &mut dyn FnMut(&[sluice::Request]) -> u8| {
+        let mut best = f64::MAX;
+        for _ in 0..rounds {
+            let t = std::time::Instant::now();
+            for batch in requests.chunks(16) {
+                seen ^= each(batch);
+            }
+            best = best.min(t.elapsed().as_secs_f64());
         }
-        best = best.min(t.elapsed().as_secs_f64());
-    }
+        println!(
+            "cache {what}: {:.0} ns/request (best of {rounds})",
+            best * 1e9 / requests.len() as f64
+        );
+    };
+    time("keys, 16 at a time", &mut |batch| {
+        sluice::cache::keys(target, batch)[0][0]
+    });
+    time("key, one at a time", &mut |batch| {
+        batch
+            .iter()
+            .fold(0, |x, r| x ^ sluice::cache::key(target, r)[0])
+    });
     std::hint::black_box(seen);
-    println!(
-        "cache key: {:.0} ns/request (best of {rounds})",
-        best * 1e9 / requests.len() as f64
-    );
 }

@@ -95,56 +95,64 @@ pub struct Hit {
 
 /// The canonical key of a request sent to `target` (the provider and API base).
 pub fn key(target: &str, request: &Request) -> CacheKey {
+    keys(target, std::slice::from_ref(request))[0]
+}
+
+/// [`key`] of each of `requests`, in order. A batch is hashed at once, many inputs side by
+/// side in the processor's vectors (where one at a time, hashing had been more than a third
+/// of a key's cost).
+pub fn keys(target: &str, requests: &[Request]) -> Vec<CacheKey> {
     thread_local! {
-        /// The buffers of [`key`], kept between calls.
-        static BUFFERS: std::cell::RefCell<(Vec<u8>, Canon, Prefix)> = Default::default();
+        /// The buffers of [`keys`], kept between calls.
+        static BUFFERS: std::cell::RefCell<(Vec<u8>, Vec<usize>, Canon)> = Default::default();
     }
-    BUFFERS.with_borrow_mut(|(out, canon, prefix)| {
-        // Everything hashed is laid out in one buffer and hashed at once (BLAKE3 of the
-        // pieces in turn is the same hash, and each call has its cost)...
-        out.clear();
-        out.extend_from_slice(b"sluice-cache-v1\0");
-        out.extend_from_slice(target.as_bytes());
-        out.push(0);
-        out.extend_from_slice(endpoint_name(request.endpoint).as_bytes());
-        out.push(0);
-        out.extend_from_slice(request.model.as_bytes());
-        out.push(0);
-        let head = out.len();
-        if canon.text(&request.body, out).is_none() {
-            out.truncate(head);
-            match serde_json::from_slice::<Value>(&request.body) {
-                Ok(Value::Object(mut body)) => {
-                    for field in NON_SEMANTIC_FIELDS {
-                        body.remove(*field);
-                    }
-                    canonical(&Value::Object(body), out);
-                }
-                // Bodies are JSON objects by construction; anything else is keyed by its
-                // bytes.
-                _ => out.extend_from_slice(&request.body),
-            }
+    BUFFERS.with_borrow_mut(|(bytes, ends, canon)| {
+        // What each key hashes, laid out one after another.
+        bytes.clear();
+        ends.clear();
+        for request in requests {
+            key_input(target, request, canon, bytes);
+            ends.push(bytes.len());
         }
-        // ...but for the part before the body, the same for every request of a run with one
-        // model: the hasher that took it is kept, which saves a block of the four or so
-        // that a chat request takes.
-        if prefix.bytes != out[..head] {
-            prefix.bytes.clear();
-            prefix.bytes.extend_from_slice(&out[..head]);
-            prefix.hasher = blake3::Hasher::new();
-            prefix.hasher.update(&out[..head]);
-        }
-        let mut hasher = prefix.hasher.clone();
-        hasher.update(&out[head..]);
-        *hasher.finalize().as_bytes()
+        let mut from = 0;
+        let inputs: Vec<&[u8]> = ends
+            .iter()
+            .map(|&end| {
+                let input = &bytes[from..end];
+                from = end;
+                input
+            })
+            .collect();
+        let mut out = vec![CacheKey::default(); requests.len()];
+        crate::blake3_many::hash_many(&inputs, &mut out);
+        out
     })
 }
 
-/// The bytes before the body in [`key`]'s input, and the hasher that took them.
-#[derive(Default)]
-struct Prefix {
-    bytes: Vec<u8>,
-    hasher: blake3::Hasher,
+/// Appends to `out` what the key of `request` hashes: the key version, the target, the
+/// endpoint, the model, and the canonical form of the body.
+fn key_input(target: &str, request: &Request, canon: &mut Canon, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"sluice-cache-v1\0");
+    out.extend_from_slice(target.as_bytes());
+    out.push(0);
+    out.extend_from_slice(endpoint_name(request.endpoint).as_bytes());
+    out.push(0);
+    out.extend_from_slice(request.model.as_bytes());
+    out.push(0);
+    let head = out.len();
+    if canon.text(&request.body, out).is_none() {
+        out.truncate(head);
+        match serde_json::from_slice::<Value>(&request.body) {
+            Ok(Value::Object(mut body)) => {
+                for field in NON_SEMANTIC_FIELDS {
+                    body.remove(*field);
+                }
+                canonical(&Value::Object(body), out);
+            }
+            // Bodies are JSON objects by construction; anything else is keyed by its bytes.
+            _ => out.extend_from_slice(&request.body),
+        }
+    }
 }
 
 /// The endpoint as keys name it (its `Debug` form, which earlier versions hashed).
@@ -1953,18 +1961,21 @@ mod tests {
     /// Keys do not change between versions, so a cache keeps answering after an upgrade:
     /// these are the keys sluice computed (from the JSON tree, piece by piece) before keys
     /// were read from the text in one buffer.
+    /// Two requests and the keys earlier versions computed for them (to `openai|http://x`).
+    const KNOWN_KEYS: [(&str, &str); 2] = [
+        (
+            r#"{"custom_id":"a","model":"gpt-4.1-mini","messages":[{"role":"user","content":"Question 1: hi \u00e9"}],"max_tokens":64,"temperature":0.5,"user":"u"}"#,
+            "5ddbf8426e268b59fc8068a9c41695d9b9107ca223262aecfba6738195ead4fc",
+        ),
+        (
+            r#"{"model":"gpt-4.1-mini","messages":[{"role":"user","content":"x"}],"n":1.0,"z":{"b":[1e2,-0,"\/"],"a":null}}"#,
+            "c396924923a17741bd3d978a2ac2f8216e6bdbb20c2279a33d7b93565620cfcc",
+        ),
+    ];
+
     #[test]
     fn keys_are_what_earlier_versions_computed() {
-        let cases = [
-            (
-                r#"{"custom_id":"a","model":"gpt-4.1-mini","messages":[{"role":"user","content":"Question 1: hi \u00e9"}],"max_tokens":64,"temperature":0.5,"user":"u"}"#,
-                "5ddbf8426e268b59fc8068a9c41695d9b9107ca223262aecfba6738195ead4fc",
-            ),
-            (
-                r#"{"model":"gpt-4.1-mini","messages":[{"role":"user","content":"x"}],"n":1.0,"z":{"b":[1e2,-0,"\/"],"a":null}}"#,
-                "c396924923a17741bd3d978a2ac2f8216e6bdbb20c2279a33d7b93565620cfcc",
-            ),
-        ];
+        let cases = KNOWN_KEYS;
         for (line, want) in cases {
             let mut p = LineParser::new(Some("gpt-4.1-mini".into()));
             p.count_tokens = false;
@@ -1977,28 +1988,55 @@ mod tests {
         }
     }
 
-    /// The hasher kept for the part before the body is not carried over to a request of
-    /// another model or target: each key is the one computed first in a new thread.
+    /// Keys taken a batch at a time (hashed side by side) are each request's own key, for
+    /// batches of every size up to past the widest vectors, bodies up to past the one
+    /// chunk hashed side by side, and bodies keyed through the tree; and the two requests
+    /// whose keys earlier versions computed still get those keys inside a batch.
     #[test]
-    fn a_key_does_not_depend_on_the_keys_computed_before_it() {
-        let cases: Vec<(&str, Request)> = [
-            ("openai|http://a", "gpt-4.1-mini"),
-            ("openai|http://a", "gpt-4.1"),
-            ("openai|http://b", "gpt-4.1"),
-            ("openai|http://a", "gpt-4.1-mini"),
-        ]
-        .into_iter()
-        .map(|(target, model)| {
-            let line =
-                format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#);
-            (target, req(&line))
-        })
-        .collect();
-        let in_turn: Vec<CacheKey> = cases.iter().map(|(t, r)| key(t, r)).collect();
-        for ((t, r), want) in cases.into_iter().zip(in_turn) {
-            let (t2, r2) = (t.to_string(), r.clone());
-            let alone = std::thread::spawn(move || key(&t2, &r2)).join().unwrap();
-            assert_eq!(alone, want, "{} {}", r.model, t);
+    fn a_batch_of_keys_is_each_requests_own_key() {
+        let bodies: Vec<Request> = (0..40)
+            .map(|i| {
+                let content = "x".repeat(i * i);
+                let line = if i % 7 == 3 {
+                    // A member name with an escape: keyed through the tree.
+                    format!(r#"{{"model":"gpt-4.1","messages":[{{"role":"user","c\u006fntent":"{content}"}}]}}"#)
+                } else {
+                    format!(r#"{{"model":"gpt-4.1","messages":[{{"role":"user","content":"{content}"}}],"n":{i}}}"#)
+                };
+                req(&line)
+            })
+            .collect();
+        assert!(bodies.iter().any(|r| r.body.len() > 1100));
+        for n in 1..=bodies.len() {
+            let batch = &bodies[bodies.len() - n..];
+            let together = keys("openai|http://a", batch);
+            assert_eq!(together.len(), n);
+            for (r, k) in batch.iter().zip(&together) {
+                let alone = *blake3::hash(&{
+                    let mut input = Vec::new();
+                    key_input("openai|http://a", r, &mut Canon::default(), &mut input);
+                    input
+                })
+                .as_bytes();
+                assert_eq!(
+                    *k,
+                    alone,
+                    "a body of {} bytes in a batch of {n}",
+                    r.body.len()
+                );
+            }
+        }
+        let mut p = LineParser::new(Some("gpt-4.1-mini".into()));
+        p.count_tokens = false;
+        let known: Vec<Request> = [KNOWN_KEYS[0].0, KNOWN_KEYS[1].0]
+            .iter()
+            .cycle()
+            .take(17)
+            .map(|line| p.parse(1, line).unwrap())
+            .collect();
+        for (n, k) in keys("openai|http://x", &known).iter().enumerate() {
+            let hex: String = k.iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(hex, KNOWN_KEYS[n % 2].1);
         }
     }
 

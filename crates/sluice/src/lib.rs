@@ -32,6 +32,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod blake3_many;
 pub mod cache;
 pub mod catalog;
 pub mod cost;

@@ -1,0 +1,504 @@
+//! BLAKE3 of many short inputs at once: a lane of the processor's vectors for each input.
+//!
+//! The `blake3` crate hashes one input at a time, and an input of one chunk (up to 1,024
+//! bytes) at a time is one compression after another: its SIMD code only pays off for long
+//! inputs. The cache's keys are a few hundred bytes each, a batch of them at a time, so here
+//! the inputs of a batch are hashed side by side, 16 (AVX-512) or 8 (AVX2) at once, the
+//! layout BLAKE3's own parallel mode was designed for. No crate offers it: `blake3`'s
+//! `hash_many` is an unstable internal for benchmarks, and it takes only whole blocks of
+//! equal count. Each lane here has its own length, flags and number of blocks.
+//!
+//! The result is BLAKE3's, byte for byte (a test holds it to the `blake3` crate for every
+//! length). Inputs longer than a chunk, and every input on a processor without AVX2, are
+//! hashed by the `blake3` crate.
+
+/// An input this long at most is one chunk, hashed here.
+const CHUNK_LEN: usize = 1024;
+const BLOCK_LEN: usize = 64;
+
+const IV: [u32; 8] = [
+    0x6A09E667, 0xBB67AE85, 0x3C6EF372, 0xA54FF53A, 0x510E527F, 0x9B05688C, 0x1F83D9AB, 0x5BE0CD19,
+];
+const CHUNK_START: u32 = 1;
+const CHUNK_END: u32 = 2;
+const ROOT: u32 = 8;
+
+/// The message words each of the seven rounds takes, in order (the permutation applied
+/// round after round).
+const SCHEDULE: [[usize; 16]; 7] = schedule();
+
+const fn schedule() -> [[usize; 16]; 7] {
+    const PERMUTATION: [usize; 16] = [2, 6, 3, 10, 7, 0, 4, 13, 1, 11, 12, 5, 9, 14, 15, 8];
+    let mut s = [[0; 16]; 7];
+    let mut i = 0;
+    while i < 16 {
+        s[0][i] = i;
+        i += 1;
+    }
+    let mut r = 1;
+    while r < 7 {
+        let mut i = 0;
+        while i < 16 {
+            s[r][i] = s[r - 1][PERMUTATION[i]];
+            i += 1;
+        }
+        r += 1;
+    }
+    s
+}
+
+/// BLAKE3 of each input, into `out` (as long as `inputs`).
+pub(crate) fn hash_many(inputs: &[&[u8]], out: &mut [[u8; 32]]) {
+    assert_eq!(inputs.len(), out.len(), "a hash for each input");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if inputs.len() > 1 {
+            if std::is_x86_feature_detected!("avx512f") {
+                return with_lanes(inputs, out, 16);
+            }
+            if std::is_x86_feature_detected!("avx2") {
+                return with_lanes(inputs, out, 8);
+            }
+        }
+    }
+    one_at_a_time(inputs, out);
+}
+
+fn one_at_a_time(inputs: &[&[u8]], out: &mut [[u8; 32]]) {
+    for (input, hash) in inputs.iter().zip(out) {
+        *hash = *blake3::hash(input).as_bytes();
+    }
+}
+
+/// [`hash_many`] `lanes` (16 or 8, supported by the processor) at a time.
+#[cfg(target_arch = "x86_64")]
+fn with_lanes(inputs: &[&[u8]], out: &mut [[u8; 32]], lanes: usize) {
+    for (inputs, out) in inputs.chunks(lanes).zip(out.chunks_mut(lanes)) {
+        if inputs.len() == 1 {
+            one_at_a_time(inputs, out);
+            continue;
+        }
+        // SAFETY: the caller saw the processor support these instructions.
+        unsafe {
+            if lanes == 16 {
+                x86::group16(inputs, out);
+            } else {
+                x86::group8(inputs, out);
+            }
+        }
+        for (input, hash) in inputs.iter().zip(out) {
+            if input.len() > CHUNK_LEN {
+                *hash = *blake3::hash(input).as_bytes();
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{BLOCK_LEN, CHUNK_END, CHUNK_LEN, CHUNK_START, IV, ROOT, SCHEDULE};
+    use std::arch::x86_64::*;
+
+    /// Sixteen or eight words, a lane each.
+    type Lanes<const L: usize> = [u32; L];
+
+    /// The vector operations the compression takes, as 8 or 16 lanes of 32 bits.
+    trait Word: Copy {
+        unsafe fn add(self, o: Self) -> Self;
+        unsafe fn xor(self, o: Self) -> Self;
+        unsafe fn ror16(self) -> Self;
+        unsafe fn ror12(self) -> Self;
+        unsafe fn ror8(self) -> Self;
+        unsafe fn ror7(self) -> Self;
+        unsafe fn splat(x: u32) -> Self;
+        unsafe fn load(p: *const u32) -> Self;
+        unsafe fn store(self, p: *mut u32);
+    }
+
+    // The operations are `inline(always)` without target features of their own: inlined
+    // into `group8` or `group16`, which have them, they compile to single instructions.
+
+    impl Word for __m256i {
+        #[inline(always)]
+        unsafe fn add(self, o: Self) -> Self {
+            unsafe { _mm256_add_epi32(self, o) }
+        }
+        #[inline(always)]
+        unsafe fn xor(self, o: Self) -> Self {
+            unsafe { _mm256_xor_si256(self, o) }
+        }
+        #[inline(always)]
+        unsafe fn ror16(self) -> Self {
+            // Whole bytes move: one shuffle.
+            unsafe {
+                _mm256_shuffle_epi8(
+                    self,
+                    _mm256_set_epi8(
+                        13, 12, 15, 14, 9, 8, 11, 10, 5, 4, 7, 6, 1, 0, 3, 2, 13, 12, 15, 14, 9, 8,
+                        11, 10, 5, 4, 7, 6, 1, 0, 3, 2,
+                    ),
+                )
+            }
+        }
+        #[inline(always)]
+        unsafe fn ror12(self) -> Self {
+            unsafe { _mm256_or_si256(_mm256_srli_epi32::<12>(self), _mm256_slli_epi32::<20>(self)) }
+        }
+        #[inline(always)]
+        unsafe fn ror8(self) -> Self {
+            unsafe {
+                _mm256_shuffle_epi8(
+                    self,
+                    _mm256_set_epi8(
+                        12, 15, 14, 13, 8, 11, 10, 9, 4, 7, 6, 5, 0, 3, 2, 1, 12, 15, 14, 13, 8,
+                        11, 10, 9, 4, 7, 6, 5, 0, 3, 2, 1,
+                    ),
+                )
+            }
+        }
+        #[inline(always)]
+        unsafe fn ror7(self) -> Self {
+            unsafe { _mm256_or_si256(_mm256_srli_epi32::<7>(self), _mm256_slli_epi32::<25>(self)) }
+        }
+        #[inline(always)]
+        unsafe fn splat(x: u32) -> Self {
+            unsafe { _mm256_set1_epi32(x as i32) }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const u32) -> Self {
+            unsafe { _mm256_loadu_si256(p.cast()) }
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut u32) {
+            unsafe { _mm256_storeu_si256(p.cast(), self) }
+        }
+    }
+
+    impl Word for __m512i {
+        #[inline(always)]
+        unsafe fn add(self, o: Self) -> Self {
+            unsafe { _mm512_add_epi32(self, o) }
+        }
+        #[inline(always)]
+        unsafe fn xor(self, o: Self) -> Self {
+            unsafe { _mm512_xor_si512(self, o) }
+        }
+        #[inline(always)]
+        unsafe fn ror16(self) -> Self {
+            unsafe { _mm512_ror_epi32::<16>(self) }
+        }
+        #[inline(always)]
+        unsafe fn ror12(self) -> Self {
+            unsafe { _mm512_ror_epi32::<12>(self) }
+        }
+        #[inline(always)]
+        unsafe fn ror8(self) -> Self {
+            unsafe { _mm512_ror_epi32::<8>(self) }
+        }
+        #[inline(always)]
+        unsafe fn ror7(self) -> Self {
+            unsafe { _mm512_ror_epi32::<7>(self) }
+        }
+        #[inline(always)]
+        unsafe fn splat(x: u32) -> Self {
+            unsafe { _mm512_set1_epi32(x as i32) }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const u32) -> Self {
+            unsafe { _mm512_loadu_si512(p.cast()) }
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut u32) {
+            unsafe { _mm512_storeu_si512(p.cast(), self) }
+        }
+    }
+
+    /// BLAKE3's quarter-round on state words `a`, `b`, `c`, `d` with message words `x`, `y`.
+    #[inline(always)]
+    unsafe fn g<W: Word>(s: &mut [W; 16], [a, b, c, d]: [usize; 4], x: W, y: W) {
+        unsafe {
+            s[a] = s[a].add(s[b]).add(x);
+            s[d] = s[d].xor(s[a]).ror16();
+            s[c] = s[c].add(s[d]);
+            s[b] = s[b].xor(s[c]).ror12();
+            s[a] = s[a].add(s[b]).add(y);
+            s[d] = s[d].xor(s[a]).ror8();
+            s[c] = s[c].add(s[d]);
+            s[b] = s[b].xor(s[c]).ror7();
+        }
+    }
+
+    /// One block compressed in each lane: from the chaining values `cv` and the block's
+    /// words `m`, with each lane's block length and flags (the counter is 0: one chunk).
+    /// Returns the new chaining values.
+    #[inline(always)]
+    unsafe fn compress<W: Word, const L: usize>(
+        cv: &[Lanes<L>; 8],
+        m: &[Lanes<L>; 16],
+        len: &Lanes<L>,
+        flags: &Lanes<L>,
+    ) -> [Lanes<L>; 8] {
+        unsafe {
+            let m: [W; 16] = std::array::from_fn(|w| W::load(m[w].as_ptr()));
+            let v = |w: usize| W::load(cv[w].as_ptr());
+            let mut s: [W; 16] = [
+                v(0),
+                v(1),
+                v(2),
+                v(3),
+                v(4),
+                v(5),
+                v(6),
+                v(7),
+                W::splat(IV[0]),
+                W::splat(IV[1]),
+                W::splat(IV[2]),
+                W::splat(IV[3]),
+                W::splat(0),
+                W::splat(0),
+                W::load(len.as_ptr()),
+                W::load(flags.as_ptr()),
+            ];
+            // The rounds written out, so that the state stays in registers.
+            macro_rules! round {
+                ($r:expr) => {{
+                    const R: [usize; 16] = SCHEDULE[$r];
+                    g(&mut s, [0, 4, 8, 12], m[R[0]], m[R[1]]);
+                    g(&mut s, [1, 5, 9, 13], m[R[2]], m[R[3]]);
+                    g(&mut s, [2, 6, 10, 14], m[R[4]], m[R[5]]);
+                    g(&mut s, [3, 7, 11, 15], m[R[6]], m[R[7]]);
+                    g(&mut s, [0, 5, 10, 15], m[R[8]], m[R[9]]);
+                    g(&mut s, [1, 6, 11, 12], m[R[10]], m[R[11]]);
+                    g(&mut s, [2, 7, 8, 13], m[R[12]], m[R[13]]);
+                    g(&mut s, [3, 4, 9, 14], m[R[14]], m[R[15]]);
+                }};
+            }
+            round!(0);
+            round!(1);
+            round!(2);
+            round!(3);
+            round!(4);
+            round!(5);
+            round!(6);
+            let mut out = [[0u32; L]; 8];
+            for (w, out) in out.iter_mut().enumerate() {
+                s[w].xor(s[w + 8]).store(out.as_mut_ptr());
+            }
+            out
+        }
+    }
+
+    /// BLAKE3 of up to `L` inputs, a lane each, into `out`. `transpose` turns a block of each
+    /// lane (64 bytes a row) into the block's words, a lane each. Inputs longer than a
+    /// chunk are left to the caller.
+    #[inline(always)]
+    fn group<W: Word, const L: usize>(
+        inputs: &[&[u8]],
+        out: &mut [[u8; 32]],
+        transpose: impl Fn(&[[u8; BLOCK_LEN]; L]) -> [Lanes<L>; 16],
+    ) {
+        let blocks: [usize; L] = std::array::from_fn(|l| match inputs.get(l) {
+            // The empty input is one block of length 0.
+            Some(input) if input.len() <= CHUNK_LEN => input.len().max(1).div_ceil(BLOCK_LEN),
+            _ => 0,
+        });
+        let most = blocks.iter().copied().max().unwrap_or(0);
+        let mut cv: [Lanes<L>; 8] = std::array::from_fn(|w| [IV[w]; L]);
+        let mut rows = [[0u8; BLOCK_LEN]; L];
+        for b in 0..most {
+            let mut len: Lanes<L> = [0; L];
+            let mut flags: Lanes<L> = [0; L];
+            for (l, input) in inputs.iter().enumerate() {
+                if b >= blocks[l] {
+                    continue;
+                }
+                let from = b * BLOCK_LEN;
+                let part = &input[from..input.len().min(from + BLOCK_LEN)];
+                let row = &mut rows[l];
+                row[..part.len()].copy_from_slice(part);
+                // The last block is padded with zeros.
+                row[part.len()..].fill(0);
+                len[l] = part.len() as u32;
+                flags[l] = if b == 0 { CHUNK_START } else { 0 }
+                    | if b + 1 == blocks[l] {
+                        CHUNK_END | ROOT
+                    } else {
+                        0
+                    };
+            }
+            let m = transpose(&rows);
+            // SAFETY: the caller has the instructions `W` takes.
+            let next = unsafe { compress::<W, L>(&cv, &m, &len, &flags) };
+            for (l, &n) in blocks.iter().enumerate() {
+                if b < n {
+                    for w in 0..8 {
+                        cv[w][l] = next[w][l];
+                    }
+                }
+            }
+        }
+        for (l, hash) in out.iter_mut().enumerate().take(inputs.len()) {
+            for w in 0..8 {
+                hash[4 * w..4 * w + 4].copy_from_slice(&cv[w][l].to_le_bytes());
+            }
+        }
+    }
+
+    /// [`group`] of up to 8 inputs with AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn group8(inputs: &[&[u8]], out: &mut [[u8; 32]]) {
+        group::<__m256i, 8>(inputs, out, |rows| transpose8(rows))
+    }
+
+    /// [`group`] of up to 16 inputs with AVX-512.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn group16(inputs: &[&[u8]], out: &mut [[u8; 32]]) {
+        group::<__m512i, 16>(inputs, out, |rows| transpose16(rows))
+    }
+
+    /// Four rows' words `a`, `b`, `c`, `d` interleaved: in each 128-bit lane `k` of the
+    /// `j`th result, word `4k + j` of the four rows.
+    macro_rules! interleave4 {
+        ($lo32:ident, $hi32:ident, $lo64:ident, $hi64:ident, $a:expr, $b:expr, $c:expr, $d:expr) => {{
+            let (ab_lo, ab_hi) = ($lo32($a, $b), $hi32($a, $b));
+            let (cd_lo, cd_hi) = ($lo32($c, $d), $hi32($c, $d));
+            [
+                $lo64(ab_lo, cd_lo),
+                $hi64(ab_lo, cd_lo),
+                $lo64(ab_hi, cd_hi),
+                $hi64(ab_hi, cd_hi),
+            ]
+        }};
+    }
+
+    /// The 8 rows of 16 words as 16 words of 8 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn transpose8(rows: &[[u8; BLOCK_LEN]; 8]) -> [Lanes<8>; 16] {
+        let mut m = [[0u32; 8]; 16];
+        for h in 0..2 {
+            // SAFETY: each row has 32 bytes from 32 * h.
+            let v: [__m256i; 8] = std::array::from_fn(|r| unsafe {
+                _mm256_loadu_si256(rows[r][32 * h..].as_ptr().cast())
+            });
+            let x: [[__m256i; 4]; 2] = std::array::from_fn(|g| {
+                interleave4!(
+                    _mm256_unpacklo_epi32,
+                    _mm256_unpackhi_epi32,
+                    _mm256_unpacklo_epi64,
+                    _mm256_unpackhi_epi64,
+                    v[4 * g],
+                    v[4 * g + 1],
+                    v[4 * g + 2],
+                    v[4 * g + 3]
+                )
+            });
+            for j in 0..4 {
+                let low = _mm256_permute2x128_si256::<0x20>(x[0][j], x[1][j]);
+                let high = _mm256_permute2x128_si256::<0x31>(x[0][j], x[1][j]);
+                // SAFETY: each row of `m` has 8 words.
+                unsafe {
+                    _mm256_storeu_si256(m[8 * h + j].as_mut_ptr().cast(), low);
+                    _mm256_storeu_si256(m[8 * h + 4 + j].as_mut_ptr().cast(), high);
+                }
+            }
+        }
+        m
+    }
+
+    /// The 16 rows of 16 words as 16 words of 16 lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(rows: &[[u8; BLOCK_LEN]; 16]) -> [Lanes<16>; 16] {
+        // SAFETY: each row has 64 bytes.
+        let v: [__m512i; 16] =
+            std::array::from_fn(|r| unsafe { _mm512_loadu_si512(rows[r].as_ptr().cast()) });
+        let x: [[__m512i; 4]; 4] = std::array::from_fn(|g| {
+            interleave4!(
+                _mm512_unpacklo_epi32,
+                _mm512_unpackhi_epi32,
+                _mm512_unpacklo_epi64,
+                _mm512_unpackhi_epi64,
+                v[4 * g],
+                v[4 * g + 1],
+                v[4 * g + 2],
+                v[4 * g + 3]
+            )
+        });
+        // Then the 128-bit lanes: word 4k + j takes lane k of x[0][j] to x[3][j].
+        let mut m = [[0u32; 16]; 16];
+        let [x0, x1, x2, x3] = x;
+        let quads = x0.into_iter().zip(x1).zip(x2).zip(x3);
+        for (j, (((a, b), c), d)) in quads.enumerate() {
+            let even01 = _mm512_shuffle_i32x4::<0x88>(a, b);
+            let odd01 = _mm512_shuffle_i32x4::<0xDD>(a, b);
+            let even23 = _mm512_shuffle_i32x4::<0x88>(c, d);
+            let odd23 = _mm512_shuffle_i32x4::<0xDD>(c, d);
+            // SAFETY: each row of `m` has 16 words.
+            unsafe {
+                let mut store = |w: usize, v| _mm512_storeu_si512(m[w].as_mut_ptr().cast(), v);
+                store(j, _mm512_shuffle_i32x4::<0x88>(even01, even23));
+                store(8 + j, _mm512_shuffle_i32x4::<0xDD>(even01, even23));
+                store(4 + j, _mm512_shuffle_i32x4::<0x88>(odd01, odd23));
+                store(12 + j, _mm512_shuffle_i32x4::<0xDD>(odd01, odd23));
+            }
+        }
+        m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::SmallRng, Rng, SeedableRng};
+
+    fn check(lanes: Option<usize>) {
+        let mut rng = SmallRng::seed_from_u64(7);
+        let data: Vec<u8> = (0..CHUNK_LEN + 200).map(|_| rng.random()).collect();
+        // Every length up to past a chunk, in groups of every size up to past 16, each
+        // input of the group another length (and another start).
+        for len in 0..=CHUNK_LEN + 80 {
+            let inputs: Vec<&[u8]> = (0..=(len % 19))
+                .map(|k| {
+                    let n = len.saturating_sub(k * 37 % 200);
+                    &data[k..k + n]
+                })
+                .collect();
+            let mut out = vec![[0u8; 32]; inputs.len()];
+            match lanes {
+                #[cfg(target_arch = "x86_64")]
+                Some(lanes) => with_lanes(&inputs, &mut out, lanes),
+                _ => hash_many(&inputs, &mut out),
+            }
+            for (input, hash) in inputs.iter().zip(&out) {
+                assert_eq!(
+                    blake3::hash(input).as_bytes(),
+                    hash,
+                    "{} bytes in a group of {}",
+                    input.len(),
+                    inputs.len()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn hashes_are_blake3s() {
+        check(None);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn hashes_are_blake3s_in_each_width_this_processor_has() {
+        let mut widths = 0;
+        if std::is_x86_feature_detected!("avx2") {
+            check(Some(8));
+            widths += 1;
+        }
+        if std::is_x86_feature_detected!("avx512f") {
+            check(Some(16));
+            widths += 1;
+        }
+        eprintln!("checked {widths} SIMD widths");
+    }
+}
