@@ -307,6 +307,14 @@ impl Canon {
         self.write(text, &root, out)
     }
 
+    /// Moves the children read from `first` on the stack to `nodes`: copied as one block
+    /// (moved one at a time by `drain`, each node was read back from a copy written in
+    /// pieces, and the processor stalled on every one).
+    fn move_children(&mut self, first: usize) {
+        self.nodes.extend_from_slice(&self.stack[first..]);
+        self.stack.truncate(first);
+    }
+
     /// Reads the value at `i` of `b` onto the stack (its name not set); returns where it
     /// ends.
     fn read(&mut self, b: &[u8], i: usize, top: bool) -> Option<usize> {
@@ -358,7 +366,7 @@ impl Canon {
                     }
                 }
                 let from = self.nodes.len();
-                self.nodes.extend(self.stack.drain(first..));
+                self.move_children(first);
                 let ms = &mut self.nodes[from..];
                 if !in_order {
                     // Most objects are small: insertion sort for those.
@@ -394,7 +402,7 @@ impl Canon {
                     }
                 }
                 let from = self.nodes.len();
-                self.nodes.extend(self.stack.drain(first..));
+                self.move_children(first);
                 (Node::new(Kind::Array, from, self.nodes.len()), j + 1)
             }
             b'"' => {
