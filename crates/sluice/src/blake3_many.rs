@@ -315,9 +315,15 @@ mod x86 {
                 let from = b * BLOCK_LEN;
                 let part = &input[from..input.len().min(from + BLOCK_LEN)];
                 let row = &mut rows[l];
-                row[..part.len()].copy_from_slice(part);
-                // The last block is padded with zeros.
-                row[part.len()..].fill(0);
+                match <&[u8; BLOCK_LEN]>::try_from(part) {
+                    // A whole block: one copy of a known size, no call to `memcpy`.
+                    Ok(block) => *row = *block,
+                    // The last block, padded with zeros.
+                    Err(_) => {
+                        *row = [0; BLOCK_LEN];
+                        row[..part.len()].copy_from_slice(part);
+                    }
+                }
                 len[l] = part.len() as u32;
                 flags[l] = if b == 0 { CHUNK_START } else { 0 }
                     | if b + 1 == blocks[l] {
