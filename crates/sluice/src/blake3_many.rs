@@ -53,11 +53,12 @@ pub(crate) fn hash_many(inputs: &[&[u8]], out: &mut [[u8; 32]]) {
     #[cfg(target_arch = "x86_64")]
     {
         if inputs.len() > 1 {
+            // SAFETY: the processor has the instructions of each width used.
             if std::is_x86_feature_detected!("avx512f") {
-                return with_lanes(inputs, out, 16);
+                return unsafe { with_lanes(inputs, out, 16) };
             }
             if std::is_x86_feature_detected!("avx2") {
-                return with_lanes(inputs, out, 8);
+                return unsafe { with_lanes(inputs, out, 8) };
             }
         }
     }
@@ -70,15 +71,19 @@ fn one_at_a_time(inputs: &[&[u8]], out: &mut [[u8; 32]]) {
     }
 }
 
-/// [`hash_many`] `lanes` (16 or 8, supported by the processor) at a time.
+/// [`hash_many`] `lanes` (16 or 8) at a time.
+///
+/// # Safety
+///
+/// The processor has AVX-512 (`lanes` 16) or AVX2 (8).
 #[cfg(target_arch = "x86_64")]
-fn with_lanes(inputs: &[&[u8]], out: &mut [[u8; 32]], lanes: usize) {
+unsafe fn with_lanes(inputs: &[&[u8]], out: &mut [[u8; 32]], lanes: usize) {
     for (inputs, out) in inputs.chunks(lanes).zip(out.chunks_mut(lanes)) {
         if inputs.len() == 1 {
             one_at_a_time(inputs, out);
             continue;
         }
-        // SAFETY: the caller saw the processor support these instructions.
+        // SAFETY: the caller has seen that the processor has these instructions.
         unsafe {
             if lanes == 16 {
                 x86::group16(inputs, out);
@@ -291,8 +296,12 @@ mod x86 {
     /// BLAKE3 of up to `L` inputs, a lane each, into `out`. `transpose` turns a block of each
     /// lane (64 bytes a row) into the block's words, a lane each. Inputs longer than a
     /// chunk are left to the caller.
+    ///
+    /// # Safety
+    ///
+    /// The processor has the instructions `W` takes.
     #[inline(always)]
-    fn group<W: Word, const L: usize>(
+    unsafe fn group<W: Word, const L: usize>(
         inputs: &[&[u8]],
         out: &mut [[u8; 32]],
         transpose: impl Fn(&[[u8; BLOCK_LEN]; L]) -> [Lanes<L>; 16],
@@ -353,13 +362,15 @@ mod x86 {
     /// [`group`] of up to 8 inputs with AVX2.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn group8(inputs: &[&[u8]], out: &mut [[u8; 32]]) {
-        group::<__m256i, 8>(inputs, out, |rows| transpose8(rows))
+        // SAFETY: AVX2, as this function.
+        unsafe { group::<__m256i, 8>(inputs, out, |rows| transpose8(rows)) }
     }
 
     /// [`group`] of up to 16 inputs with AVX-512.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn group16(inputs: &[&[u8]], out: &mut [[u8; 32]]) {
-        group::<__m512i, 16>(inputs, out, |rows| transpose16(rows))
+        // SAFETY: AVX-512, as this function.
+        unsafe { group::<__m512i, 16>(inputs, out, |rows| transpose16(rows)) }
     }
 
     /// Four rows' words `a`, `b`, `c`, `d` interleaved: in each 128-bit lane `k` of the
@@ -472,8 +483,9 @@ mod tests {
                 .collect();
             let mut out = vec![[0u8; 32]; inputs.len()];
             match lanes {
+                // SAFETY: only the widths the processor has are asked for.
                 #[cfg(target_arch = "x86_64")]
-                Some(lanes) => with_lanes(&inputs, &mut out, lanes),
+                Some(lanes) => unsafe { with_lanes(&inputs, &mut out, lanes) },
                 _ => hash_many(&inputs, &mut out),
             }
             for (input, hash) in inputs.iter().zip(&out) {
