@@ -99,8 +99,8 @@ pub fn key(target: &str, request: &Request) -> CacheKey {
 }
 
 /// [`key`] of each of `requests`, in order. A batch is hashed at once, many inputs side by
-/// side in the processor's vectors (where one at a time, hashing had been more than a third
-/// of a key's cost).
+/// side in the processor's vectors (one at a time, hashing had been about a third of a
+/// key's cost).
 pub fn keys(target: &str, requests: &[Request]) -> Vec<CacheKey> {
     thread_local! {
         /// The buffers of [`keys`], kept between calls.
@@ -307,9 +307,9 @@ impl Canon {
         self.write(text, &root, out)
     }
 
-    /// Moves the children read from `first` on the stack to `nodes`: copied as one block
-    /// (moved one at a time by `drain`, each node was read back from a copy written in
-    /// pieces, and the processor stalled on every one).
+    /// Moves the children read from `first` on the stack to `nodes`, copied as one block
+    /// (`drain` moved them one at a time, through a copy of each node on the stack: 8.5% of
+    /// the `cache_key` example's time in a profile, and 2.6% more instructions a key).
     fn move_children(&mut self, first: usize) {
         self.nodes.extend_from_slice(&self.stack[first..]);
         self.stack.truncate(first);
