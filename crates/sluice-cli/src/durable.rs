@@ -6,7 +6,7 @@ use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use sluice::journal::{
-    Entry, InputFingerprint, Journal, JournalError, JournalMeta, OutputRepair, ResumePlan,
+    Chunk, InputFingerprint, Journal, JournalError, JournalMeta, OutputRepair, ResumePlan,
 };
 use sluice::summary::SummaryBuilder;
 use sluice::Outcome;
@@ -118,7 +118,8 @@ pub struct Sink {
     cache: Option<CacheLayer>,
     /// Responses for the cache, stored at the next commit.
     to_cache: Pending,
-    batch: Vec<Entry>,
+    /// Outcomes to journal, with their output lines.
+    batch: Chunk,
     /// The summary of this session's outcomes.
     pub summary: SummaryBuilder,
     /// The first error writing the journal or the output.
@@ -139,7 +140,7 @@ impl Sink {
             journal,
             cache,
             to_cache: Pending::with_capacity(if caching { CACHE_BATCH } else { 0 }),
-            batch: Vec::with_capacity(64),
+            batch: Chunk::default(),
             summary: SummaryBuilder::new(),
             error: None,
         }
@@ -174,7 +175,7 @@ impl Sink {
             return;
         }
         if self.journal.is_some() {
-            self.batch.push(Entry::of(outcome));
+            self.batch.push(outcome);
             if self.batch.len() >= MAX_BATCH {
                 self.commit();
             }
@@ -219,13 +220,18 @@ impl Sink {
             return;
         }
         let full = journal.unsynced() >= CHECKPOINT_ROWS;
-        for entry in self.batch.drain(..) {
-            if let Err(e) = self.writer.write_all(&entry.output) {
-                self.error = Some(anyhow::Error::new(e).context(
-                    "writing outcomes failed (they are in the journal: run again to restore them)",
-                ));
-                return;
-            }
+        // The lines are together in the chunk already: written with one call, not copied
+        // into the buffer (which, with a journal, holds nothing).
+        let w = &mut self.writer;
+        let written = w
+            .flush()
+            .and_then(|()| w.get_mut().write_all(self.batch.lines()));
+        self.batch.clear();
+        if let Err(e) = written {
+            self.error = Some(anyhow::Error::new(e).context(
+                "writing outcomes failed (they are in the journal: run again to restore them)",
+            ));
+            return;
         }
         if full {
             self.checkpoint();

@@ -202,6 +202,78 @@ impl Entry {
     }
 }
 
+/// Outcomes laid out as a chunk of the log holds them: their records in one buffer and
+/// their output lines in another, each written once, as the outcomes come. Journaling them
+/// ([`Journal::append`]) and writing the lines out ([`Chunk::lines`]) copy nothing more.
+#[derive(Default)]
+pub struct Chunk {
+    records: Vec<u8>,
+    lines: Vec<u8>,
+    count: u32,
+}
+
+impl Chunk {
+    /// Adds an outcome and its output line.
+    pub fn push(&mut self, outcome: &Outcome) {
+        let at = self.lines.len();
+        outcome.write_json_line(&mut self.lines);
+        let error = outcome.error.as_ref();
+        RecordRef {
+            line: outcome.line,
+            attempts: outcome.attempts,
+            final_: is_final(error.map(|e| e.kind)),
+            succeeded: outcome.status == Status::Succeeded,
+            kind: error.map(|e| e.kind),
+            prompt_tokens: outcome.usage.map(|u| u.prompt_tokens),
+            completion_tokens: outcome.usage.map(|u| u.completion_tokens),
+            cost_usd: outcome.cost_usd,
+            line_len: (self.lines.len() - at) as u32,
+            custom_id: &outcome.custom_id,
+            message: error.map(|e| e.message.as_str()),
+        }
+        .encode(&mut self.records);
+        self.count += 1;
+    }
+
+    /// Adds an entry (its record and output line).
+    pub fn push_entry(&mut self, e: &Entry) {
+        RecordRef::of(e).encode(&mut self.records);
+        self.lines.extend_from_slice(&e.output);
+        self.count += 1;
+    }
+
+    /// The entries of `entries`, in order.
+    pub fn of(entries: &[Entry]) -> Chunk {
+        let mut c = Chunk::default();
+        for e in entries {
+            c.push_entry(e);
+        }
+        c
+    }
+
+    /// Outcomes held.
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Their output lines, in order.
+    pub fn lines(&self) -> &[u8] {
+        &self.lines
+    }
+
+    /// Forgets them (keeping the buffers).
+    pub fn clear(&mut self) {
+        self.records.clear();
+        self.lines.clear();
+        self.count = 0;
+    }
+}
+
 fn is_final(kind: Option<ErrorKind>) -> bool {
     !matches!(
         kind,
@@ -337,8 +409,6 @@ pub struct Journal {
     unsynced_bytes: u64,
     /// Read-only: the log's records (of rows from `log_first`), which override SQLite's.
     overlay: Vec<Record>,
-    /// Reused for each chunk written to the log.
-    scratch: Vec<u8>,
     /// What the last pass over the records found to drop on resume, for its
     /// `retry_failed` flag: saves [`Journal::resume`] a second pass.
     survey: Option<(bool, Survey)>,
@@ -700,7 +770,6 @@ impl Journal {
             unsynced: Vec::new(),
             unsynced_bytes: 0,
             overlay: Vec::new(),
-            scratch: Vec::new(),
             survey: None,
         }
     }
@@ -904,48 +973,38 @@ impl Journal {
         Ok(())
     }
 
-    /// Journals `entries`, numbered after the rows already there, as one chunk of the log
-    /// (one `write()`): the caller writes their output lines, in this order, only after
-    /// this returns. Their records reach SQLite at the next [`checkpoint`](Self::checkpoint).
-    pub fn append(&mut self, entries: &[Entry]) -> Result<(), JournalError> {
-        if entries.is_empty() {
+    /// Journals the outcomes of `chunk`, numbered after the rows already there, as one
+    /// chunk of the log (one `writev()`): the caller writes their output lines, in this
+    /// order, only after this returns. Their records reach SQLite at the next
+    /// [`checkpoint`](Self::checkpoint).
+    pub fn append(&mut self, chunk: &Chunk) -> Result<(), JournalError> {
+        if chunk.is_empty() {
             return Ok(());
         }
         let first = self.rows + 1;
-        let mut chunk = std::mem::take(&mut self.scratch);
-        chunk.clear();
-        chunk.extend_from_slice(&[0u8; LOG_HEADER]);
-        for e in entries {
-            RecordRef::of(e).encode(&mut chunk);
-        }
-        let records_len = chunk.len() - LOG_HEADER;
-        let mut lines_len = 0u64;
-        for e in entries {
-            chunk.extend_from_slice(&e.output);
-            lines_len += e.output.len() as u64;
-        }
-        let mut header = log_header(first, entries.len() as u32, records_len as u32, lines_len);
+        let lines_len = chunk.lines.len() as u64;
+        let mut header = log_header(first, chunk.count, chunk.records.len() as u32, lines_len);
         let crc = {
             let mut h = chunk_crc(&header);
-            h.update(&chunk[LOG_HEADER..]);
+            h.update(&chunk.records);
+            h.update(&chunk.lines);
             h.finalize()
         };
         header[28..32].copy_from_slice(&crc.to_le_bytes());
-        chunk[..LOG_HEADER].copy_from_slice(&header);
         let log = self.log.as_mut().expect("a writable journal has its log");
-        let written = log.write_all(&chunk);
-        self.unsynced
-            .extend_from_slice(&chunk[LOG_HEADER..LOG_HEADER + records_len]);
-        self.scratch = chunk;
-        if let Err(e) = written {
-            // What part of the chunk reached the log is cut on the next open; these rows
-            // are not journaled.
-            let n = self.unsynced.len() - records_len;
-            self.unsynced.truncate(n);
-            return Err(e.into());
-        }
+        // What part of the chunk reached the log after an error is cut on the next open;
+        // these rows are not journaled.
+        write_all_vectored(
+            log,
+            &mut [
+                io::IoSlice::new(&header),
+                io::IoSlice::new(&chunk.records),
+                io::IoSlice::new(&chunk.lines),
+            ],
+        )?;
+        self.unsynced.extend_from_slice(&chunk.records);
         self.unsynced_bytes += lines_len;
-        self.rows += entries.len() as u64;
+        self.rows += chunk.len() as u64;
         self.survey = None;
         Ok(())
     }
@@ -1500,6 +1559,20 @@ fn open_log(journal: &Path, fresh: bool) -> Result<File, JournalError> {
     Ok(f)
 }
 
+/// `Write::write_all` for several buffers (`write_all_vectored` is not stable).
+fn write_all_vectored(f: &mut File, mut bufs: &mut [io::IoSlice<'_>]) -> io::Result<()> {
+    io::IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match f.write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 fn max_seq(conn: &Connection) -> rusqlite::Result<u64> {
     conn.query_row(
         "SELECT COALESCE(MAX(first_seq + count - 1), 0) FROM segments",
@@ -1659,8 +1732,8 @@ mod tests {
         let path = dir.path().join("j");
         let mut j = Journal::create(&path, meta()).unwrap();
         let entries: Vec<Entry> = (1..=6).map(|l| entry(l, None)).collect();
-        j.append(&entries[..2]).unwrap();
-        j.append(&entries[2..5]).unwrap();
+        j.append(&Chunk::of(&entries[..2])).unwrap();
+        j.append(&Chunk::of(&entries[2..5])).unwrap();
         // In the log, not yet in SQLite.
         assert_eq!((j.rows(), j.unsynced()), (5, 5));
         let in_sqlite: i64 = j
@@ -1690,7 +1763,7 @@ mod tests {
             j.bytes_through(5).unwrap(),
             lines(&entries[..5]).len() as u64
         );
-        j.append(&entries[5..]).unwrap();
+        j.append(&Chunk::of(&entries[5..])).unwrap();
         j.checkpoint().unwrap();
         assert_eq!(std::fs::metadata(log_path(&path)).unwrap().len(), 0);
         assert_eq!((j.rows(), j.unsynced()), (6, 0));
@@ -1707,9 +1780,9 @@ mod tests {
         let path = dir.path().join("j");
         let mut j = Journal::create(&path, meta()).unwrap();
         let entries: Vec<Entry> = (1..=4).map(|l| entry(l, None)).collect();
-        j.append(&entries[..2]).unwrap();
+        j.append(&Chunk::of(&entries[..2])).unwrap();
         let first_chunk = std::fs::metadata(log_path(&path)).unwrap().len();
-        j.append(&entries[2..]).unwrap();
+        j.append(&Chunk::of(&entries[2..])).unwrap();
         drop(j);
         // A flipped byte in the second chunk's lines: its CRC fails, so it is not replayed.
         let mut bytes = std::fs::read(log_path(&path)).unwrap();
@@ -1746,7 +1819,7 @@ mod tests {
         let out = dir.path().join("out");
         let mut j = Journal::create(&path, meta()).unwrap();
         let entries: Vec<Entry> = (1..=4).map(|l| entry(l, None)).collect();
-        j.append(&entries).unwrap();
+        j.append(&Chunk::of(&entries)).unwrap();
         std::fs::write(&out, lines(&entries)).unwrap();
         j.checkpoint().unwrap();
         j.check_output(&out).unwrap();
@@ -1788,6 +1861,67 @@ mod tests {
         assert_eq!(Journal::open(&path).unwrap().rows(), 2);
     }
 
+    /// The chunk built from outcomes is byte for byte the one built from their entries:
+    /// the same records (every field, the final flag and the line's length) and lines.
+    #[test]
+    fn a_chunk_of_outcomes_holds_what_their_entries_would() {
+        use crate::outcome::{ErrorInfo, Usage};
+        let outcome = |line: u64, kind: Option<ErrorKind>| Outcome {
+            custom_id: format!("req-{line}-\u{e9}\""),
+            status: if kind.is_some() {
+                Status::Failed
+            } else {
+                Status::Succeeded
+            },
+            model: "gpt-4.1-mini".into(),
+            response: None,
+            error: kind.map(|kind| ErrorInfo {
+                kind,
+                status: Some(503),
+                message: format!("went wrong on line {line}"),
+            }),
+            attempts: line as u32,
+            usage: kind.is_none().then_some(Usage {
+                prompt_tokens: 10 + line,
+                completion_tokens: 20 + line,
+                total_tokens: 30 + 2 * line,
+                cached_tokens: 0,
+                cache_write_tokens: 0,
+            }),
+            cost_usd: kind.is_none().then_some(0.25 * line as f64),
+            latency_ms: 7,
+            metadata: None,
+            cached: line == 2,
+            line,
+        };
+        let outcomes = [
+            outcome(1, None),
+            outcome(2, None),
+            outcome(3, Some(ErrorKind::ServerError)),
+            outcome(4, Some(ErrorKind::Stopped)),
+            outcome(5, Some(ErrorKind::QuotaExhausted)),
+        ];
+        let mut fast = Chunk::default();
+        for o in &outcomes {
+            fast.push(o);
+        }
+        let entries: Vec<Entry> = outcomes.iter().map(Entry::of).collect();
+        let slow = Chunk::of(&entries);
+        assert_eq!(fast.len(), 5);
+        assert_eq!(fast.lines(), slow.lines());
+        assert_eq!(fast.records, slow.records);
+        let records = Record::decode_all(&fast.records).unwrap();
+        let finals: Vec<bool> = records.iter().map(|r| r.final_).collect();
+        assert_eq!(finals, [true, true, true, false, false]);
+        assert_eq!(records[2].message.as_deref(), Some("went wrong on line 3"));
+        assert_eq!(
+            records[1].line_len as usize,
+            outcomes[1].to_json_line().len()
+        );
+        fast.clear();
+        assert!(fast.is_empty() && fast.lines().is_empty());
+    }
+
     #[test]
     fn line_set() {
         let mut s = LineSet::default();
@@ -1813,12 +1947,12 @@ mod tests {
             entry(5, Some(ErrorKind::NotAttempted)),
             entry(6, Some(ErrorKind::BadRequest)),
         ];
-        j.append(&entries[..3]).unwrap();
+        j.append(&Chunk::of(&entries[..3])).unwrap();
         let out = dir.path().join("out");
         std::fs::write(&out, lines(&entries[..3])).unwrap();
         j.checkpoint().unwrap();
         // The last three only in the log and (but for a torn half line) the output.
-        j.append(&entries[3..]).unwrap();
+        j.append(&Chunk::of(&entries[3..])).unwrap();
         let mut text = lines(&entries[..5]);
         text.extend_from_slice(b"{\"cus");
         std::fs::write(&out, &text).unwrap();
@@ -1849,7 +1983,7 @@ mod tests {
             "{\"custom_id\":\"r1\"}\n{\"custom_id\":\"r3\"}\n{\"custom_id\":\"r6\"}\n"
         );
         // New rows follow on from the renumbered ones.
-        j.append(&[entry(2, None)]).unwrap();
+        j.append(&Chunk::of(&[entry(2, None)])).unwrap();
         j.checkpoint().unwrap();
         assert_eq!(j.custom_id_at(4).unwrap().as_deref(), Some("r2"));
         let s = j.status().unwrap();
@@ -1862,7 +1996,7 @@ mod tests {
         let path = dir.path().join("j");
         let mut j = Journal::create(&path, meta()).unwrap();
         let entries: Vec<Entry> = (1..=4).map(|l| entry(l, None)).collect();
-        j.append(&entries).unwrap();
+        j.append(&Chunk::of(&entries)).unwrap();
         let out = dir.path().join("out");
         let mut text = lines(&entries[..2]);
         text.extend_from_slice(b"{\"custom_id\":\"r");
@@ -1897,7 +2031,7 @@ mod tests {
             entry(2, Some(ErrorKind::NotAttempted)),
             entry(3, None),
         ];
-        j.append(&entries).unwrap();
+        j.append(&Chunk::of(&entries)).unwrap();
         std::fs::write(&out, lines(&entries)).unwrap();
         j.checkpoint().unwrap();
         // The state a crash leaves right after the new log was renamed into place: the
@@ -1906,7 +2040,7 @@ mod tests {
         let new_log = std::fs::read(log_path(&path)).unwrap();
         drop(j);
         let mut j = Journal::create(&dir.path().join("k"), meta()).unwrap();
-        j.append(&entries).unwrap();
+        j.append(&Chunk::of(&entries)).unwrap();
         j.checkpoint().unwrap();
         drop(j);
         std::fs::write(log_path(&dir.path().join("k")), &new_log).unwrap();

@@ -204,8 +204,15 @@ impl Outcome {
     /// it, written by hand (field names as constants, the response and metadata copied as
     /// they are), which spares a third of the work per outcome.
     pub fn to_json_line(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        self.write_json_line(&mut v);
+        v
+    }
+
+    /// [`to_json_line`](Self::to_json_line), appended to `v`.
+    pub fn write_json_line(&self, v: &mut Vec<u8>) {
         let raw_len = |r: Option<&str>| r.map_or(4, str::len);
-        let mut v = Vec::with_capacity(
+        v.reserve(
             200 + self.custom_id.len()
                 + self.model.len()
                 + raw_len(self.response.as_ref().map(RawJson::get))
@@ -220,17 +227,17 @@ impl Outcome {
             None => v.extend_from_slice(b"null"),
         };
         v.extend_from_slice(b"{\"custom_id\":");
-        string(&mut v, &self.custom_id);
+        string(v, &self.custom_id);
         v.extend_from_slice(match self.status {
             Status::Succeeded => b",\"status\":\"succeeded\",\"model\":",
             Status::Failed => b",\"status\":\"failed\",\"model\":",
         });
-        string(&mut v, &self.model);
+        string(v, &self.model);
         v.extend_from_slice(b",\"response\":");
-        raw(&mut v, self.response.as_ref().map(RawJson::get));
+        raw(v, self.response.as_ref().map(RawJson::get));
         v.extend_from_slice(b",\"error\":");
         match &self.error {
-            Some(e) => serde_json::to_writer(&mut v, e).expect("an error serialises"),
+            Some(e) => serde_json::to_writer(&mut *v, e).expect("an error serialises"),
             None => v.extend_from_slice(b"null"),
         }
         v.extend_from_slice(b",\"attempts\":");
@@ -257,17 +264,16 @@ impl Outcome {
             None => v.extend_from_slice(b"null"),
         }
         v.extend_from_slice(b",\"cost_usd\":");
-        serde_json::to_writer(&mut v, &self.cost_usd).expect("a number serialises");
+        serde_json::to_writer(&mut *v, &self.cost_usd).expect("a number serialises");
         v.extend_from_slice(b",\"latency_ms\":");
         v.extend_from_slice(int.format(self.latency_ms).as_bytes());
         v.extend_from_slice(b",\"metadata\":");
-        raw(&mut v, self.metadata.as_deref().map(RawValue::get));
+        raw(v, self.metadata.as_deref().map(RawValue::get));
         v.extend_from_slice(if self.cached {
             b",\"cached\":true}\n"
         } else {
             b",\"cached\":false}\n"
         });
-        v
     }
 }
 
