@@ -87,7 +87,7 @@ pub fn open_output(path: &Path, append: bool) -> io::Result<File> {
 /// Outcomes this many at most go into one chunk of the journal's log.
 pub const MAX_BATCH: usize = 1024;
 
-/// Outcomes are journaled (one chunk of the log, one `write()`) as soon as this many
+/// Outcomes are journaled (one chunk of the log, one `writev()`) as soon as this many
 /// wait...
 pub const GROUP_COMMIT: usize = 128;
 

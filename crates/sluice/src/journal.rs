@@ -14,10 +14,10 @@
 //!   time (one SQLite row per checkpoint);
 //! * the **outcome log** beside it (`PATH-log`): an append-only file of chunks, each the
 //!   records of one group of outcomes and their output lines, with a CRC. An outcome is
-//!   journaled when its chunk is written to the log (one `write()`, which survives a killed
-//!   process); only then is its line written to the output. About once a second the
-//!   output is flushed, the records of the logged outcomes are committed to SQLite in one
-//!   transaction, and the log is emptied: the output now holds those lines.
+//!   journaled when its chunk is written to the log (one `writev()`, which survives a
+//!   killed process); only then are the chunk's lines written to the output. About once a
+//!   second the output is flushed, the records of the logged outcomes are committed to
+//!   SQLite in one transaction, and the log is emptied: the output now holds those lines.
 //!
 //! So an output line lives in the log until the output has it, and the journal does not
 //! keep a second copy of the output (it did until schema 2: a third of the output's size
