@@ -9,10 +9,15 @@
 #   3. resume:   a N_RESUME [1000000]-request run killed (-9) once RESUME_DONE [999000]
 #      outcomes are in the journal, then resumed: seconds from starting the resume to the
 #      first request reaching the simulator, and to the end.
+#   4. instructions (not part of "all"; needs valgrind): the client's user-space
+#      instructions (callgrind) in each mode at N_INSTR_SMALL [1000] and N_INSTR [5000]
+#      requests, and per request at the margin (the difference over the requests between,
+#      which leaves start-up out). Steady whatever the machine's load, unlike the clock, but
+#      blind to the kernel's share of the CPU (about two fifths of it in these runs).
 # Results go to stdout and bench/out/journal.md.
 #
-#   bench/journal.sh              # all three
-#   bench/journal.sh paced        # one (overhead, paced, resume)
+#   bench/journal.sh              # the first three
+#   bench/journal.sh paced        # one (overhead, paced, resume, instructions)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 cargo build --release -p sluice-cli >&2
@@ -21,7 +26,7 @@ out=bench/out/journal
 mkdir -p "$out"
 only="${1:-all}"
 : "${N_OVERHEAD:=20000}" "${PAIRS:=5}" "${N_RESUME:=1000000}" "${RESUME_DONE:=999000}"
-: "${N_PACED:=10000}" "${PAIRS_PACED:=1}"
+: "${N_PACED:=10000}" "${PAIRS_PACED:=1}" "${N_INSTR_SMALL:=1000}" "${N_INSTR:=5000}"
 
 gen() { # gen N FILE
     [[ -f $2 ]] && return
@@ -122,6 +127,46 @@ if rounds:
           f"against --no-journal {100 * (paired('cache', 'none') - 1):+.1f}%\n")
 print("all runs (µs/request): " + "; ".join(
     m + " " + ", ".join(f"{x:.1f}" for x in by[m]) for m in modes) + "\n")
+PY
+fi
+
+if [[ $only == instructions ]]; then
+    command -v valgrind > /dev/null || { echo "instructions: valgrind is not installed" >&2; exit 1; }
+    start_sim
+    : > "$out/instr.rows"
+    for n in "$N_INSTR_SMALL" "$N_INSTR"; do
+        gen "$n" "$out/in-$n.jsonl"
+        for mode in none journal cache; do
+            rm -f "$out/cache.sqlite"* "$out/instr.out.jsonl"*
+            flags=(--fresh)
+            [[ $mode == none ]] && flags=(--no-journal)
+            [[ $mode == cache ]] && flags=(--fresh --cache "$out/cache.sqlite")
+            valgrind --tool=callgrind --callgrind-out-file="$out/callgrind.out" \
+                "$bin" run "$out/in-$n.jsonl" -o "$out/instr.out.jsonl" --base-url "$base" \
+                --no-progress "${flags[@]}" > /dev/null 2> "$out/valgrind.err"
+            echo "$mode $n $(sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$out/valgrind.err")" \
+                >> "$out/instr.rows"
+        done
+    done
+    rm -f "$out/callgrind.out"
+    stop_sim
+    python3 - "$out/instr.rows" <<'PY' | tee -a "$report"
+import sys
+rows = [line.split() for line in open(sys.argv[1])]
+got = {(m, int(n)): int(i) for m, n, i in rows}
+small, large = sorted({n for _, n in got})
+at = {m: (got[m, large] - got[m, small]) / (large - small) for m in ("none", "journal", "cache")}
+print(f"## Instructions (callgrind, client only, {small:,} and {large:,} requests)\n")
+print(f"| mode | at {small:,} | at {large:,} | per request at the margin |")
+print("|---|---|---|---|")
+for m, label in (("none", "`--no-journal`"), ("journal", "journal"),
+                 ("cache", "journal + `--cache`, every request a miss")):
+    print(f"| {label} | {got[m, small] / 1e6:.1f}M | {got[m, large] / 1e6:.1f}M | {at[m]:,.0f} |")
+print()
+pct = lambda a, b: f"{100 * (at[a] / at[b] - 1):+.1f}%"
+print(f"at the margin: journal against --no-journal {pct('journal', 'none')}, cache against "
+      f"the journal alone {pct('cache', 'journal')}, journal and cache together against "
+      f"--no-journal {pct('cache', 'none')}\n")
 PY
 fi
 
