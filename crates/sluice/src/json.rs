@@ -103,8 +103,34 @@ fn fail<T>(at: usize, what: &'static str) -> Result<T, JsonError> {
 }
 
 /// Where the first `"`, `\\` or control character at or after `j` is (or `b.len()`):
-/// eight bytes at a time, as `serde_json` does it.
+/// sixteen bytes at a time with SSE2 (part of every x86-64 processor), then eight at a
+/// time, as `serde_json` does it.
+#[inline]
 fn special(b: &[u8], mut j: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{
+            _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi8,
+            _mm_setzero_si128, _mm_subs_epu8,
+        };
+        while j + 16 <= b.len() {
+            // SAFETY: `b[j..j + 16]` is in bounds, and the load needs no alignment; the
+            // rest is arithmetic on registers.
+            let hits = unsafe {
+                let v = _mm_loadu_si128(b.as_ptr().add(j).cast());
+                let quote = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8));
+                let backslash = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8));
+                // At most 0x1f, unsigned: nothing is left once 0x1f is taken away.
+                let control =
+                    _mm_cmpeq_epi8(_mm_subs_epu8(v, _mm_set1_epi8(0x1f)), _mm_setzero_si128());
+                _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), control)) as u32
+            };
+            if hits != 0 {
+                return j + hits.trailing_zeros() as usize;
+            }
+            j += 16;
+        }
+    }
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
     let zero_in = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS;
@@ -126,6 +152,7 @@ fn special(b: &[u8], mut j: usize) -> usize {
 
 /// The end of the string whose opening quote is at `i` (just past its closing quote), and
 /// whether it has escapes.
+#[inline]
 pub(crate) fn string_end_escaped(b: &[u8], i: usize) -> Result<(usize, bool), JsonError> {
     let j = special(b, i + 1);
     if b.get(j) == Some(&b'"') {
@@ -429,6 +456,35 @@ mod tests {
     use rand::rngs::SmallRng;
     use rand::{Rng, SeedableRng};
     use serde_json::Value;
+
+    /// `special` finds the first `"`, `\\` or control character from any start, whatever
+    /// the text's length (the 16- and 8-byte steps and the byte-wise tail), and nothing
+    /// else: not a space, DEL, or a byte of a multi-byte character.
+    #[test]
+    fn special_finds_the_first_quote_backslash_or_control_character() {
+        let naive = |b: &[u8], j: usize| {
+            (j..b.len())
+                .find(|&k| matches!(b[k], b'"' | b'\\' | 0..=0x1f))
+                .unwrap_or(b.len())
+        };
+        for filler in [b'a', b' ', 0x7f, 0x80, 0xc3, 0xff] {
+            for len in 0..=48 {
+                let mut b = vec![filler; len];
+                for start in 0..=len {
+                    assert_eq!(special(&b, start), len, "none: {filler:#x} {len} {start}");
+                }
+                for at in 0..len {
+                    for mark in [b'"', b'\\', 0x00, 0x0a, 0x1f] {
+                        b[at] = mark;
+                        for start in 0..=len {
+                            assert_eq!(special(&b, start), naive(&b, start), "{mark:#x} at {at}");
+                        }
+                        b[at] = filler;
+                    }
+                }
+            }
+        }
+    }
 
     fn serde_says(b: &[u8]) -> bool {
         serde_json::from_slice::<Box<RawValue>>(b).is_ok()
