@@ -124,6 +124,9 @@ pub struct Sink {
     pub summary: SummaryBuilder,
     /// The first error writing the journal or the output.
     pub error: Option<anyhow::Error>,
+    /// Whether the output failed while the journal did not: outcomes still arriving (of
+    /// requests already sent, and paid for) are journaled, and a resume writes them out.
+    output_failed: bool,
 }
 
 impl Sink {
@@ -143,6 +146,7 @@ impl Sink {
             batch: Chunk::default(),
             summary: SummaryBuilder::new(),
             error: None,
+            output_failed: false,
         }
     }
 
@@ -171,16 +175,31 @@ impl Sink {
 
     fn add_one(&mut self, outcome: &Outcome) {
         self.summary.add(outcome);
-        if self.error.is_some() {
+        if !self.journaling() {
+            if self.journal.is_none() && self.error.is_none() {
+                if let Err(e) = self.writer.write_all(&outcome.to_json_line()) {
+                    self.output_error(e, "writing outcomes failed");
+                }
+            }
             return;
         }
-        if self.journal.is_some() {
-            self.batch.push(outcome);
-            if self.batch.len() >= MAX_BATCH {
-                self.commit();
-            }
-        } else if let Err(e) = self.writer.write_all(&outcome.to_json_line()) {
-            self.error = Some(anyhow::Error::new(e).context("writing outcomes failed"));
+        self.batch.push(outcome);
+        if self.batch.len() >= MAX_BATCH {
+            self.commit();
+        }
+    }
+
+    /// Whether outcomes go to the journal: there is one, and nothing has failed but the
+    /// output.
+    fn journaling(&self) -> bool {
+        self.journal.is_some() && (self.error.is_none() || self.output_failed)
+    }
+
+    /// Keeps the first error, here from the output.
+    fn output_error(&mut self, e: io::Error, what: &'static str) {
+        if self.error.is_none() {
+            self.error = Some(anyhow::Error::new(e).context(what));
+            self.output_failed = true;
         }
     }
 
@@ -208,18 +227,26 @@ impl Sink {
     }
 
     fn commit_journal(&mut self) {
-        if self.batch.is_empty() || self.error.is_some() {
+        if self.batch.is_empty() || !self.journaling() {
             return;
         }
         let journal = self.journal.as_mut().expect("batches only with a journal");
         if let Err(e) = journal.append(&self.batch) {
-            self.error = Some(anyhow::Error::new(e).context(format!(
-                "journaling {} outcomes failed; they are not in the output",
-                self.batch.len()
-            )));
+            if self.error.is_none() {
+                self.error = Some(anyhow::Error::new(e).context(format!(
+                    "journaling {} outcomes failed; they are not in the output",
+                    self.batch.len()
+                )));
+            }
+            self.output_failed = false;
             return;
         }
         let full = journal.unsynced() >= CHECKPOINT_ROWS;
+        if self.output_failed {
+            // In the log only, which is not emptied from now on: a resume writes them out.
+            self.batch.clear();
+            return;
+        }
         // The lines are together in the chunk already: written with one call, not copied
         // into the buffer (which, with a journal, holds nothing).
         let w = &mut self.writer;
@@ -228,9 +255,10 @@ impl Sink {
             .and_then(|()| w.get_mut().write_all(self.batch.lines()));
         self.batch.clear();
         if let Err(e) = written {
-            self.error = Some(anyhow::Error::new(e).context(
+            self.output_error(
+                e,
                 "writing outcomes failed (they are in the journal: run again to restore them)",
-            ));
+            );
             return;
         }
         if full {
@@ -245,7 +273,7 @@ impl Sink {
             return;
         }
         if let Err(e) = self.writer.flush() {
-            self.error = Some(anyhow::Error::new(e).context("writing outcomes failed"));
+            self.output_error(e, "writing outcomes failed");
             return;
         }
         if let Some(j) = self.journal.as_mut() {
@@ -268,5 +296,104 @@ impl Sink {
     /// The journal, once the run is over.
     pub fn journal(&self) -> Option<&Journal> {
         self.journal.as_ref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice::outcome::{Status, Usage};
+
+    /// An output that takes `left` bytes, then fails as a full disk does.
+    struct FullAfter {
+        file: File,
+        left: usize,
+    }
+
+    impl Write for FullAfter {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.left == 0 {
+                return Err(io::Error::from_raw_os_error(28));
+            }
+            let n = buf.len().min(self.left);
+            self.left -= n;
+            self.file.write(&buf[..n])
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            self.file.flush()
+        }
+    }
+
+    fn outcome(line: u64) -> Outcome {
+        Outcome {
+            custom_id: format!("r{line}"),
+            status: Status::Succeeded,
+            model: "gpt-4.1-mini".into(),
+            response: None,
+            error: None,
+            attempts: 1,
+            usage: Some(Usage {
+                prompt_tokens: line,
+                completion_tokens: 2 * line,
+                total_tokens: 3 * line,
+                cached_tokens: 0,
+                cache_write_tokens: 0,
+            }),
+            cost_usd: Some(0.001),
+            latency_ms: 5,
+            metadata: None,
+            cached: false,
+            line,
+        }
+    }
+
+    /// The output fills up part way through a run: the requests still live when it fails
+    /// were sent and paid for, so their outcomes are journaled all the same, and the resume
+    /// writes every outcome out, each once, in order.
+    #[test]
+    fn outcomes_after_the_output_fails_are_journaled_and_restored_on_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal_path, output) = (dir.path().join("out.journal"), dir.path().join("out"));
+        let meta = JournalMeta {
+            input: InputFingerprint {
+                blake3: "00".into(),
+                bytes: 1,
+                requests: 300,
+            },
+            input_path: "in.jsonl".into(),
+            output_path: output.display().to_string(),
+            settings: serde_json::json!({}),
+            created_by: "test".into(),
+            created_at: "now".into(),
+        };
+        let journal = Journal::create(&journal_path, meta).unwrap();
+        let writer = FullAfter {
+            file: File::create(&output).unwrap(),
+            left: 10_000,
+        };
+        let mut sink = Sink::new(Box::new(writer), Some(journal), None);
+        let all: Vec<Outcome> = (1..=300).map(outcome).collect();
+        for group in all.chunks(50) {
+            sink.add_sent(&mut group.to_vec());
+            sink.commit();
+        }
+        sink.flush();
+        let error = format!("{:#}", sink.error.as_ref().expect("the output failed"));
+        assert!(error.contains("writing outcomes failed"), "{error}");
+        let written = std::fs::metadata(&output).unwrap().len();
+        assert_eq!(written, 10_000, "the output took what it could, no more");
+        assert_eq!(
+            sink.journal().unwrap().rows(),
+            300,
+            "every outcome is journaled"
+        );
+        drop(sink);
+
+        let mut journal = Journal::open(&journal_path).unwrap();
+        let (plan, _) = resume(&mut journal, Some(&output), false).unwrap();
+        assert_eq!(plan.kept, 300);
+        let expected: Vec<u8> = all.iter().flat_map(Outcome::to_json_line).collect();
+        assert_eq!(std::fs::read(&output).unwrap(), expected);
     }
 }
