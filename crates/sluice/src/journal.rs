@@ -735,10 +735,6 @@ impl Journal {
         )
         .map_err(sqlite(path))?;
         let made = (|| {
-            // Records reach SQLite a checkpoint at a time, as one blob of about 60 bytes a
-            // request: in 64 KiB pages, not 4 KiB, writing it (to the WAL, then the
-            // database) takes a tenth of the calls (20,000 requests: 83 `pwrite`s, not 883).
-            conn.pragma_update(None, "page_size", 65536)?;
             configure(&conn)?;
             let tx = conn.unchecked_transaction()?;
             tx.execute_batch(SCHEMA)?;
