@@ -51,21 +51,32 @@ const fn schedule() -> [[usize; 16]; 7] {
     s
 }
 
-/// BLAKE3 of each input, into `out` (as long as `inputs`).
-pub(crate) fn hash_many(inputs: &[&[u8]], out: &mut [[u8; 32]]) {
+/// The chaining value after the first block of an input longer than a block, kept from one
+/// call of [`hash_many`] to the next: inputs that begin with that block start from there.
+/// A cache key's input begins with the target, the endpoint and the model, most often more
+/// than a block of them, the same for every request of a run: a key of four blocks is three
+/// compressions instead of four.
+#[derive(Default)]
+pub(crate) struct FirstBlock(Option<([u8; BLOCK_LEN], [u32; 8])>);
+
+/// BLAKE3 of each input, into `out` (as long as `inputs`), starting from `first` where an
+/// input begins with its block (and keeping there the first block of an input that does
+/// not, in its place).
+pub(crate) fn hash_many(inputs: &[&[u8]], out: &mut [[u8; 32]], first: &mut FirstBlock) {
     assert_eq!(inputs.len(), out.len(), "a hash for each input");
     #[cfg(target_arch = "x86_64")]
     {
         if inputs.len() > 1 {
             // SAFETY: the processor has the instructions of each width used.
             if std::is_x86_feature_detected!("avx512f") {
-                return unsafe { with_lanes(inputs, out, 16) };
+                return unsafe { with_lanes(inputs, out, 16, first) };
             }
             if std::is_x86_feature_detected!("avx2") {
-                return unsafe { with_lanes(inputs, out, 8) };
+                return unsafe { with_lanes(inputs, out, 8, first) };
             }
         }
     }
+    let _ = first;
     one_at_a_time(inputs, out);
 }
 
@@ -81,7 +92,7 @@ fn one_at_a_time(inputs: &[&[u8]], out: &mut [[u8; 32]]) {
 ///
 /// The processor has AVX-512 (`lanes` 16) or AVX2 (8).
 #[cfg(target_arch = "x86_64")]
-unsafe fn with_lanes(inputs: &[&[u8]], out: &mut [[u8; 32]], lanes: usize) {
+unsafe fn with_lanes(inputs: &[&[u8]], out: &mut [[u8; 32]], lanes: usize, first: &mut FirstBlock) {
     for (inputs, out) in inputs.chunks(lanes).zip(out.chunks_mut(lanes)) {
         if inputs.len() == 1 {
             one_at_a_time(inputs, out);
@@ -90,9 +101,9 @@ unsafe fn with_lanes(inputs: &[&[u8]], out: &mut [[u8; 32]], lanes: usize) {
         // SAFETY: the caller has seen that the processor has these instructions.
         unsafe {
             if lanes == 16 {
-                x86::group16(inputs, out);
+                x86::group16(inputs, out, first);
             } else {
-                x86::group8(inputs, out);
+                x86::group8(inputs, out, first);
             }
         }
         for (input, hash) in inputs.iter().zip(out) {
@@ -105,7 +116,7 @@ unsafe fn with_lanes(inputs: &[&[u8]], out: &mut [[u8; 32]], lanes: usize) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{BLOCK_LEN, CHUNK_END, CHUNK_LEN, CHUNK_START, IV, ROOT, SCHEDULE};
+    use super::{FirstBlock, BLOCK_LEN, CHUNK_END, CHUNK_LEN, CHUNK_START, IV, ROOT, SCHEDULE};
     use std::arch::x86_64::*;
 
     /// Sixteen or eight words, a lane each.
@@ -297,9 +308,10 @@ mod x86 {
         }
     }
 
-    /// BLAKE3 of up to `L` inputs, a lane each, into `out`. `transpose` turns a block of each
-    /// lane (64 bytes a row) into the block's words, a lane each. Inputs longer than a
-    /// chunk are left to the caller.
+    /// BLAKE3 of up to `L` inputs, a lane each, into `out`, those that begin with `first`'s
+    /// block from its chaining value. `transpose` turns a block of each lane (64 bytes a
+    /// row) into the block's words, a lane each. Inputs longer than a chunk are left to the
+    /// caller.
     ///
     /// # Safety
     ///
@@ -308,6 +320,7 @@ mod x86 {
     unsafe fn group<W: Word, const L: usize>(
         inputs: &[&[u8]],
         out: &mut [[u8; 32]],
+        first: &mut FirstBlock,
         transpose: impl Fn(&[[u8; BLOCK_LEN]; L]) -> [Lanes<L>; 16],
     ) {
         let blocks: [usize; L] = std::array::from_fn(|l| match inputs.get(l) {
@@ -316,13 +329,25 @@ mod x86 {
             _ => 0,
         });
         let most = blocks.iter().copied().max().unwrap_or(0);
-        let mut cv: [Lanes<L>; 8] = std::array::from_fn(|w| [IV[w]; L]);
+        // The lanes whose first block is `first`'s: they start at their second.
+        let (shared, first_cv): ([bool; L], [u32; 8]) = match &first.0 {
+            Some((block, cv)) => (
+                std::array::from_fn(|l| blocks[l] > 1 && inputs[l][..BLOCK_LEN] == *block),
+                *cv,
+            ),
+            None => ([false; L], [0; 8]),
+        };
+        let start = |l: usize| usize::from(shared[l]);
+        let mut cv: [Lanes<L>; 8] = std::array::from_fn(|w| {
+            std::array::from_fn(|l| if shared[l] { first_cv[w] } else { IV[w] })
+        });
         let mut rows = [[0u8; BLOCK_LEN]; L];
-        for b in 0..most {
+        let from = (0..L).map(|l| start(l).min(blocks[l])).min().unwrap_or(0);
+        for b in from..most {
             let mut len: Lanes<L> = [0; L];
             let mut flags: Lanes<L> = [0; L];
             for (l, input) in inputs.iter().enumerate() {
-                if b >= blocks[l] {
+                if b < start(l) || b >= blocks[l] {
                     continue;
                 }
                 let from = b * BLOCK_LEN;
@@ -346,13 +371,23 @@ mod x86 {
                     };
             }
             let m = transpose(&rows);
+            #[cfg(test)]
+            super::tests::COMPRESSIONS.with(|c| c.set(c.get() + 1));
             // SAFETY: the caller has the instructions `W` takes.
             let next = unsafe { compress::<W, L>(&cv, &m, &len, &flags) };
             for (l, &n) in blocks.iter().enumerate() {
-                if b < n {
+                if start(l) <= b && b < n {
                     for w in 0..8 {
                         cv[w][l] = next[w][l];
                     }
+                }
+            }
+            if b == 0 {
+                // The first block of a lane that did not start from `first`'s (and has
+                // more), kept for the inputs to come.
+                if let Some(l) = (0..inputs.len()).find(|&l| !shared[l] && blocks[l] > 1) {
+                    let block = inputs[l][..BLOCK_LEN].try_into().expect("a block");
+                    first.0 = Some((block, std::array::from_fn(|w| cv[w][l])));
                 }
             }
         }
@@ -365,16 +400,16 @@ mod x86 {
 
     /// [`group`] of up to 8 inputs with AVX2.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn group8(inputs: &[&[u8]], out: &mut [[u8; 32]]) {
+    pub(super) unsafe fn group8(inputs: &[&[u8]], out: &mut [[u8; 32]], first: &mut FirstBlock) {
         // SAFETY: AVX2, as this function.
-        unsafe { group::<__m256i, 8>(inputs, out, |rows| transpose8(rows)) }
+        unsafe { group::<__m256i, 8>(inputs, out, first, |rows| transpose8(rows)) }
     }
 
     /// [`group`] of up to 16 inputs with AVX-512.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn group16(inputs: &[&[u8]], out: &mut [[u8; 32]]) {
+    pub(super) unsafe fn group16(inputs: &[&[u8]], out: &mut [[u8; 32]], first: &mut FirstBlock) {
         // SAFETY: AVX-512, as this function.
-        unsafe { group::<__m512i, 16>(inputs, out, |rows| transpose16(rows)) }
+        unsafe { group::<__m512i, 16>(inputs, out, first, |rows| transpose16(rows)) }
     }
 
     /// Four rows' words `a`, `b`, `c`, `d` interleaved: in each 128-bit lane `k` of the
@@ -473,24 +508,86 @@ mod tests {
     use super::*;
     use rand::{rngs::SmallRng, Rng, SeedableRng};
 
-    fn check(lanes: Option<usize>) {
+    thread_local! {
+        /// How many compressions of a group's lanes this thread has made.
+        pub(super) static COMPRESSIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// Inputs that begin with the block kept from the call before take one compression
+    /// fewer, and still hash to BLAKE3's.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn inputs_that_begin_alike_skip_their_first_block() {
+        if !std::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let inputs: Vec<Vec<u8>> = (0..16u8)
+            .map(|k| {
+                let mut v = vec![7u8; 200];
+                v[100] = k;
+                v
+            })
+            .collect();
+        let inputs: Vec<&[u8]> = inputs.iter().map(Vec::as_slice).collect();
+        let mut first = FirstBlock::default();
+        let compressions = |first: &mut FirstBlock| {
+            let before = COMPRESSIONS.with(|c| c.get());
+            let mut out = vec![[0u8; 32]; inputs.len()];
+            hash_many(&inputs, &mut out, first);
+            for (input, hash) in inputs.iter().zip(&out) {
+                assert_eq!(blake3::hash(input).as_bytes(), hash);
+            }
+            COMPRESSIONS.with(|c| c.get()) - before
+        };
+        let groups = if std::is_x86_feature_detected!("avx512f") {
+            1
+        } else {
+            2
+        };
+        // 200 bytes are four blocks; the first call keeps the first.
+        assert_eq!(compressions(&mut first), 4 * groups);
+        assert_eq!(compressions(&mut first), 3 * groups);
+        // Another first block: kept in its place.
+        let other: Vec<u8> = vec![8u8; 200];
+        let mut out = [[0u8; 32]; 2];
+        hash_many(&[&other, &other], &mut out, &mut first);
+        assert_eq!(out[1], *blake3::hash(&other).as_bytes());
+        assert_eq!(compressions(&mut first), 4 * groups);
+    }
+
+    /// Returns how many inputs began with the block kept from an earlier call.
+    fn check(lanes: Option<usize>) -> usize {
         let mut rng = SmallRng::seed_from_u64(7);
         let data: Vec<u8> = (0..CHUNK_LEN + 200).map(|_| rng.random()).collect();
+        let mut first = FirstBlock::default();
+        let mut shared = 0;
         // Every length up to past a chunk, in groups of every size up to past 16, each
-        // input of the group another length (and another start).
+        // input of the group another length; a third of the groups with their own start
+        // for each input, the rest with some or all beginning alike (as keys do).
         for len in 0..=CHUNK_LEN + 80 {
             let inputs: Vec<&[u8]> = (0..=(len % 19))
                 .map(|k| {
                     let n = len.saturating_sub(k * 37 % 200);
-                    &data[k..k + n]
+                    let start = match len % 3 {
+                        0 => k,
+                        1 => k % 2 * 5,
+                        _ => 0,
+                    };
+                    &data[start..start + n]
                 })
                 .collect();
+            if let Some((block, _)) = &first.0 {
+                shared += inputs
+                    .iter()
+                    .filter(|i| i.len() > BLOCK_LEN && i.len() <= CHUNK_LEN && i.starts_with(block))
+                    .count();
+            }
             let mut out = vec![[0u8; 32]; inputs.len()];
             match lanes {
                 // SAFETY: only the widths the processor has are asked for.
                 #[cfg(target_arch = "x86_64")]
-                Some(lanes) => unsafe { with_lanes(&inputs, &mut out, lanes) },
-                _ => hash_many(&inputs, &mut out),
+                Some(lanes) => unsafe { with_lanes(&inputs, &mut out, lanes, &mut first) },
+                _ => hash_many(&inputs, &mut out, &mut first),
             }
             for (input, hash) in inputs.iter().zip(&out) {
                 assert_eq!(
@@ -502,11 +599,16 @@ mod tests {
                 );
             }
         }
+        shared
     }
 
     #[test]
     fn hashes_are_blake3s() {
-        check(None);
+        let shared = check(None);
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            assert!(shared > 2_000, "{shared} inputs began with a kept block");
+        }
     }
 
     #[cfg(target_arch = "x86_64")]

@@ -17,6 +17,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::blake3_many::FirstBlock;
 use crate::json::RawJson;
 use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
@@ -104,9 +105,10 @@ pub fn key(target: &str, request: &Request) -> CacheKey {
 pub fn keys(target: &str, requests: &[Request]) -> Vec<CacheKey> {
     thread_local! {
         /// The buffers of [`keys`], kept between calls.
-        static BUFFERS: std::cell::RefCell<(Vec<u8>, Vec<usize>, Canon)> = Default::default();
+        static BUFFERS: std::cell::RefCell<(Vec<u8>, Vec<usize>, Canon, FirstBlock)> =
+            Default::default();
     }
-    BUFFERS.with_borrow_mut(|(bytes, ends, canon)| {
+    BUFFERS.with_borrow_mut(|(bytes, ends, canon, first)| {
         // What each key hashes, laid out one after another.
         bytes.clear();
         ends.clear();
@@ -124,7 +126,7 @@ pub fn keys(target: &str, requests: &[Request]) -> Vec<CacheKey> {
             })
             .collect();
         let mut out = vec![CacheKey::default(); requests.len()];
-        crate::blake3_many::hash_many(&inputs, &mut out);
+        crate::blake3_many::hash_many(&inputs, &mut out, first);
         out
     })
 }
@@ -167,68 +169,52 @@ fn endpoint_name(e: crate::request::Endpoint) -> &'static str {
 }
 
 /// [`canonical`] of the JSON text `text` without building a tree (less the non-semantic
-/// fields at the top): the same bytes, held to them by a test. Two passes (see
-/// [`Canon`]). `None` (and `out` in any state) for text that is not one JSON object, or has
-/// a member name written with escapes or given twice; [`key`] then builds the tree.
+/// fields at the top): the same bytes, held to them by a test. One pass (see [`Canon`]).
+/// `None` (and `out` in any state) for text that is not one JSON object, has a member name
+/// written with escapes or given twice, or is nested deeper than [`CANON_DEPTH`]; [`key`]
+/// then builds the tree.
 #[cfg(test)]
 fn canonical_text(text: &[u8], out: &mut Vec<u8>) -> Option<()> {
     Canon::default().text(text, out)
 }
 
-/// The buffers of [`canonical_text`], which reads the text in two passes: the first finds
-/// its values and puts each object's members in order, the second writes the canonical
-/// form, each piece of text copied once (a member whose value needs no change, written
-/// without spaces, is copied whole).
+/// How deep [`Canon`] reads (as deep as `serde_json` builds a tree): a body nested deeper
+/// is keyed by its bytes, and never overflows the stack.
+const CANON_DEPTH: u32 = 127;
+
+/// The buffers of [`canonical_text`], which reads the text once, writing as it goes. Text
+/// already in its canonical form (no spaces, no escapes, numbers written one way) is not
+/// copied piece by piece but a run at a time, when something in it has to change or the
+/// text ends. An object whose members are out of order is put in order in the output when
+/// it closes: its members, each already in canonical form, are copied in order to a
+/// scratch buffer and back. Most bodies have one or two such objects (`model` comes before
+/// `messages`, `role` before `content`), and moving their bytes costs less than keeping a
+/// tree of the whole body (which an earlier version did, at twice the instructions).
 #[derive(Default)]
 struct Canon {
-    /// The values read, each container's children together (after their own children).
-    nodes: Vec<Node>,
-    /// The children of the containers being read.
-    stack: Vec<Node>,
+    /// The members of the objects being read, the innermost object's last.
+    members: Vec<Member>,
+    /// An object's members, in order.
+    scratch: Vec<u8>,
 }
 
-/// A value read by [`Canon`] (and, for a member of an object, its name). Kept small and
-/// named in place: a profile of a first version, whose nodes were twice the size and
-/// returned by value, spent most of its time moving them.
+/// A member of an object read by [`Canon`].
 #[derive(Clone, Copy)]
-struct Node {
-    /// The member's name: its first 8 bytes, big-endian, zeros after a shorter name. In
-    /// the names' order (an unescaped name holds no zero byte), so most comparisons need
-    /// only these.
+struct Member {
+    /// The name's first 8 bytes, big-endian, zeros after a shorter name. In the names'
+    /// order (an unescaped name holds no zero byte), so most comparisons need only these.
     head: u64,
-    /// The name's span in the text, without its quotes (empty for an array's item).
+    /// The name's span in the text, without its quotes.
     name: (u32, u32),
-    /// The value: a span of the text (a leaf), or of `nodes` (a container's children).
+    /// The span of `"name":value` in the output (from the start of the body's form).
     at: (u32, u32),
-    kind: Kind,
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Kind {
-    /// Text written as it is (a string without escapes, a literal, a whole number).
-    Same,
-    /// A string with escapes: written as serde_json writes it.
-    Escaped,
-    /// Any other number: written as [`canonical`] writes it.
-    Number,
-    Object,
-    Array,
-}
-
-impl Node {
-    fn new(kind: Kind, from: usize, to: usize) -> Node {
-        Node {
-            head: 0,
-            name: (0, 0),
-            at: (from as u32, to as u32),
-            kind,
-        }
-    }
-
+impl Member {
     /// The order of the names (in the text `b`).
-    fn order(&self, other: &Node, b: &[u8]) -> std::cmp::Ordering {
+    fn order(&self, other: &Member, b: &[u8]) -> std::cmp::Ordering {
         self.head.cmp(&other.head).then_with(|| {
-            let (x, y) = (self.span(self.name), other.span(other.name));
+            let (x, y) = (span(self.name), span(other.name));
             if x.len() <= 8 && y.len() <= 8 {
                 // The heads are the names.
                 std::cmp::Ordering::Equal
@@ -237,13 +223,13 @@ impl Node {
             }
         })
     }
-
-    fn span(&self, (from, to): (u32, u32)) -> std::ops::Range<usize> {
-        from as usize..to as usize
-    }
 }
 
-/// [`Node::head`] of the name at `b[from..to]`.
+fn span((from, to): (u32, u32)) -> std::ops::Range<usize> {
+    from as usize..to as usize
+}
+
+/// [`Member::head`] of the name at `b[from..to]`.
 fn name_head(b: &[u8], from: usize, to: usize) -> u64 {
     let len = to - from;
     match b.get(from..from + 8) {
@@ -292,126 +278,92 @@ impl Canon {
         if !text.is_ascii() {
             std::str::from_utf8(text).ok()?;
         }
-        self.nodes.clear();
-        self.stack.clear();
+        self.members.clear();
         let i = crate::json::skip_ws(text, 0);
         if text.get(i) != Some(&b'{') {
             return None;
         }
-        let end = self.read(text, i, true)?;
+        out.reserve(text.len() + 2);
+        let mut w = Writer {
+            b: text,
+            base: out.len(),
+            out,
+            from: i,
+            members: &mut self.members,
+            scratch: &mut self.scratch,
+        };
+        let end = w.object(i, CANON_DEPTH, true)?;
         if crate::json::skip_ws(text, end) != text.len() {
             return None;
         }
-        let root = self.stack.pop()?;
-        out.reserve(text.len() + 2);
-        self.write(text, &root, out)
+        w.flush(end);
+        Some(())
+    }
+}
+
+/// One body being written by [`Canon`].
+struct Writer<'a> {
+    /// The text.
+    b: &'a [u8],
+    out: &'a mut Vec<u8>,
+    /// Where the body's form starts in `out`.
+    base: usize,
+    /// The text from here to where reading has got to is its own canonical form, not yet
+    /// copied to `out`.
+    from: usize,
+    members: &'a mut Vec<Member>,
+    scratch: &'a mut Vec<u8>,
+}
+
+impl Writer<'_> {
+    /// Where the text at `i` (not before [`Writer::from`]) is in the output, from the
+    /// start of the body's form.
+    #[inline]
+    fn pos(&self, i: usize) -> u32 {
+        (self.out.len() - self.base + (i - self.from)) as u32
     }
 
-    /// Moves the children read from `first` on the stack to `nodes`, copied as one block
-    /// (`drain` moved them one at a time, through a copy of each node on the stack: 8.5% of
-    /// the `cache_key` example's time in a profile, and 2.6% more instructions a key).
-    fn move_children(&mut self, first: usize) {
-        self.nodes.extend_from_slice(&self.stack[first..]);
-        self.stack.truncate(first);
+    /// Copies the text up to `i` as it is.
+    #[inline]
+    fn flush(&mut self, i: usize) {
+        self.out.extend_from_slice(&self.b[self.from..i]);
+        self.from = i;
     }
 
-    /// Reads the value at `i` of `b` onto the stack (its name not set); returns where it
-    /// ends.
-    fn read(&mut self, b: &[u8], i: usize, top: bool) -> Option<usize> {
-        use crate::json::{number_end, skip_ws, string_end_escaped};
-        let (node, end) = match *b.get(i)? {
-            b'{' => {
-                let first = self.stack.len();
-                let mut in_order = true;
-                let mut j = skip_ws(b, i + 1);
-                if b.get(j) != Some(&b'}') {
-                    loop {
-                        if b.get(j) != Some(&b'"') {
-                            return None;
-                        }
-                        let (name_end, escaped) = string_end_escaped(b, j).ok()?;
-                        if escaped {
-                            return None;
-                        }
-                        let name = (j + 1, name_end - 1);
-                        let mut colon = name_end;
-                        if b.get(colon) != Some(&b':') {
-                            colon = skip_ws(b, colon);
-                            if b.get(colon) != Some(&b':') {
-                                return None;
-                            }
-                        }
-                        let at = match b.get(colon + 1) {
-                            Some(b' ' | b'\n' | b'\r' | b'\t') => skip_ws(b, colon + 1),
-                            _ => colon + 1,
-                        };
-                        let end = self.read(b, at, false)?;
-                        if top && non_semantic(&b[name.0..name.1]) {
-                            self.stack.pop();
-                        } else {
-                            let head = name_head(b, name.0, name.1);
-                            let m = self.stack.last_mut().expect("just read");
-                            m.head = head;
-                            m.name = (name.0 as u32, name.1 as u32);
-                            if let [.., last, m] = &self.stack[first..] {
-                                in_order &= last.order(m, b).is_lt();
-                            }
-                        }
-                        j = skip_ws(b, end);
-                        match b.get(j) {
-                            Some(b',') => j = skip_ws(b, j + 1),
-                            Some(b'}') => break,
-                            _ => return None,
-                        }
-                    }
-                }
-                let from = self.nodes.len();
-                self.move_children(first);
-                let ms = &mut self.nodes[from..];
-                if !in_order {
-                    // Most objects are small: insertion sort for those.
-                    if ms.len() > 16 {
-                        ms.sort_unstable_by(|x, y| x.order(y, b));
-                    } else {
-                        for n in 1..ms.len() {
-                            let mut m = n;
-                            while m > 0 && ms[m].order(&ms[m - 1], b).is_lt() {
-                                ms.swap(m - 1, m);
-                                m -= 1;
-                            }
-                        }
-                    }
-                    // Strictly in order now, or a name is given twice.
-                    if ms.windows(2).any(|w| !w[0].order(&w[1], b).is_lt()) {
-                        return None;
-                    }
-                }
-                (Node::new(Kind::Object, from, self.nodes.len()), j + 1)
+    /// Where the whitespace at `i` ends (it is left out).
+    #[inline]
+    fn skip(&mut self, i: usize) -> usize {
+        match self.b.get(i) {
+            Some(b' ' | b'\n' | b'\r' | b'\t') => {
+                self.flush(i);
+                self.from = crate::json::skip_ws(self.b, i);
+                self.from
             }
-            b'[' => {
-                let first = self.stack.len();
-                let mut j = skip_ws(b, i + 1);
-                if b.get(j) != Some(&b']') {
-                    loop {
-                        j = skip_ws(b, self.read(b, j, false)?);
-                        match b.get(j) {
-                            Some(b',') => j = skip_ws(b, j + 1),
-                            Some(b']') => break,
-                            _ => return None,
-                        }
-                    }
-                }
-                let from = self.nodes.len();
-                self.move_children(first);
-                (Node::new(Kind::Array, from, self.nodes.len()), j + 1)
-            }
+            _ => i,
+        }
+    }
+
+    /// Reads the value at `i` (`depth` more levels allowed) and writes its form; returns
+    /// where it ends.
+    fn value(&mut self, i: usize, depth: u32) -> Option<usize> {
+        use crate::json::{number_end, string_end_escaped};
+        let b = self.b;
+        match *b.get(i)? {
+            b'{' => self.object(i, depth, false),
+            b'[' => self.array(i, depth),
             b'"' => {
                 let (end, escaped) = string_end_escaped(b, i).ok()?;
-                let kind = if escaped { Kind::Escaped } else { Kind::Same };
-                (Node::new(kind, i, end), end)
+                if escaped {
+                    // As serde_json writes the string.
+                    self.flush(i);
+                    let s: String = serde_json::from_slice(&b[i..end]).ok()?;
+                    serde_json::to_writer(&mut *self.out, &s).ok()?;
+                    self.from = end;
+                }
+                Some(end)
             }
-            b't' | b'f' | b'n' => {
-                let word: &[u8] = match b[i] {
+            c @ (b't' | b'f' | b'n') => {
+                let word: &[u8] = match c {
                     b't' => b"true",
                     b'f' => b"false",
                     _ => b"null",
@@ -419,67 +371,149 @@ impl Canon {
                 if !b[i..].starts_with(word) {
                     return None;
                 }
-                (Node::new(Kind::Same, i, i + word.len()), i + word.len())
+                Some(i + word.len())
             }
             _ => {
                 let end = number_end(b, i).ok()?;
                 let v = &b[i..end];
                 let digits = v.strip_prefix(b"-").unwrap_or(v);
-                // A whole number that an f64 holds exactly is written as it is.
-                let same =
-                    digits.len() <= 15 && digits.iter().all(u8::is_ascii_digit) && v != b"-0";
-                let kind = if same { Kind::Same } else { Kind::Number };
-                (Node::new(kind, i, end), end)
-            }
-        };
-        self.stack.push(node);
-        Some(end)
-    }
-
-    /// Writes the canonical form of `node` (read from `b`).
-    fn write(&self, b: &[u8], node: &Node, out: &mut Vec<u8>) -> Option<()> {
-        let at = node.span(node.at);
-        match node.kind {
-            Kind::Same => out.extend_from_slice(&b[at]),
-            Kind::Escaped => {
-                // As serde_json writes the string.
-                let s: String = serde_json::from_slice(&b[at]).ok()?;
-                serde_json::to_writer(&mut *out, &s).ok()?;
-            }
-            Kind::Number => {
-                let n: serde_json::Number = serde_json::from_slice(&b[at]).ok()?;
-                canonical(&Value::Number(n), out);
-            }
-            Kind::Object => {
-                out.push(b'{');
-                for (n, m) in self.nodes[at].iter().enumerate() {
-                    if n > 0 {
-                        out.push(b',');
-                    }
-                    let name = m.span(m.name);
-                    if m.kind == Kind::Same && m.at.0 as usize == name.end + 2 {
-                        // `"name":value` as written.
-                        out.extend_from_slice(&b[name.start - 1..m.at.1 as usize]);
-                    } else {
-                        out.extend_from_slice(&b[name.start - 1..name.end + 1]);
-                        out.push(b':');
-                        self.write(b, m, out)?;
-                    }
+                // A whole number that an f64 holds exactly is written as it is; any other
+                // as `canonical` writes it.
+                if !(digits.len() <= 15 && digits.iter().all(u8::is_ascii_digit) && v != b"-0") {
+                    self.flush(i);
+                    let n: serde_json::Number = serde_json::from_slice(v).ok()?;
+                    canonical(&Value::Number(n), self.out);
+                    self.from = end;
                 }
-                out.push(b'}');
-            }
-            Kind::Array => {
-                out.push(b'[');
-                for (n, item) in self.nodes[at].iter().enumerate() {
-                    if n > 0 {
-                        out.push(b',');
-                    }
-                    self.write(b, item, out)?;
-                }
-                out.push(b']');
+                Some(end)
             }
         }
+    }
+
+    /// [`Writer::value`] of the object at `i`; at the `top`, the non-semantic members are
+    /// left out.
+    fn object(&mut self, i: usize, depth: u32, top: bool) -> Option<usize> {
+        use crate::json::string_end_escaped;
+        let depth = depth.checked_sub(1)?;
+        let b = self.b;
+        let first = self.members.len();
+        let mut in_order = true;
+        // A member was left out before any was kept: the comma after it goes too.
+        let mut drop_comma = false;
+        let mut j = self.skip(i + 1);
+        if b.get(j) != Some(&b'}') {
+            loop {
+                if b.get(j) != Some(&b'"') {
+                    return None;
+                }
+                let (name_end, escaped) = string_end_escaped(b, j).ok()?;
+                if escaped {
+                    return None;
+                }
+                let at = self.pos(j);
+                let mut colon = name_end;
+                if b.get(colon) != Some(&b':') {
+                    colon = self.skip(colon);
+                    if b.get(colon) != Some(&b':') {
+                        return None;
+                    }
+                }
+                let v = self.skip(colon + 1);
+                let end = self.value(v, depth)?;
+                let name = (j + 1, name_end - 1);
+                if top && non_semantic(&b[name.0..name.1]) {
+                    // Left out, with the comma before it if a member was kept before it.
+                    self.flush(end);
+                    let kept = self.members.len() > first;
+                    self.out
+                        .truncate(self.base + at as usize - usize::from(kept));
+                    drop_comma = !kept;
+                } else {
+                    let m = Member {
+                        head: name_head(b, name.0, name.1),
+                        name: (name.0 as u32, name.1 as u32),
+                        at: (at, self.pos(end)),
+                    };
+                    if let Some(last) = self.members[first..].last() {
+                        in_order &= last.order(&m, b).is_lt();
+                    }
+                    self.members.push(m);
+                }
+                j = self.skip(end);
+                match b.get(j) {
+                    Some(b',') => {
+                        if std::mem::take(&mut drop_comma) {
+                            self.flush(j);
+                            self.from = j + 1;
+                        }
+                        j = self.skip(j + 1);
+                    }
+                    Some(b'}') => break,
+                    _ => return None,
+                }
+            }
+        }
+        if !in_order {
+            self.put_in_order(first, j, b)?;
+        }
+        self.members.truncate(first);
+        Some(j + 1)
+    }
+
+    /// Puts the members of the object read from `first` on (its `}` at `close`) in order
+    /// in the output; `None` if a name is given twice.
+    fn put_in_order(&mut self, first: usize, close: usize, b: &[u8]) -> Option<()> {
+        self.flush(close);
+        let ms = &mut self.members[first..];
+        // Where the members are in the output: one after another, a comma between.
+        let start = self.base + ms[0].at.0 as usize;
+        // Most objects are small: insertion sort for those.
+        if ms.len() > 16 {
+            ms.sort_unstable_by(|x, y| x.order(y, b));
+        } else {
+            for n in 1..ms.len() {
+                let mut m = n;
+                while m > 0 && ms[m].order(&ms[m - 1], b).is_lt() {
+                    ms.swap(m - 1, m);
+                    m -= 1;
+                }
+            }
+        }
+        // Strictly in order now, or a name is given twice.
+        if ms.windows(2).any(|w| !w[0].order(&w[1], b).is_lt()) {
+            return None;
+        }
+        let scratch = &mut *self.scratch;
+        scratch.clear();
+        for (n, m) in ms.iter().enumerate() {
+            if n > 0 {
+                scratch.push(b',');
+            }
+            scratch.extend_from_slice(
+                &self.out[self.base + m.at.0 as usize..][..(m.at.1 - m.at.0) as usize],
+            );
+        }
+        self.out[start..start + scratch.len()].copy_from_slice(scratch);
         Some(())
+    }
+
+    /// [`Writer::value`] of the array at `i`.
+    fn array(&mut self, i: usize, depth: u32) -> Option<usize> {
+        let depth = depth.checked_sub(1)?;
+        let b = self.b;
+        let mut j = self.skip(i + 1);
+        if b.get(j) != Some(&b']') {
+            loop {
+                let end = self.value(j, depth)?;
+                j = self.skip(end);
+                match b.get(j) {
+                    Some(b',') => j = self.skip(j + 1),
+                    Some(b']') => break,
+                    _ => return None,
+                }
+            }
+        }
+        Some(j + 1)
     }
 }
 
@@ -1868,13 +1902,20 @@ mod tests {
                 "max_completion",
                 "stream_options",
             ];
+            // Whitespace, most often none, wherever JSON allows it in an object.
+            let ws =
+                |rng: &mut SmallRng| ["", "", "", " ", "\n\t ", "\r\n"][rng.random_range(0..6)];
             out.push('{');
+            out.push_str(ws(rng));
             for i in 0..rng.random_range(0..6) {
                 if i > 0 {
                     out.push(',');
+                    out.push_str(ws(rng));
                 }
-                out.push_str(&format!("\"{}\":", names[rng.random_range(0..names.len())]));
+                let name = names[rng.random_range(0..names.len())];
+                out.push_str(&format!("\"{name}\"{}:{}", ws(rng), ws(rng)));
                 value(rng, depth, out);
+                out.push_str(ws(rng));
             }
             out.push('}');
         }
@@ -1938,6 +1979,27 @@ mod tests {
         ] {
             assert!(agrees(body), "{body}");
         }
+    }
+
+    /// A body nested deeper than a tree is built (the input's parser refuses those) is not
+    /// read from the text either, however deep: the reading stops, never the stack. One
+    /// nested as deep as the tree goes is read.
+    #[test]
+    fn a_body_nested_too_deep_is_not_read() {
+        let deep = |n: usize| {
+            format!(
+                r#"{{"model":"m","messages":[],"x":{}1{}}}"#,
+                "[".repeat(n),
+                "]".repeat(n)
+            )
+        };
+        let mut out = Vec::new();
+        assert!(canonical_text(deep(1_000_000).as_bytes(), &mut out).is_none());
+        // The object and `x`'s arrays are all within the depth read.
+        assert!(canonical_text(deep(CANON_DEPTH as usize - 1).as_bytes(), &mut out).is_some());
+        assert!(canonical_text(deep(CANON_DEPTH as usize).as_bytes(), &mut out).is_none());
+        assert!(serde_json::from_str::<Value>(&deep(CANON_DEPTH as usize - 1)).is_ok());
+        assert!(serde_json::from_str::<Value>(&deep(CANON_DEPTH as usize)).is_err());
     }
 
     #[test]
