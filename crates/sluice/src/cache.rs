@@ -961,6 +961,44 @@ fn lookup(conn: &Connection, k: i64) -> rusqlite::Result<Option<i64>> {
     })
 }
 
+/// The places of `places` in the order of their keys. The keys are the first 8 bytes of
+/// BLAKE3 hashes, spread evenly: they are dealt into about one bucket for every two by
+/// their top bits, in order, and each bucket is then sorted on its own. (`sort_unstable` of
+/// them all took 210 instructions a key at 5,000 keys.) Keys bunched together are sorted
+/// as well, only no faster.
+fn sort_places(places: &FxHashMap<i64, i64>) -> Vec<(i64, i64)> {
+    let n = places.len();
+    if n < 64 {
+        let mut sorted: Vec<(i64, i64)> = places.iter().map(|(&k, &at)| (k, at)).collect();
+        sorted.sort_unstable();
+        return sorted;
+    }
+    let bits = (n / 2).ilog2().min(20);
+    // The key as unsigned, in the same order.
+    let bucket = |k: i64| (((k as u64) ^ (1 << 63)) >> (64 - bits)) as usize;
+    let mut starts = vec![0u32; (1 << bits) + 1];
+    for &k in places.keys() {
+        starts[bucket(k) + 1] += 1;
+    }
+    for b in 1..starts.len() {
+        starts[b] += starts[b - 1];
+    }
+    let mut sorted = vec![(0i64, 0i64); n];
+    let mut next = starts.clone();
+    for (&k, &at) in places {
+        let b = bucket(k);
+        sorted[next[b] as usize] = (k, at);
+        next[b] += 1;
+    }
+    for w in starts.windows(2) {
+        let part = &mut sorted[w[0] as usize..w[1] as usize];
+        if part.len() > 1 {
+            part.sort_unstable();
+        }
+    }
+    sorted
+}
+
 /// A record's place in a version 3 chunk: the chunk and its offset in it (never negative).
 fn place(chunk: i64, offset: usize) -> i64 {
     (chunk << 32) | offset as i64
@@ -1584,8 +1622,7 @@ impl Fresh {
     /// some is read, merged with them in order (a key already there takes its new place)
     /// and written again, as two or more blocks once it holds more than [`BLOCK_KEYS`].
     fn merge_in(&mut self, tx: &Connection) -> rusqlite::Result<()> {
-        let mut sorted: Vec<(i64, i64)> = self.places.iter().map(|(&k, &at)| (k, at)).collect();
-        sorted.sort_unstable();
+        let sorted = sort_places(&self.places);
         {
             let mut los: Vec<i64> = {
                 let mut q = tx.prepare_cached("SELECT lo FROM key_blocks ORDER BY lo")?;
@@ -2002,6 +2039,31 @@ mod tests {
         assert!(serde_json::from_str::<Value>(&deep(CANON_DEPTH as usize)).is_err());
     }
 
+    /// Places come out in the order of their keys, whether the keys are spread evenly (as
+    /// hashes are), bunched together, or at the ends of the range.
+    #[test]
+    fn places_are_sorted_by_key() {
+        use rand::rngs::SmallRng;
+        use rand::{Rng, SeedableRng};
+        let mut rng = SmallRng::seed_from_u64(5);
+        for n in [0, 1, 2, 63, 64, 65, 1000, 5000, 100_000] {
+            for spread in [64, 24] {
+                let mut places = FxHashMap::default();
+                places.insert(i64::MIN, 1);
+                places.insert(i64::MAX, 2);
+                places.insert(-1, 3);
+                places.insert(0, 4);
+                while places.len() < n + 4 {
+                    let k = rng.random::<i64>() >> (64 - spread);
+                    places.insert(k, rng.random());
+                }
+                let mut want: Vec<(i64, i64)> = places.iter().map(|(&k, &v)| (k, v)).collect();
+                want.sort_unstable();
+                assert!(sort_places(&places) == want, "{n} keys of {spread} bits");
+            }
+        }
+    }
+
     #[test]
     fn the_fields_left_out_are_the_listed_ones() {
         for f in NON_SEMANTIC_FIELDS {
@@ -2071,7 +2133,10 @@ mod tests {
                     // A member name with an escape: keyed through the tree.
                     format!(r#"{{"model":"gpt-4.1","messages":[{{"role":"user","c\u006fntent":"{content}"}}]}}"#)
                 } else {
-                    format!(r#"{{"model":"gpt-4.1","messages":[{{"role":"user","content":"{content}"}}],"n":{i}}}"#)
+                    // Now and then another model: the part of the key before the body
+                    // changes within the batch.
+                    let model = if i % 5 == 1 { "gpt-4.1-mini" } else { "gpt-4.1" };
+                    format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"{content}"}}],"n":{i}}}"#)
                 };
                 req(&line)
             })
