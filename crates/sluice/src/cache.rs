@@ -463,10 +463,9 @@ impl Writer<'_> {
     /// Puts the members of the object read from `first` on (its `}` at `close`) in order
     /// in the output; `None` if a name is given twice.
     fn put_in_order(&mut self, first: usize, close: usize, b: &[u8]) -> Option<()> {
-        self.flush(close);
         let ms = &mut self.members[first..];
-        // Where the members are in the output: one after another, a comma between.
-        let start = self.base + ms[0].at.0 as usize;
+        // Where the first member is, in the output and in the text.
+        let (start, text_start) = (ms[0].at.0 as usize, ms[0].name.0 as usize - 1);
         // Most objects are small: insertion sort for those.
         if ms.len() > 16 {
             ms.sort_unstable_by(|x, y| x.order(y, b));
@@ -483,6 +482,28 @@ impl Writer<'_> {
         if ms.windows(2).any(|w| !w[0].order(&w[1], b).is_lt()) {
             return None;
         }
+        let out = &mut *self.out;
+        if self.from <= text_start {
+            // The object is written as it is, less its order (most are): its members are
+            // copied from the text, in order.
+            out.extend_from_slice(&b[self.from..text_start]);
+            // From the output to the text: less when what came before was written longer
+            // than it is in the text (`1e5` as `100000`), hence the wrapping.
+            let shift = text_start.wrapping_sub(start);
+            for (n, m) in ms.iter().enumerate() {
+                if n > 0 {
+                    out.push(b',');
+                }
+                let at = (m.at.0 as usize).wrapping_add(shift);
+                out.extend_from_slice(&b[at..at + (m.at.1 - m.at.0) as usize]);
+            }
+            self.from = close;
+            return Some(());
+        }
+        // Its members, in the output one after another with a comma between, are copied
+        // out in order and back.
+        out.extend_from_slice(&b[self.from..close]);
+        self.from = close;
         let scratch = &mut *self.scratch;
         scratch.clear();
         for (n, m) in ms.iter().enumerate() {
@@ -490,10 +511,11 @@ impl Writer<'_> {
                 scratch.push(b',');
             }
             scratch.extend_from_slice(
-                &self.out[self.base + m.at.0 as usize..][..(m.at.1 - m.at.0) as usize],
+                &out[self.base + m.at.0 as usize..][..(m.at.1 - m.at.0) as usize],
             );
         }
-        self.out[start..start + scratch.len()].copy_from_slice(scratch);
+        let start = self.base + start;
+        out[start..start + scratch.len()].copy_from_slice(scratch);
         Some(())
     }
 
