@@ -342,7 +342,12 @@ mod x86 {
             std::array::from_fn(|l| if shared[l] { first_cv[w] } else { IV[w] })
         });
         let mut rows = [[0u8; BLOCK_LEN]; L];
-        let from = (0..L).map(|l| start(l).min(blocks[l])).min().unwrap_or(0);
+        // The first block any lane compresses (lanes without an input have no blocks).
+        let from = (0..L)
+            .filter(|&l| blocks[l] > 0)
+            .map(start)
+            .min()
+            .unwrap_or(0);
         for b in from..most {
             let mut len: Lanes<L> = [0; L];
             let mut flags: Lanes<L> = [0; L];
@@ -521,7 +526,8 @@ mod tests {
         if !std::is_x86_feature_detected!("avx2") {
             return;
         }
-        let inputs: Vec<Vec<u8>> = (0..16u8)
+        // 13: the group is not full, as the last of a batch most often is not.
+        let inputs: Vec<Vec<u8>> = (0..13u8)
             .map(|k| {
                 let mut v = vec![7u8; 200];
                 v[100] = k;
