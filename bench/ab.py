@@ -35,25 +35,15 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gen_requests import generate  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "out", "ab")
 
 
 def usage(msg):
     sys.exit(f"bench/ab.py: {msg}\n\n{__doc__}")
-
-
-def generate(n, path):
-    if os.path.exists(path):
-        return
-    with open(path + ".tmp", "w") as f:
-        for i in range(n):
-            f.write(
-                '{"custom_id":"q%d","model":"gpt-4.1-mini","messages":[{"role":"user",'
-                '"content":"Question %d: summarise the plot of a short story in one '
-                'sentence."}],"max_tokens":64}\n' % (i, i)
-            )
-    os.replace(path + ".tmp", path)
 
 
 def main():
@@ -90,7 +80,8 @@ def main():
 
     os.makedirs(OUT, exist_ok=True)
     inp = os.path.join(OUT, f"in{n}.jsonl")
-    generate(n, inp)
+    if not os.path.exists(inp):
+        generate(n, inp)
     out = os.path.join(OUT, "out.jsonl")
     cache = os.path.join(OUT, "cache.db")
     log_path = os.path.join(OUT, "sim.log")

@@ -101,13 +101,7 @@ trap stop_sim EXIT
 
 gen() { # gen N FILE: the same chat bodies bench/engine.sh sends
     [[ -s $2 ]] && [[ $(wc -l < "$2") -eq $1 ]] && return
-    python3 - "$1" "$2" <<'PY'
-import sys
-n, path = int(sys.argv[1]), sys.argv[2]
-with open(path, "w") as f:
-    for i in range(n):
-        f.write('{"custom_id":"q%d","model":"gpt-4.1-mini","messages":[{"role":"user","content":"Question %d: summarise the plot of a short story in one sentence."}],"max_tokens":64}\n' % (i, i))
-PY
+    python3 bench/gen_requests.py "$1" "$2"
 }
 
 # --- one run -------------------------------------------------------------------------

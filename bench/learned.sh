@@ -30,13 +30,7 @@ scenarios=("$@")
 [[ ${#scenarios[@]} -gt 0 ]] || scenarios=(openai-rpm openai-tpm anthropic-otpm)
 
 gen() { # gen N MODEL FILE
-    python3 - "$1" "$2" "$3" <<'PY'
-import sys
-n, model, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-with open(path, "w") as f:
-    for i in range(n):
-        f.write('{"custom_id":"q%d","model":"%s","messages":[{"role":"user","content":"Question %d: summarise the plot of a short story in one sentence."}],"max_tokens":64}\n' % (i, model, i))
-PY
+    python3 bench/gen_requests.py "$1" "$3" "$2"
 }
 
 sim_pid=""
