@@ -139,7 +139,24 @@ async fn identical_requests_in_one_run_are_sent_once_and_fanned_out() {
         assert!(group.iter().all(|l| l["response"] == group[0]["response"]));
         assert_eq!(group.iter().filter(|l| l["cached"] == false).count(), 1);
     }
-    assert_eq!(report(&rep)["cache_hits"], 20);
+    let r = report(&rep);
+    assert_eq!(r["cache_hits"], 20);
+    // `sluice status` counts the tokens paid for, as the summary does: not those of the
+    // 20 answers fanned out (each carries its original's usage).
+    let sent_tokens: u64 = out
+        .iter()
+        .filter(|l| l["cached"] == false)
+        .map(|l| l["usage"]["prompt_tokens"].as_u64().unwrap())
+        .sum();
+    assert!(sent_tokens > 0);
+    assert_eq!(r["prompt_tokens"], sent_tokens);
+    let status = status_json(&output.with_extension("jsonl.journal"))["status"].clone();
+    assert_eq!(status["prompt_tokens"], sent_tokens, "{status}");
+    assert_eq!(
+        status["completion_tokens"], r["completion_tokens"],
+        "{status}"
+    );
+    assert_eq!(status["attempts"], 10, "{status}");
 }
 
 /// Hits and misses side by side in every batch the input reader hands over: only the misses

@@ -370,9 +370,10 @@ pub struct JournalStatus {
     pub errors: Vec<ErrorCount>,
     /// HTTP attempts recorded.
     pub attempts: u64,
-    /// Input tokens of successful requests.
+    /// Input tokens of the requests sent (not of those answered from the cache or by an
+    /// identical request).
     pub prompt_tokens: u64,
-    /// Output tokens of successful requests.
+    /// Output tokens of the requests sent.
     pub completion_tokens: u64,
     /// Cost of the outcomes whose cost is known.
     pub cost_usd: f64,
@@ -1505,8 +1506,13 @@ impl Journal {
                     s.failed += 1;
                 }
             }
-            s.prompt_tokens += r.prompt_tokens.unwrap_or(0);
-            s.completion_tokens += r.completion_tokens.unwrap_or(0);
+            // Tokens paid for, as the run's summary counts them: not those of a response
+            // taken from the cache or from an identical request (its usage is the
+            // original's, and nothing was sent for it: no attempts).
+            if r.attempts > 0 {
+                s.prompt_tokens += r.prompt_tokens.unwrap_or(0);
+                s.completion_tokens += r.completion_tokens.unwrap_or(0);
+            }
             s.cost_usd += r.cost_usd.unwrap_or(0.0);
             if let Some(kind) = r.kind {
                 let example = r.message.clone().unwrap_or_default();
