@@ -788,11 +788,11 @@ async fn execute(
                 interrupts += 1;
                 if interrupts == 1 {
                     stopper.stop();
-                    view.println(&format!("{signal}: taking no more input; waiting for live requests to finish (Ctrl-C again to abandon them)"));
+                    view.println(&format!("{signal}: sending nothing more; waiting for the requests on the wire to finish (Ctrl-C again to abandon them)"));
                 } else {
                     sink.flush();
                     view.finish();
-                    eprintln!("{signal} again: abandoned the requests still live; the outcomes written so far are in the output");
+                    eprintln!("{signal} again: abandoned the requests still on the wire; the outcomes written so far are in the output");
                     if let Some(j) = sink.journal() {
                         eprintln!("{}", resume_hint(j));
                     }

@@ -233,6 +233,81 @@ async fn interrupted_runs_resume_and_send_nothing_twice() {
     }
 }
 
+/// Ctrl-C while the rate limit holds requests back: those already admitted but not sent
+/// are not sent after it (each would be paid for); they end `not_attempted`, and the resume
+/// sends them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupt_sends_nothing_that_was_not_already_on_the_wire() {
+    let sim = sim(SimConfig {
+        latency: Duration::from_millis(50),
+        ..SimConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let n = 30;
+    let input = write_input(dir.path(), &prompts(n));
+    let output = dir.path().join("out.jsonl");
+    // One request a second: the rest of those admitted wait for the limiter.
+    let mut cmd = run_against(&sim, &input, &output);
+    cmd.args(["--rpm", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sim.stats().ok < 2 {
+        assert!(Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let at_signal = sim.stats().requests;
+    signal(child.id(), "INT");
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    let sent = sim.stats().requests;
+    // At most the one the limiter let go as the signal was on its way.
+    assert!(
+        sent <= at_signal + 1,
+        "{sent} sent, {at_signal} before the interrupt: {err}"
+    );
+    let first = read_output(&output);
+    let succeeded = first.iter().filter(|l| l["status"] == "succeeded").count();
+    assert_eq!(succeeded as u64, sent, "every request sent finished: {err}");
+    let unsent: Vec<&Value> = first
+        .iter()
+        .filter(|l| l["status"] != "succeeded")
+        .collect();
+    assert!(
+        !unsent.is_empty(),
+        "requests were waiting for the limiter: {err}"
+    );
+    for l in &unsent {
+        assert_eq!(l["error"]["kind"], "not_attempted", "{l}");
+        assert_eq!(l["attempts"], 0, "{l}");
+    }
+    assert!(
+        err.contains("requests not sent are marked not_attempted"),
+        "{err}"
+    );
+
+    // The resume sends the rest, each once.
+    let mut cmd = run_against(&sim, &input, &output);
+    cmd.args(["--rpm", "6000"]);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let lines = read_output(&output);
+    assert_eq!(by_id(&lines).len(), n);
+    assert!(lines.iter().all(|l| l["status"] == "succeeded"));
+    let stats = sim.stats();
+    assert_eq!(
+        (stats.requests, stats.ok_duplicates),
+        (n as u64, 0),
+        "{stats:?}"
+    );
+    sim.shutdown().await;
+}
+
 /// A finished run of `n` prompts in `dir`, returning the sim, input and output paths.
 async fn finished_run(dir: &Path, n: usize) -> (SimHandle, std::path::PathBuf, std::path::PathBuf) {
     let sim = sim(SimConfig::default()).await;

@@ -585,7 +585,9 @@ impl Run {
 pub struct Stopper(watch::Sender<bool>);
 
 impl Stopper {
-    /// Take no more input; let live requests finish.
+    /// Take no more input and send nothing more: requests on the wire finish; those
+    /// waiting for the limiter or a retry end unsent (`not_attempted`, or `stopped` after
+    /// the attempts they had).
     pub fn stop(&self) {
         let _ = self.0.send(true);
     }
@@ -705,7 +707,7 @@ struct Scheduler {
     /// Quota exhausted or budget reached: nothing more is sent; the rest of the input is
     /// reported not attempted.
     halted: Option<StopReason>,
-    /// Interrupted: no more input is taken; live requests finish.
+    /// Interrupted: no more input is taken and nothing more sent; requests on the wire finish.
     interrupted: bool,
     /// When the run started: the origin of the send grid.
     started: Instant,
@@ -815,6 +817,10 @@ impl Scheduler {
                             reason: StopReason::Interrupted,
                             at: Instant::now(),
                         });
+                        // Only what is on the wire finishes: the requests waiting for the
+                        // limiter or a retry end now, unsent (a resume sends them), rather
+                        // than going out, and being paid for, after the user said stop.
+                        self.end_unsent(StopReason::Interrupted);
                     }
                 }
                 item = input.next(), if can_pull => match item {
@@ -836,6 +842,7 @@ impl Scheduler {
         self.progress.in_flight.load(Ordering::Relaxed) as usize
     }
 
+    /// Why the run is stopping, if it is: nothing more is sent.
     fn stop_reason(&self) -> Option<StopReason> {
         if self.halted.is_some() {
             self.halted
@@ -959,7 +966,7 @@ impl Scheduler {
         loop {
             let mut moved = false;
             for lane in 0..self.lanes.len() {
-                if self.halted.is_some() {
+                if self.stop_reason().is_some() {
                     return None;
                 }
                 match self.dispatch_lane(lane, now, &mut moved) {
@@ -1225,7 +1232,8 @@ impl Scheduler {
                 self.emit(seq, outcome);
             }
             Verdict::Permanent { error } => {
-                if model_specific(error.kind) && self.halted.is_none() && self.fall_back(seq) {
+                if model_specific(error.kind) && self.stop_reason().is_none() && self.fall_back(seq)
+                {
                     self.requeue_front(seq);
                     Progress::add(&self.progress.waiting, 1);
                 } else {
@@ -1260,10 +1268,11 @@ impl Scheduler {
                         until: c.until,
                     });
                 }
+                let stopping = self.stop_reason().is_some();
                 let live = self.live.get_mut(&seq).expect("live");
                 live.rate_limit_waits += 1;
                 let waits = live.rate_limit_waits;
-                if self.halted.is_some() {
+                if stopping {
                     self.fail_stopped(seq, error);
                 } else if waits > self.config.retry.max_rate_limit_waits {
                     let error = ErrorInfo {
@@ -1290,7 +1299,7 @@ impl Scheduler {
             Verdict::Retry { retry_after, error } => {
                 live.failures += 1;
                 let failures = live.failures;
-                if self.halted.is_some() {
+                if self.stop_reason().is_some() {
                     self.fail_stopped(seq, error);
                     return;
                 }
@@ -1369,7 +1378,7 @@ impl Scheduler {
 
     /// Ends a live request that cannot be retried because the run is stopping.
     fn fail_stopped(&mut self, seq: u64, last: ErrorInfo) {
-        let reason = self.halted.unwrap_or(StopReason::QuotaExhausted);
+        let reason = self.stop_reason().unwrap_or(StopReason::QuotaExhausted);
         let error = ErrorInfo {
             kind: ErrorKind::Stopped,
             status: last.status,
@@ -1393,6 +1402,12 @@ impl Scheduler {
             reason,
             at: Instant::now(),
         });
+        self.end_unsent(reason);
+    }
+
+    /// Ends every live request that is not on the wire (queued for the limiter or waiting
+    /// to retry): not attempted, or stopped after the attempts it had.
+    fn end_unsent(&mut self, reason: StopReason) {
         let mut waiting: Vec<u64> = self
             .live
             .iter()

@@ -221,8 +221,9 @@ impl fmt::Display for Summary {
             )?,
             Some(StopReason::Interrupted) => writeln!(
                 f,
-                "stopped: interrupted{}",
-                if self.input_left { "; input left unread" } else { "" }
+                "stopped: interrupted; requests not sent are marked {}{}",
+                ErrorKind::NotAttempted,
+                if self.input_left { ", input left unread" } else { "" }
             )?,
             None => {}
         }
