@@ -1811,7 +1811,7 @@ mod tests {
         // A journal made with SQLite's default pages (as earlier versions made them) is
         // opened and written as it is.
         let old = dir.path().join("old");
-        let mut j = Journal::create(&old, meta()).unwrap();
+        let j = Journal::create(&old, meta()).unwrap();
         j.conn
             .pragma_update(None, "journal_mode", "DELETE")
             .unwrap();
