@@ -640,10 +640,19 @@ async fn execute(
                         r.torn_bytes
                     );
                 }
-                if r.restored > 0 {
+                // Lines written back from the journal: those of requests done after one
+                // that goes again move up over its line (which was cut); any more were
+                // missing from the output.
+                let moved = r.restored.min(r.cut);
+                if moved > 0 {
                     eprintln!(
-                        "  restored {} outcome lines from the journal to the output",
-                        r.restored
+                        "  moved {moved} outcome lines up in the output, over those of the requests that go again"
+                    );
+                }
+                if r.restored > moved {
+                    eprintln!(
+                        "  restored {} outcome lines the output lacked, from the journal",
+                        r.restored - moved
                     );
                 }
             }

@@ -291,11 +291,20 @@ async fn an_interrupt_sends_nothing_that_was_not_already_on_the_wire() {
         "{err}"
     );
 
-    // The resume sends the rest, each once.
+    // The resume sends the rest, each once; the output lacked nothing.
     let mut cmd = run_against(&sim, &input, &output);
     cmd.args(["--rpm", "6000"]);
     let out = run(cmd).await;
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{} requests a stopped run left unsent go again",
+            unsent.len()
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("lacked"), "{err}");
     let lines = read_output(&output);
     assert_eq!(by_id(&lines).len(), n);
     assert!(lines.iter().all(|l| l["status"] == "succeeded"));
