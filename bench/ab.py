@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """A/B rounds of builds and modes: the client CPU of each, paired round by round.
 
-    bench/ab.py N ROUNDS LABEL=BINARY[:FLAGS] ... [--pair A/B ...]
+    bench/ab.py N ROUNDS LABEL=BINARY[:FLAGS] ... [--pair A/B ...] [--seed S | --in-order]
 
-Each round runs every LABEL once, in the order given, against one simulator (started from
+Each round runs every LABEL once, in an order shuffled afresh each round (seeded by S,
+default 1; --in-order keeps the order given), against one simulator (started from
 the first BINARY, port 0, latency 0): `BINARY run` of N requests shaped like the engine
 benchmark's (generated once into bench/out/ab/), unpaced, `--fresh`, with FLAGS. In FLAGS,
 CACHE stands for a cache file emptied before each run. The client's CPU (user + system)
@@ -12,6 +13,9 @@ comes from wait4, to the microsecond.
 Two builds measured in the same rounds see the same machine: on this VM the speed moves
 more from minute to minute than most changes do, so a build is compared with another
 through the ratios of its runs to theirs in each round, and the medians of those ratios.
+The order is shuffled because a run's cost depends on the run before it (each deletes the
+last one's files, up to 50 MB of the kernel's pages): in a fixed order, two builds of the
+same code differed by 3% in their modes' ratios, by their places in the round alone.
 
 It prints each LABEL's median µs a request (user and system apart), then each `--pair A/B`
 (by default each LABEL against the first): the median and mean of B's ratio to A in each
@@ -28,6 +32,7 @@ Example: the journal and the cache against --no-journal, for two builds:
 
 import glob
 import os
+import random
 import re
 import shlex
 import statistics as st
@@ -49,6 +54,17 @@ def usage(msg):
 def main():
     args = sys.argv[1:]
     pairs = []
+    seed, in_order = 1, False
+    if "--in-order" in args:
+        args.remove("--in-order")
+        in_order = True
+    if "--seed" in args:
+        i = args.index("--seed")
+        try:
+            seed = int(args[i + 1])
+        except (IndexError, ValueError):
+            usage("--seed takes a number")
+        del args[i : i + 2]
     while "--pair" in args:
         i = args.index("--pair")
         if i + 1 >= len(args) or "/" not in args[i + 1]:
@@ -101,9 +117,13 @@ def main():
             sys.exit("bench/ab.py: the simulator did not start (see bench/out/ab/sim.log)")
         cpu = {l: [] for l in labels}
         parts = {l: [] for l in labels}
+        rng = random.Random(seed)
         with open(os.path.join(OUT, "ab.res"), "w") as res:
             for r in range(rounds):
-                for label, binary, flags in configs:
+                order = list(configs)
+                if not in_order:
+                    rng.shuffle(order)
+                for label, binary, flags in order:
                     for f in glob.glob(out + "*") + glob.glob(cache + "*"):
                         os.remove(f)
                     cmd = [binary, "run", inp, "-o", out, "--base-url", base, "--fresh",

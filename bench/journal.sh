@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What durability costs (issue 4):
 #   1. overhead: unpaced N_OVERHEAD [20000] requests, simulator latency 0, journal on
-#      (--fresh), journal and an empty --cache, and --no-journal, PAIRS [5] rounds in turn;
+#      (--fresh), journal and an empty --cache, and --no-journal, PAIRS [5] rounds, each in
+#      a shuffled order;
 #      client CPU µs/request (user+sys of the client process, from wait4) and peak RSS,
 #      medians, and the median of each round's own ratios.
 #   2. paced:    N_PACED [10000] requests at 6,000 RPM (simulator latency 300 ms), --no-journal
@@ -73,8 +74,16 @@ if [[ $only == all || $only == overhead ]]; then
     gen "$N_OVERHEAD" "$out/in-$N_OVERHEAD.jsonl"
     start_sim
     : > "$out/overhead.rows"
+    # Each round in an order shuffled afresh (seeded): a run's cost depends on the run
+    # before it, whose files it deletes (see bench/ab.py).
+    mapfile -t orders < <(python3 -c 'import random, sys
+r = random.Random(1)
+for _ in range(int(sys.argv[1])):
+    m = ["journal", "none", "cache"]
+    r.shuffle(m)
+    print(*m)' "$PAIRS")
     for i in $(seq "$PAIRS"); do
-        for mode in journal none cache; do
+        for mode in ${orders[$((i - 1))]}; do
             # Every run starts from nothing: an output file truncated by the next run is
             # written back by ext4 when closed, which is noise on the client's CPU.
             rm -f "$out/cache.sqlite"* "$out/overhead.out.jsonl"*
@@ -99,7 +108,7 @@ for line in open(rows):
     rss[mode].append(int(m) / 1024)
 med = {m: statistics.median(by[m]) for m in modes if by[m]}
 b = med["none"]
-print(f"## Overhead: {n} unpaced requests, {len(by['none'])} alternating rounds (medians)\n")
+print(f"## Overhead: {n} unpaced requests, {len(by['none'])} rounds, each in a shuffled order (medians)\n")
 print("| | CPU µs/request | against --no-journal | peak RSS MB |\n|---|---|---|---|")
 label = {"none": "--no-journal", "journal": "journal (default)",
          "cache": "journal + --cache (empty cache: every request a miss, then stored)"}
