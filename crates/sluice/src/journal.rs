@@ -274,7 +274,9 @@ impl Chunk {
     }
 }
 
-fn is_final(kind: Option<ErrorKind>) -> bool {
+/// Whether an outcome of this error kind (none: a success) ends its request for good: not
+/// one of those a stopping run leaves unsent, which a resume sends again.
+pub(crate) fn is_final(kind: Option<ErrorKind>) -> bool {
     !matches!(
         kind,
         Some(ErrorKind::NotAttempted | ErrorKind::Stopped | ErrorKind::QuotaExhausted)

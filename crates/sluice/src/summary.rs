@@ -161,11 +161,21 @@ impl SummaryBuilder {
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
+        write!(
             f,
             "{} requests: {} succeeded, {} failed",
             self.total, self.succeeded, self.failed
         )?;
+        let cut_short: u64 = self
+            .failures
+            .iter()
+            .filter(|(kind, _)| !crate::journal::is_final(Some(**kind)))
+            .map(|(_, g)| g.count)
+            .sum();
+        if cut_short > 0 {
+            write!(f, " ({cut_short} of them only cut short by the run's stop)")?;
+        }
+        writeln!(f)?;
         if self.cache_hits > 0 {
             writeln!(
                 f,
@@ -228,5 +238,63 @@ impl fmt::Display for Summary {
             None => {}
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(kind: ErrorKind) -> Outcome {
+        Outcome {
+            custom_id: "x".into(),
+            status: Status::Failed,
+            model: "m".into(),
+            response: None,
+            error: Some(crate::outcome::ErrorInfo {
+                kind,
+                status: None,
+                message: "why".into(),
+            }),
+            attempts: 0,
+            usage: None,
+            latency_ms: 0,
+            metadata: None,
+            cost_usd: None,
+            cached: false,
+            line: 1,
+        }
+    }
+
+    #[test]
+    fn failures_a_stop_cut_short_are_told_apart_from_the_others() {
+        let mut b = SummaryBuilder::new();
+        for kind in [
+            ErrorKind::NotAttempted,
+            ErrorKind::NotAttempted,
+            ErrorKind::Stopped,
+            ErrorKind::BadRequest,
+        ] {
+            b.add(&failed(kind));
+        }
+        let progress = ProgressSnapshot::default();
+        let text = b
+            .finish(&progress, None, Duration::from_secs(1), None, None)
+            .to_string();
+        assert!(
+            text.starts_with(
+                "4 requests: 0 succeeded, 4 failed (3 of them only cut short by the run's stop)\n"
+            ),
+            "{text}"
+        );
+        let mut b = SummaryBuilder::new();
+        b.add(&failed(ErrorKind::BadRequest));
+        let text = b
+            .finish(&progress, None, Duration::from_secs(1), None, None)
+            .to_string();
+        assert!(
+            text.starts_with("1 requests: 0 succeeded, 1 failed\n"),
+            "{text}"
+        );
     }
 }
