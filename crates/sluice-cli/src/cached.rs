@@ -171,6 +171,9 @@ impl CacheLayer {
                 });
             }
             let waited = dedup.waiting.remove(&key).unwrap_or_default();
+            // A request the run's stop cut short answers nothing: those that waited for it
+            // are cut short too (a resume sends them), not answered by it.
+            let answers = sluice::journal::is_final(outcome.error.as_ref().map(|e| e.kind));
             followers.extend(waited.into_iter().map(|f| Outcome {
                 custom_id: f.custom_id,
                 status: outcome.status,
@@ -182,7 +185,7 @@ impl CacheLayer {
                 latency_ms: outcome.latency_ms,
                 metadata: f.metadata,
                 cost_usd: Some(0.0),
-                cached: true,
+                cached: answers,
                 line: f.line,
             }));
         }
@@ -195,5 +198,74 @@ impl CacheLayer {
         }
         let mut shared = self.shared.lock().expect("not poisoned");
         shared.cache.put_batch(pending)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice::request::LineParser;
+    use sluice::{ErrorInfo, ErrorKind};
+
+    fn layer(dir: &std::path::Path) -> CacheLayer {
+        let cache = Cache::open(&dir.join("cache.sqlite"), false).unwrap();
+        CacheLayer::new(cache, "openai|http://127.0.0.1:1/v1")
+    }
+
+    fn twins() -> Vec<Request> {
+        let parser = LineParser::new(Some("gpt-4.1-mini".into()));
+        (1..=2)
+            .map(|line| {
+                let text = format!(r#"{{"custom_id":"c{line}","prompt":"the same question"}}"#);
+                parser.parse(line, &text).unwrap()
+            })
+            .collect()
+    }
+
+    fn failed(request: &Request, kind: ErrorKind) -> Outcome {
+        Outcome {
+            custom_id: request.custom_id.clone(),
+            status: Status::Failed,
+            model: request.model.clone(),
+            response: None,
+            error: Some(ErrorInfo {
+                kind,
+                status: None,
+                message: "why".into(),
+            }),
+            attempts: u32::from(kind != ErrorKind::NotAttempted),
+            usage: None,
+            latency_ms: 0,
+            metadata: None,
+            cost_usd: None,
+            cached: false,
+            line: request.line,
+        }
+    }
+
+    #[test]
+    fn those_waiting_for_a_request_the_stop_cut_short_are_cut_short_not_answered() {
+        for (kind, answered) in [
+            (ErrorKind::NotAttempted, false),
+            (ErrorKind::Stopped, false),
+            (ErrorKind::BadRequest, true),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let layer = layer(dir.path());
+            let requests = twins();
+            let (send, hits) = layer.sort(requests.clone());
+            assert!(hits.is_empty());
+            assert_eq!(send.len(), 1, "the second waits for the first");
+            let mut pending = Pending::with_capacity(1);
+            let mut followers = Vec::new();
+            layer.answered(&[failed(&send[0], kind)], &mut pending, &mut followers);
+            assert_eq!(followers.len(), 1);
+            let f = &followers[0];
+            assert_eq!((f.custom_id.as_str(), f.line), ("c2", 2));
+            assert_eq!(f.error.as_ref().map(|e| e.kind), Some(kind));
+            assert_eq!(f.cached, answered, "{kind}");
+            assert_eq!((f.attempts, f.cost_usd), (0, Some(0.0)));
+            assert!(pending.is_empty(), "a failure is not cached");
+        }
     }
 }

@@ -276,7 +276,7 @@ impl Chunk {
 
 /// Whether an outcome of this error kind (none: a success) ends its request for good: not
 /// one of those a stopping run leaves unsent, which a resume sends again.
-pub(crate) fn is_final(kind: Option<ErrorKind>) -> bool {
+pub fn is_final(kind: Option<ErrorKind>) -> bool {
     !matches!(
         kind,
         Some(ErrorKind::NotAttempted | ErrorKind::Stopped | ErrorKind::QuotaExhausted)
