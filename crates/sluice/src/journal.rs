@@ -723,8 +723,9 @@ struct Segment {
 /// segment is one row of tens of KiB to a few MiB (overflow pages), written to the WAL and
 /// later copied into the database a page at a time, one system call per page: with 64 KiB
 /// pages a 20,000-request run makes 110 of those calls instead of 1,166 with the default
-/// 4 KiB (`strace -c`), each of them, on this VM, dearer than the bytes it moves. (Set at
-/// creation; a journal keeps the page size it was made with.)
+/// 4 KiB (`strace -c`). The same bytes in fewer calls; the client's CPU did not move
+/// measurably (BENCHMARKS.md, twelfth session). (Set at creation; a journal keeps the page
+/// size it was made with.)
 const JOURNAL_PAGE_SIZE: i64 = 65536;
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
