@@ -426,16 +426,22 @@ async fn sigint_and_sigterm_stop_taking_input_and_finish_live_requests() {
             "terminated"
         };
         assert!(
-            err.contains(&format!("{word}: taking no more input")),
+            err.contains(&format!("{word}: sending nothing more")),
             "{err}"
         );
         assert!(err.contains("input left unread"), "{err}");
         let lines = read_output(&output);
         assert!(!lines.is_empty() && lines.len() < 2_000, "{}", lines.len());
         // Every request sent got its outcome; none was sent twice or left without a line.
+        // Those still waiting for the limiter were not sent after the signal.
         let stats = sim.stats();
-        assert_eq!(stats.requests, lines.len() as u64, "{stats:?}");
-        assert!(lines.iter().all(|l| l["status"] == "succeeded"));
+        let sent: Vec<&Value> = lines.iter().filter(|l| l["attempts"] != 0).collect();
+        assert_eq!(stats.requests, sent.len() as u64, "{stats:?}");
+        assert!(sent.iter().all(|l| l["status"] == "succeeded"));
+        assert!(lines
+            .iter()
+            .filter(|l| l["attempts"] == 0)
+            .all(|l| l["error"]["kind"] == "not_attempted"));
         let report: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
         assert_eq!(report["stopped"], "interrupted");
         assert_eq!(report["total"], lines.len());
