@@ -187,19 +187,8 @@ async fn interrupted_runs_resume_and_send_nothing_twice() {
         let input = write_input(dir.path(), &prompts(n));
         let output = dir.path().join("out.jsonl");
         let mut cmd = run_against(&sim, &input, &output);
-        cmd.args(["--rpm", "3000", "--concurrency", "16"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let child = cmd.spawn().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while sim.stats().ok < 20 {
-            assert!(Instant::now() < deadline, "no progress");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        signal(child.id(), signal_name);
-        let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-            .await
-            .unwrap();
+        cmd.args(["--rpm", "3000", "--concurrency", "16"]);
+        let (_, out) = signal_once_answered(&sim, cmd, 20, signal_name).await;
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(3), "SIG{signal_name}: {err}");
         assert!(err.contains("run the same command again"), "{err}");
@@ -249,20 +238,8 @@ async fn an_interrupt_sends_nothing_that_was_not_already_on_the_wire() {
     let output = dir.path().join("out.jsonl");
     // One request a second: the rest of those admitted wait for the limiter.
     let mut cmd = run_against(&sim, &input, &output);
-    cmd.args(["--rpm", "60"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let child = cmd.spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while sim.stats().ok < 2 {
-        assert!(Instant::now() < deadline, "no progress");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let at_signal = sim.stats().requests;
-    signal(child.id(), "INT");
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
+    cmd.args(["--rpm", "60"]);
+    let (at_signal, out) = signal_once_answered(&sim, cmd, 2, "INT").await;
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(3), "{err}");
     let sent = sim.stats().requests;

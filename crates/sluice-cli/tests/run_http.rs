@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -400,24 +400,9 @@ async fn sigint_and_sigterm_stop_taking_input_and_finish_live_requests() {
         let report = dir.path().join("report.json");
         let mut cmd = run_against(&sim, &input, &output);
         cmd.args(["--rpm", "600", "--concurrency", "8", "--report"])
-            .arg(&report)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let child = cmd.spawn().unwrap();
-        // Wait until some outcomes exist, then signal.
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while sim.stats().ok < 5 {
-            assert!(std::time::Instant::now() < deadline, "no progress");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-            .await
-            .unwrap();
+            .arg(&report);
+        // Once some outcomes exist.
+        let (_, out) = signal_once_answered(&sim, cmd, 5, signal).await;
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(3), "SIG{signal}: {err}");
         let word = if signal == "INT" {

@@ -91,3 +91,28 @@ pub fn signal(pid: u32, signal: &str) {
         .unwrap();
     assert!(status.success(), "kill -{signal} {pid}");
 }
+
+/// Spawns `cmd` (its stderr captured), sends it `signal` once the simulator has answered
+/// `answered` requests, and waits for it to exit. Returns the requests the simulator had
+/// received when the signal went, and the output.
+pub async fn signal_once_answered(
+    sim: &SimHandle,
+    mut cmd: Command,
+    answered: u64,
+    signal_name: &str,
+) -> (u64, Output) {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().expect("sluice starts");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while sim.stats().ok < answered {
+        assert!(std::time::Instant::now() < deadline, "no progress");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let at_signal = sim.stats().requests;
+    signal(child.id(), signal_name);
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    (at_signal, out)
+}
