@@ -65,6 +65,22 @@ enum Command {
     Estimate(models::EstimateArgs),
 }
 
+/// Keeps a run's memory in 4 KiB pages. A run's heap is a few MB, reused request after
+/// request, so a 2 MiB transparent huge page saves it little, while each is zeroed whole
+/// when first touched, used or not. mimalloc's `no_thp` feature stops it asking for them
+/// (`MADV_HUGEPAGE`, for every command); this covers systems that give them unasked
+/// (THP `always`), from here on. Measured on 20,000 unpaced requests (BENCHMARKS.md,
+/// thirteenth session): peak RSS 23 → 15 MB with `--no-journal`, 35 → 19 MB with the
+/// journal, 37 → 22 MB with the cache too; client CPU 1% to 4% lower.
+fn no_huge_pages() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_THP_DISABLE takes integers only and changes no memory of ours; on a
+    // kernel without it the call fails and nothing changes.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -74,6 +90,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Run(_)) {
+        no_huge_pages();
+    }
     match cli.command {
         Command::Status(args) => return ExitCode::from(status::run(args)),
         Command::Models(args) => return ExitCode::from(models::models(args)),

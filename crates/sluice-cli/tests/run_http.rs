@@ -473,3 +473,48 @@ async fn an_unknown_rate_limit_is_found_by_the_send_window_and_nothing_fails() {
     );
     sim.shutdown().await;
 }
+
+/// A run keeps its memory in small pages: the kernel is told not to back it with
+/// transparent huge pages (`THP_enabled: 0`), and mimalloc no longer asks for them
+/// (`hg`, `MADV_HUGEPAGE`, on none of its mappings). Each huge page is zeroed whole when
+/// first touched; with them a run's peak RSS was about twice as large (BENCHMARKS.md).
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_asks_for_no_transparent_huge_pages() {
+    let sim = sim(SimConfig {
+        latency: Duration::from_millis(200),
+        ..SimConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_input(dir.path(), &prompts(200));
+    let output = dir.path().join("out.jsonl");
+    let mut cmd = run_against(&sim, &input, &output);
+    cmd.args(["--rpm", "600", "--no-journal"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().expect("sluice starts");
+    // Once it is sending, its allocator has mapped what a run uses.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while sim.stats().ok < 3 {
+        assert!(std::time::Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let proc_file = |name: &str| {
+        std::fs::read_to_string(format!("/proc/{}/{name}", child.id())).expect("readable")
+    };
+    let status = proc_file("status");
+    let smaps = proc_file("smaps");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let thp = status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .expect("the kernel reports THP_enabled");
+    assert_eq!(thp.trim(), "0", "THP_enabled");
+    let huge: Vec<&str> = smaps
+        .lines()
+        .filter(|l| l.starts_with("VmFlags:") && l.split_whitespace().any(|f| f == "hg"))
+        .collect();
+    assert!(huge.is_empty(), "mappings asking for huge pages: {huge:?}");
+}
