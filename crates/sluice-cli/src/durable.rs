@@ -366,6 +366,7 @@ mod tests {
             settings: serde_json::json!({}),
             created_by: "test".into(),
             created_at: "now".into(),
+            by_custom_id: false,
         };
         let journal = Journal::create(&journal_path, meta).unwrap();
         let writer = FullAfter {

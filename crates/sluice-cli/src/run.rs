@@ -403,6 +403,12 @@ fn prepare(args: &RunArgs, sim: Option<&sluice_sim::SimHandle>) -> Result<Option
     };
     let mut existing = existing;
     let mut done = match &mut existing {
+        // A session went on with another input (forced): the rows' lines may be an earlier
+        // input's, so their requests are known by custom_id.
+        Some(j) if j.meta().by_custom_id => Done::Ids(
+            j.done_ids(args.retry_failed)
+                .map_err(|e| Usage(e.to_string()))?,
+        ),
         Some(j) => Done::Lines(
             j.done_lines(args.retry_failed)
                 .map_err(|e| Usage(e.to_string()))?,
@@ -607,13 +613,26 @@ async fn execute(
                 created_by: env!("CARGO_PKG_VERSION").to_string(),
                 created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
                     .to_string(),
+                by_custom_id: false,
             };
             Some(Journal::create(&path, meta)?)
         }
         JournalPlan::Resume(mut j) => {
             let (plan, repair) =
                 durable::resume(&mut j, args.output.as_deref(), args.retry_failed)?;
-            j.update_paths(&args.input, &output_name)?;
+            // This session's paths, and what it goes on with: a forced resume's input and
+            // settings are the run's from now on, so the same command again resumes without
+            // --force (by custom_id, as the rows' lines may be the earlier input's).
+            let settings = journal_settings(&args);
+            j.update_meta(|m| {
+                m.input_path = args.input.clone();
+                m.output_path = output_name.clone();
+                if m.input != scan.fingerprint {
+                    m.input = scan.fingerprint.clone();
+                    m.by_custom_id = true;
+                }
+                m.settings = settings;
+            })?;
             eprintln!(
                 "resuming from {}: {} of {} requests already have an outcome; sending {}",
                 j.path().display(),

@@ -433,6 +433,60 @@ async fn a_changed_input_is_refused_unless_forced_and_nothing_is_lost() {
     assert_eq!(sim.stats().requests, 32);
 }
 
+/// A resume forced onto another input makes it the run's input: the same command again
+/// resumes without `--force`, and by `custom_id`, since the journal's rows carry the line
+/// numbers of both inputs. Here the new input puts a request before the old ones, so by
+/// line the last old request would look unfinished (and be paid for twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_resume_adopts_the_new_input_and_later_resumes_go_by_custom_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, input, output) = finished_run(dir.path(), 20).await;
+    let journal = dir.path().join("out.jsonl.journal");
+    let mut lines: Vec<String> = (0..10)
+        .map(|i| format!(r#"{{"custom_id":"new{i}","model":"gpt-4.1-mini","prompt":"new question {i}","max_tokens":32}}"#))
+        .collect();
+    lines.splice(1..1, prompts(20));
+    write_input(dir.path(), &lines);
+
+    // Forced, and interrupted once two of the new requests are answered.
+    let mut cmd = run_against(&sim, &input, &output);
+    cmd.args(["--force", "--rpm", "60"]);
+    let (_, out) = signal_once_answered(&sim, cmd, 22, "INT").await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("resuming by custom_id (--force)"), "{err}");
+    let sent = sim.stats().requests;
+    assert!((22..30).contains(&sent), "{sent} sent: {err}");
+    assert_eq!(
+        status_json(&journal)["status"]["requests"],
+        30,
+        "the new input's"
+    );
+
+    // The same command, not forced: no refusal, the rest go, each once.
+    let out = run(run_against(&sim, &input, &output)).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("input changed"), "{err}");
+    assert!(
+        err.contains(&format!("sending {}", 30 - sent)),
+        "{sent} sent before: {err}"
+    );
+    let lines = read_output(&output);
+    assert_eq!(lines.len(), 30);
+    assert_eq!(by_id(&lines).len(), 30);
+    assert!(lines.iter().all(|l| l["status"] == "succeeded"));
+    let stats = sim.stats();
+    assert_eq!((stats.requests, stats.ok_duplicates), (30, 0), "{stats:?}");
+    let status = status_json(&journal);
+    assert_eq!(
+        (&status["status"]["requests"], &status["status"]["done"]),
+        (&Value::from(30), &Value::from(30)),
+        "{status}"
+    );
+    sim.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_or_foreign_version_journal_is_a_clear_error_never_a_fresh_start() {
     let dir = tempfile::tempdir().unwrap();

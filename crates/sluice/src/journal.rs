@@ -151,6 +151,11 @@ pub struct JournalMeta {
     pub created_by: String,
     /// When it was made (RFC 3339, UTC).
     pub created_at: String,
+    /// A resume went on with another input (`--force`): the rows' input lines may be those
+    /// of an earlier input, so resumes skip requests by `custom_id`, not by line, from then
+    /// on. (`input` is the latest input's fingerprint.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub by_custom_id: bool,
 }
 
 /// One outcome to journal, with the output line it becomes.
@@ -967,15 +972,14 @@ impl Journal {
         self.rows
     }
 
-    /// Records the input path and output path of this session (they may move between
-    /// sessions; the fingerprint is what must not change).
-    pub fn update_paths(
+    /// Records what this session changed in the run's [`JournalMeta`]: where the input
+    /// and output are (they may move between sessions), and after a forced resume the
+    /// input and settings it went on with.
+    pub fn update_meta(
         &mut self,
-        input_path: &str,
-        output_path: &str,
+        change: impl FnOnce(&mut JournalMeta),
     ) -> Result<(), JournalError> {
-        self.meta.input_path = input_path.to_string();
-        self.meta.output_path = output_path.to_string();
+        change(&mut self.meta);
         let json = serde_json::to_string(&self.meta).expect("meta serialises");
         self.conn
             .execute(
@@ -1718,7 +1722,23 @@ mod tests {
             settings: serde_json::json!({}),
             created_by: "test".into(),
             created_at: "now".into(),
+            by_custom_id: false,
         }
+    }
+
+    #[test]
+    fn meta_written_before_by_custom_id_reads_as_by_line_and_is_written_the_same() {
+        let old = serde_json::to_value(meta()).unwrap();
+        assert!(old.get("by_custom_id").is_none(), "{old}");
+        let read: JournalMeta = serde_json::from_value(old).unwrap();
+        assert!(!read.by_custom_id);
+        let forced = JournalMeta {
+            by_custom_id: true,
+            ..meta()
+        };
+        let again: JournalMeta =
+            serde_json::from_str(&serde_json::to_string(&forced).unwrap()).unwrap();
+        assert!(again.by_custom_id);
     }
 
     fn entry(line: u64, kind: Option<ErrorKind>) -> Entry {
