@@ -25,14 +25,20 @@ pub fn journal_path(explicit: Option<&Path>, output: Option<&Path>) -> Option<Pa
 }
 
 /// Removes a journal, its SQLite side files and its outcome log (for `--fresh`).
-pub fn remove_journal(path: &Path) -> io::Result<()> {
+pub fn remove_journal(path: &Path) -> Result<(), sluice::journal::JournalError> {
+    // Not from under a run that has it.
+    let _held = match sluice::journal::hold(path) {
+        Ok(held) => Some(held),
+        Err(sluice::journal::JournalError::Io(e)) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e),
+    };
     for suffix in ["", "-wal", "-shm", "-log", "-log.tmp"] {
         let mut p = path.as_os_str().to_os_string();
         p.push(suffix);
         match std::fs::remove_file(&p) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())

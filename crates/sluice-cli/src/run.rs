@@ -381,8 +381,10 @@ fn prepare(args: &RunArgs, sim: Option<&sluice_sim::SimHandle>) -> Result<Option
         durable::journal_path(args.journal.as_deref(), args.output.as_deref())
     };
     if let Some(path) = journal_path.as_deref().filter(|_| args.fresh) {
-        durable::remove_journal(path)
-            .map_err(|e| Usage(format!("--fresh: cannot remove {}: {e}", path.display())))?;
+        durable::remove_journal(path).map_err(|e| match e {
+            e @ sluice::journal::JournalError::InUse { .. } => Usage(e.to_string()),
+            e => Usage(format!("--fresh: cannot remove {}: {e}", path.display())),
+        })?;
     }
     let existing = match &journal_path {
         Some(p) if p.exists() => Some(

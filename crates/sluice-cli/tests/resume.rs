@@ -487,6 +487,80 @@ async fn a_forced_resume_adopts_the_new_input_and_later_resumes_go_by_custom_id(
     sim.shutdown().await;
 }
 
+/// A job started twice: while the first run holds the journal, the second is refused
+/// before it changes or sends anything (with `--fresh` too), `sluice status` still reads
+/// the journal, and once the first has stopped the same command resumes, each request
+/// sent once. (Both used to run: the second resumed from under the first, sent what the
+/// first was sending, and the first failed on the journal.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_run_of_a_job_whose_journal_is_in_use_is_refused() {
+    let sim = sim(SimConfig {
+        latency: Duration::from_millis(50),
+        ..SimConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let n = 40;
+    let input = write_input(dir.path(), &prompts(n));
+    let output = dir.path().join("out.jsonl");
+    let journal = dir.path().join("out.jsonl.journal");
+    let mut first = run_against(&sim, &input, &output);
+    first
+        .args(["--rpm", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let first = first.spawn().expect("sluice starts");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sim.stats().ok < 2 {
+        assert!(Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let at_start = sim.stats().requests;
+    for fresh in [false, true] {
+        // Unpaced: had it run, it would have sent the rest at once.
+        let mut cmd = run_against(&sim, &input, &output);
+        cmd.args(["--rpm", "60000"]);
+        if fresh {
+            cmd.arg("--fresh");
+        }
+        let out = run(cmd).await;
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("is in use by another sluice run") && err.contains("nothing was"),
+            "{err}"
+        );
+        assert!(journal.exists(), "--fresh removed a journal in use");
+    }
+    // The first run, at one request a second, sent at most one more meanwhile.
+    assert!(sim.stats().requests <= at_start + 1, "{:?}", sim.stats());
+    let status = status_json(&journal);
+    assert!(
+        status["status"]["pending"].as_u64().unwrap() > 0,
+        "{status}"
+    );
+
+    signal(first.id(), "INT");
+    let out = tokio::task::spawn_blocking(move || first.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let mut cmd = run_against(&sim, &input, &output);
+    cmd.args(["--rpm", "60000"]);
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let lines = read_output(&output);
+    assert_eq!((lines.len(), by_id(&lines).len()), (n, n));
+    assert!(lines.iter().all(|l| l["status"] == "succeeded"));
+    let stats = sim.stats();
+    assert_eq!(
+        (stats.requests, stats.ok_duplicates),
+        (n as u64, 0),
+        "{stats:?}"
+    );
+    sim.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_or_foreign_version_journal_is_a_clear_error_never_a_fresh_start() {
     let dir = tempfile::tempdir().unwrap();

@@ -26,6 +26,10 @@
 //! (`not_attempted`, `stopped`, and the one refused for exhausted quota) are *not final*:
 //! their lines are in the output so every request has one, but a resume sends them again.
 //!
+//! A run holds its journal ([`hold`]: an exclusive `flock` on the database file, taken
+//! before anything is read or written): the same job started twice is refused, not run
+//! twice from one journal. `sluice status` reads without it.
+//!
 //! # Resume
 //!
 //! [`Journal::open`] replays the log: its records replace the database's rows from the
@@ -112,9 +116,43 @@ pub enum JournalError {
         /// How it differs.
         reason: String,
     },
+    /// Another process (a run of the same job started twice) has the journal.
+    #[error("journal {path} is in use by another sluice run; nothing was changed or sent. Wait for that run to end (or stop it with Ctrl-C), then run this again")]
+    InUse {
+        /// The journal.
+        path: PathBuf,
+    },
     /// Reading or writing the output file failed.
     #[error("{0}")]
     Io(#[from] io::Error),
+}
+
+/// A journal held by this process (see [`hold`]).
+#[derive(Debug)]
+pub struct Held(
+    // Closed last: closing any descriptor of the file drops every `fcntl` lock this process
+    // has on it, SQLite's included, so a journal closes its connection first.
+    #[allow(dead_code)] File,
+);
+
+/// Takes the journal at `path` (its database, which must exist) for this process until
+/// the returned [`Held`] is dropped or the process ends, however it ends: two runs of one
+/// job at once would send the same requests twice and write over each other's log. An
+/// exclusive `flock` on the database file, which SQLite's own locks (`fcntl`) do not see:
+/// `sluice status` still reads a journal that a run holds. Not taken off Unix.
+pub fn hold(path: &Path) -> Result<Held, JournalError> {
+    let file = File::open(path)?;
+    #[cfg(unix)]
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(JournalError::InUse {
+                path: path.to_path_buf(),
+            })
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+    }
+    Ok(Held(file))
 }
 
 fn sqlite(path: &Path) -> impl FnOnce(rusqlite::Error) -> JournalError + '_ {
@@ -420,6 +458,9 @@ pub struct Journal {
     /// What the last pass over the records found to drop on resume, for its
     /// `retry_failed` flag: saves [`Journal::resume`] a second pass.
     survey: Option<(bool, Survey)>,
+    /// This process's hold on the journal (`None` read-only). Last, so dropped after
+    /// `conn` (see [`Held`]).
+    _held: Option<Held>,
 }
 
 /// The rows a resume drops, found in a pass over the records.
@@ -744,6 +785,22 @@ impl Journal {
     /// Creates a new journal at `path`, which must not exist.
     pub fn create(path: &Path, meta: JournalMeta) -> Result<Journal, JournalError> {
         let err = sqlite(path);
+        // Made here, empty (an empty database to SQLite), so that it is held before
+        // anything is written, and two runs cannot both make it.
+        File::options()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| {
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    JournalError::InUse {
+                        path: path.to_path_buf(),
+                    }
+                } else {
+                    e.into()
+                }
+            })?;
+        let held = hold(path)?;
         let conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -767,7 +824,14 @@ impl Journal {
         })();
         made.map_err(err)?;
         let log = open_log(path, true)?;
-        Ok(Journal::assemble(conn, path, meta, 0, Some(log)))
+        Ok(Journal::assemble(
+            conn,
+            path,
+            meta,
+            0,
+            Some(log),
+            Some(held),
+        ))
     }
 
     fn assemble(
@@ -776,6 +840,7 @@ impl Journal {
         meta: JournalMeta,
         rows: u64,
         log: Option<File>,
+        held: Option<Held>,
     ) -> Journal {
         Journal {
             conn,
@@ -789,6 +854,7 @@ impl Journal {
             unsynced_bytes: 0,
             overlay: Vec::new(),
             survey: None,
+            _held: held,
         }
     }
 
@@ -813,6 +879,8 @@ impl Journal {
             path: path.to_path_buf(),
             reason,
         };
+        // Held before SQLite opens it: replaying the log writes.
+        let held = if read_only { None } else { Some(hold(path)?) };
         let flags = if read_only {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
         } else {
@@ -867,7 +935,7 @@ impl Journal {
         }
         let rows = max_seq(&conn).map_err(|e| corrupt(e.to_string()))?;
         if read_only {
-            let mut j = Journal::assemble(conn, path, meta, rows, None);
+            let mut j = Journal::assemble(conn, path, meta, rows, None, None);
             // A live run's log may be appended to as it is read: a chunk cut short is
             // one not yet written.
             match File::open(log_path(path)) {
@@ -887,7 +955,7 @@ impl Journal {
             return Ok(j);
         }
         let log = open_log(path, false)?;
-        let mut j = Journal::assemble(conn, path, meta, rows, Some(log));
+        let mut j = Journal::assemble(conn, path, meta, rows, Some(log), held);
         j.replay_log()?;
         Ok(j)
     }
@@ -1741,6 +1809,26 @@ mod tests {
         assert!(again.by_custom_id);
     }
 
+    #[test]
+    fn a_journal_is_held_by_one_writer_at_a_time_and_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let first = Journal::create(&path, meta()).unwrap();
+        assert!(matches!(
+            Journal::open(&path),
+            Err(JournalError::InUse { .. })
+        ));
+        assert!(matches!(
+            Journal::create(&path, meta()),
+            Err(JournalError::InUse { .. })
+        ));
+        assert!(matches!(hold(&path), Err(JournalError::InUse { .. })));
+        Journal::open_read_only(&path).expect("read while held");
+        drop(first);
+        let again = Journal::open(&path).expect("free once the first is closed");
+        assert_eq!(again.meta(), &meta());
+    }
+
     fn entry(line: u64, kind: Option<ErrorKind>) -> Entry {
         Entry {
             line,
@@ -1935,6 +2023,7 @@ mod tests {
         j.truncate_rows(2).unwrap();
         j.check_output(&out).unwrap();
         assert_eq!(j.rows(), 2);
+        drop(j);
         assert_eq!(Journal::open(&path).unwrap().rows(), 2);
     }
 
