@@ -561,6 +561,26 @@ async fn a_second_run_of_a_job_whose_journal_is_in_use_is_refused() {
     sim.shutdown().await;
 }
 
+/// A journal that cannot be made (its directory does not exist) is an error that names
+/// it, once, and nothing is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_that_cannot_be_made_is_named_in_the_error() {
+    let sim = sim(SimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_input(dir.path(), &prompts(3));
+    let output = dir.path().join("missing").join("out.jsonl");
+    let out = run(run_against(&sim, &input, &output)).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    let journal = format!("{}.journal", output.display());
+    assert!(
+        err.contains(&format!("cannot create the journal {journal}: ")),
+        "{err}"
+    );
+    assert_eq!(err.matches("os error").count(), 1, "said once: {err}");
+    assert_eq!(sim.stats().requests, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_or_foreign_version_journal_is_a_clear_error_never_a_fresh_start() {
     let dir = tempfile::tempdir().unwrap();

@@ -123,8 +123,16 @@ pub enum JournalError {
         path: PathBuf,
     },
     /// Reading or writing the output file failed.
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] io::Error),
+}
+
+/// `e`, saying what was being done to which file.
+fn in_context(e: io::Error, what: &str, path: &Path) -> JournalError {
+    JournalError::Io(io::Error::new(
+        e.kind(),
+        format!("{what} {}: {e}", path.display()),
+    ))
 }
 
 /// A journal held by this process (see [`hold`]).
@@ -141,7 +149,7 @@ pub struct Held(
 /// exclusive `flock` on the database file, which SQLite's own locks (`fcntl`) do not see:
 /// `sluice status` still reads a journal that a run holds. Not taken off Unix.
 pub fn hold(path: &Path) -> Result<Held, JournalError> {
-    let file = File::open(path)?;
+    let file = File::open(path).map_err(|e| in_context(e, "cannot open the journal", path))?;
     #[cfg(unix)]
     match file.try_lock() {
         Ok(()) => {}
@@ -797,7 +805,7 @@ impl Journal {
                         path: path.to_path_buf(),
                     }
                 } else {
-                    e.into()
+                    in_context(e, "cannot create the journal", path)
                 }
             })?;
         let held = hold(path)?;
