@@ -820,12 +820,29 @@ async fn execute(
                     stopper.stop();
                     view.println(&format!("{signal}: sending nothing more; waiting for the requests on the wire to finish (Ctrl-C again to abandon them)"));
                 } else {
+                    let progress = run.progress().snapshot();
                     sink.flush();
                     view.finish();
-                    eprintln!("{signal} again: abandoned the requests still on the wire; the outcomes written so far are in the output");
+                    let summary = std::mem::take(&mut sink.summary).finish(
+                        &progress,
+                        None,
+                        started.elapsed(),
+                        config.rpm,
+                        config.tpm,
+                    );
+                    eprint!("{summary}");
+                    let n = progress.in_flight;
+                    eprintln!(
+                        "{signal} again: abandoned {n} {} still on the wire, with no outcome: the provider may still answer {} (and bill {}), and a resume sends {} again; the outcomes written so far are in the output",
+                        if n == 1 { "request" } else { "requests" },
+                        if n == 1 { "it" } else { "them" },
+                        if n == 1 { "it" } else { "them" },
+                        if n == 1 { "it" } else { "them" },
+                    );
                     if let Some(j) = sink.journal() {
                         eprintln!("{}", resume_hint(j));
                     }
+                    write_report(args.report.as_deref(), &summary)?;
                     return Ok(exit::STOPPED);
                 }
             }
@@ -870,11 +887,7 @@ async fn execute(
     if let (Some(j), Some(_)) = (sink.journal(), end.stopped) {
         eprintln!("{}", resume_hint(j));
     }
-    if let Some(path) = &args.report {
-        let json = serde_json::to_vec_pretty(&summary).expect("summaries serialise");
-        std::fs::write(path, json)
-            .with_context(|| format!("cannot write the report to {}", path.display()))?;
-    }
+    write_report(args.report.as_deref(), &summary)?;
     if let Some(h) = sim {
         h.shutdown().await;
     }
@@ -892,6 +905,16 @@ async fn execute(
     } else {
         exit::OK
     })
+}
+
+/// Writes the run's summary as JSON to `path` (`--report`), if given.
+fn write_report(path: Option<&Path>, summary: &Summary) -> anyhow::Result<()> {
+    if let Some(path) = path {
+        let json = serde_json::to_vec_pretty(summary).expect("summaries serialise");
+        std::fs::write(path, json)
+            .with_context(|| format!("cannot write the report to {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// How to go on after a stopped run.

@@ -294,6 +294,68 @@ async fn an_interrupt_sends_nothing_that_was_not_already_on_the_wire() {
     sim.shutdown().await;
 }
 
+/// A second Ctrl-C abandons the requests on the wire: the run exits while the provider
+/// still works on them, prints its summary and how many it abandoned (their answers are
+/// lost, and may be billed), writes its report, and a resume sends every request that has
+/// no final outcome, so each ends with one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_interrupt_abandons_the_requests_on_the_wire_and_says_how_many() {
+    let slow = sim(SimConfig {
+        latency: Duration::from_secs(5),
+        ..SimConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let n = 20;
+    let input = write_input(dir.path(), &prompts(n));
+    let output = dir.path().join("out.jsonl");
+    let report = dir.path().join("report.json");
+    let mut cmd = run_against(&slow, &input, &output);
+    // A limit given: without one the run starts with one request until the first answer
+    // tells it the provider's limits.
+    cmd.args(["--concurrency", "8", "--rpm", "6000", "--report"])
+        .arg(&report)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().expect("sluice starts");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while slow.stats().in_flight < 8 {
+        assert!(Instant::now() < deadline, "no requests on the wire");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    signal(child.id(), "INT");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    signal(child.id(), "INT");
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert_eq!(slow.stats().ok, 0, "the run did not wait for them: {err}");
+    assert!(
+        err.contains("again: abandoned 8 requests still on the wire"),
+        "{err}"
+    );
+    assert!(err.contains("0 succeeded"), "the summary: {err}");
+    assert!(err.contains("the run is resumable"), "{err}");
+    let report: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(report["succeeded"], 0, "{report}");
+    assert!(read_output(&output)
+        .iter()
+        .all(|l| l["error"]["kind"] == "not_attempted"));
+
+    // The resume (against a quick simulator: the target is not part of the job) sends all.
+    let quick = sim(SimConfig::default()).await;
+    let out = run(run_against(&quick, &input, &output)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let lines = read_output(&output);
+    assert_eq!((lines.len(), by_id(&lines).len()), (n, n));
+    assert!(lines.iter().all(|l| l["status"] == "succeeded"));
+    assert_eq!(quick.stats().requests, n as u64);
+    slow.shutdown().await;
+    quick.shutdown().await;
+}
+
 /// A finished run of `n` prompts in `dir`, returning the sim, input and output paths.
 async fn finished_run(dir: &Path, n: usize) -> (SimHandle, std::path::PathBuf, std::path::PathBuf) {
     let sim = sim(SimConfig::default()).await;

@@ -213,11 +213,13 @@ impl fmt::Display for Summary {
         }
         writeln!(f)?;
         write!(f, "wall time {:.2}s", self.wall_secs)?;
-        if let Some(ideal) = self.ideal_secs {
-            write!(f, ", ideal {ideal:.2}s under the limits")?;
-            if ideal > 0.0 {
-                write!(f, " ({:.1}% of ideal)", 100.0 * self.wall_secs / ideal)?;
-            }
+        // (Nothing sent has no ideal time to speak of.)
+        if let Some(ideal) = self.ideal_secs.filter(|&i| i > 0.0) {
+            write!(
+                f,
+                ", ideal {ideal:.2}s under the limits ({:.1}% of ideal)",
+                100.0 * self.wall_secs / ideal
+            )?;
         }
         writeln!(f)?;
         match self.stopped {
