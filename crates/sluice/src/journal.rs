@@ -158,7 +158,12 @@ pub fn hold(path: &Path) -> Result<Held, JournalError> {
                 path: path.to_path_buf(),
             })
         }
-        Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+        // A file system without `flock` (some network or FUSE mounts): the run goes on
+        // unguarded rather than not at all.
+        Err(std::fs::TryLockError::Error(e)) => tracing::warn!(
+            "cannot lock the journal {} ({e}): a second run of this job at once would not be refused",
+            path.display()
+        ),
     }
     Ok(Held(file))
 }
