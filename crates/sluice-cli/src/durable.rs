@@ -82,12 +82,35 @@ pub fn resume(
 }
 
 /// The output file of a run: created afresh, or appended to after a resume's repair.
+/// Held (an exclusive `flock`) while the run writes it, and checked before it is emptied:
+/// another run writing the same file, with its own journal or none, is refused rather
+/// than writing over it.
 pub fn open_output(path: &Path, append: bool) -> io::Result<File> {
-    if append {
-        OpenOptions::new().append(true).create(true).open(path)
-    } else {
-        File::create(path)
+    let file = OpenOptions::new()
+        .write(true)
+        .append(append)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    #[cfg(unix)]
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "another sluice run is writing it; nothing was changed or sent",
+            ))
+        }
+        // Where the file system cannot lock, unguarded.
+        Err(std::fs::TryLockError::Error(e)) => {
+            tracing::warn!("cannot lock the output {} ({e})", path.display())
+        }
     }
+    // A pipe or a device (`/dev/stdout`) is not emptied: there is nothing to empty.
+    if !append && file.metadata()?.is_file() {
+        file.set_len(0)?;
+    }
+    Ok(file)
 }
 
 /// Outcomes this many at most go into one chunk of the journal's log.

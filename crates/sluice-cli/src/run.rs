@@ -681,10 +681,17 @@ async fn execute(
         }
     };
     let writer: Box<dyn Write + Send> = match &args.output {
-        Some(path) => Box::new(
-            durable::open_output(path, resumed)
-                .with_context(|| format!("cannot open {}", path.display()))?,
-        ),
+        Some(path) => match durable::open_output(path, resumed) {
+            Ok(file) => Box::new(file),
+            // Refused, like a journal in use.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                eprintln!("error: cannot open {}: {e}", path.display());
+                return Ok(exit::BAD_INPUT);
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!("cannot open {}", path.display())))
+            }
+        },
         None => Box::new(io::stdout()),
     };
 

@@ -550,8 +550,9 @@ async fn a_forced_resume_adopts_the_new_input_and_later_resumes_go_by_custom_id(
 }
 
 /// A job started twice: while the first run holds the journal, the second is refused
-/// before it changes or sends anything (with `--fresh` too), `sluice status` still reads
-/// the journal, and once the first has stopped the same command resumes, each request
+/// before it changes or sends anything (with `--fresh` too, and a run without a journal
+/// does not empty the output), `sluice status` still reads the journal, and once the
+/// first has stopped the same command resumes, each request
 /// sent once. (Both used to run: the second resumed from under the first, sent what the
 /// first was sending, and the first failed on the journal.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -594,6 +595,25 @@ async fn a_second_run_of_a_job_whose_journal_is_in_use_is_refused() {
         );
         assert!(journal.exists(), "--fresh removed a journal in use");
     }
+    // Nor does a run without a journal write over its output.
+    let before = std::fs::read(&output).unwrap();
+    assert!(
+        !before.is_empty(),
+        "the first run's answers are written out"
+    );
+    let mut cmd = run_against(&sim, &input, &output);
+    cmd.args(["--rpm", "60000", "--no-journal"]);
+    let out = run(cmd).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("another sluice run is writing it; nothing was changed or sent"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read(&output).unwrap().starts_with(&before),
+        "the output was not emptied"
+    );
     // The first run, at one request a second, sent at most one more meanwhile.
     assert!(sim.stats().requests <= at_start + 1, "{:?}", sim.stats());
     let status = status_json(&journal);
