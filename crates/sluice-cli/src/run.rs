@@ -66,7 +66,8 @@ pub struct RunArgs {
 
     /// Stop sending before spending could exceed this many US dollars: an attempt goes
     /// out only if what was spent plus the worst case of everything in flight, its own
-    /// included, fits. Output bounds are then sent to every provider.
+    /// included, fits. Output bounds are then sent to every provider. Over all the
+    /// sessions of a run: a resume spends only what the earlier ones left.
     #[arg(long, value_name = "USD")]
     pub budget: Option<f64>,
 
@@ -575,7 +576,7 @@ async fn execute(
     sim: Option<sluice_sim::SimHandle>,
 ) -> anyhow::Result<u8> {
     let Prepared {
-        config,
+        mut config,
         parser,
         router,
         input,
@@ -620,6 +621,24 @@ async fn execute(
             Some(Journal::create(&path, meta)?)
         }
         JournalPlan::Resume(mut j) => {
+            // --budget is the run's, over all its sessions: what the earlier ones spent
+            // (the requests a resume sends again included) comes off it.
+            if let Some(budget) = config.budget_usd {
+                let spent = j.status()?.cost_usd;
+                let left = budget - spent;
+                if left <= 0.0 {
+                    eprintln!(
+                        "stopped: the earlier sessions of this run spent ${spent:.4} of --budget ${budget}; nothing was sent. Raise --budget to go on"
+                    );
+                    return Ok(exit::STOPPED);
+                }
+                if spent > 0.0 {
+                    eprintln!(
+                        "budget: the earlier sessions spent ${spent:.4} of ${budget}; this one may spend ${left:.4}"
+                    );
+                }
+                config.budget_usd = Some(left);
+            }
             let (plan, repair) =
                 durable::resume(&mut j, args.output.as_deref(), args.retry_failed)?;
             // This session's paths, and what it goes on with: a forced resume's input and

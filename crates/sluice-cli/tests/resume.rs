@@ -356,6 +356,59 @@ async fn a_second_interrupt_abandons_the_requests_on_the_wire_and_says_how_many(
     quick.shutdown().await;
 }
 
+/// `--budget` is the run's, over all its sessions: the same command again spends only
+/// what the earlier sessions left of it, and a raised budget only up to its new total.
+/// (Each resume used to get the whole budget again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_holds_over_all_the_sessions_of_a_run() {
+    let sim = sim(SimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let n = 200;
+    let input = write_input(dir.path(), &prompts(n));
+    let output = dir.path().join("out.jsonl");
+    let journal = dir.path().join("out.jsonl.journal");
+    let session = |usd: &str| {
+        let mut cmd = run_against(&sim, &input, &output);
+        cmd.args(["--rpm", "60000", "--budget", usd]);
+        cmd
+    };
+    let cost = || {
+        status_json(&journal)["status"]["cost_usd"]
+            .as_f64()
+            .unwrap()
+    };
+
+    let out = run(session("0.002")).await;
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let first = cost();
+    let sent = sim.stats().requests;
+    assert!(first > 0.0 && first <= 0.002, "{first}");
+    assert!(sent < n as u64, "the budget stopped it: {sent}");
+
+    let out = run(session("0.002")).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        cost() <= 0.002 + 1e-12,
+        "{} over all sessions: {err}",
+        cost()
+    );
+
+    let before = cost();
+    let out = run(session("0.004")).await;
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "the earlier sessions spent ${before:.4} of $0.004"
+        )),
+        "{err}"
+    );
+    let total = cost();
+    assert!(total > first && total <= 0.004 + 1e-12, "{total}: {err}");
+    assert!(sim.stats().requests > sent);
+    sim.shutdown().await;
+}
+
 /// A finished run of `n` prompts in `dir`, returning the sim, input and output paths.
 async fn finished_run(dir: &Path, n: usize) -> (SimHandle, std::path::PathBuf, std::path::PathBuf) {
     let sim = sim(SimConfig::default()).await;
