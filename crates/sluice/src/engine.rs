@@ -1313,7 +1313,8 @@ impl Scheduler {
                 if failures >= self.config.retry.max_attempts {
                     let error = ErrorInfo {
                         message: format!(
-                            "gave up after {failures} failed attempts: {}",
+                            "gave up after {failures} failed attempt{}: {}",
+                            if failures == 1 { "" } else { "s" },
                             error.message
                         ),
                         ..error
