@@ -43,6 +43,7 @@ pub fn run(args: StatusArgs) -> u8 {
             "output": meta.output_path,
             "created_at": meta.created_at,
             "settings": meta.settings,
+            "by_custom_id": meta.by_custom_id,
             "status": status,
         });
         println!(
@@ -57,6 +58,9 @@ pub fn run(args: StatusArgs) -> u8 {
             meta.created_by
         );
         println!("input {}  →  output {}", meta.input_path, meta.output_path);
+        if meta.by_custom_id {
+            println!("(a resume went on with a changed input: requests are matched by custom_id)");
+        }
         println!(
             "{} requests: {} done ({} succeeded, {} failed), {} pending",
             status.requests, status.done, status.succeeded, status.failed, status.pending
