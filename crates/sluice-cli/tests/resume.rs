@@ -572,11 +572,12 @@ async fn a_forced_resume_adopts_the_new_input_and_later_resumes_go_by_custom_id(
     assert!(err.contains("resuming by custom_id (--force)"), "{err}");
     let sent = sim.stats().requests;
     assert!((22..30).contains(&sent), "{sent} sent: {err}");
+    let status = status_json(&journal);
     assert_eq!(
-        status_json(&journal)["status"]["requests"],
-        30,
-        "the new input's"
+        status["status"]["requests"], 30,
+        "the new input's: {status}"
     );
+    assert_eq!(status["by_custom_id"], true, "{status}");
 
     // The same command, not forced: no refusal, the rest go, each once.
     let out = run(run_against(&sim, &input, &output)).await;
