@@ -88,7 +88,7 @@ for _ in range(int(sys.argv[1])):
             # written back by ext4 when closed, which is noise on the client's CPU.
             rm -f "$out/cache.sqlite"* "$out/overhead.out.jsonl"*
             flags=(--fresh)
-            [[ $mode == none ]] && flags=(--no-journal)
+            [[ $mode == none ]] && flags=(--no-journal --fresh)
             [[ $mode == cache ]] && flags=(--fresh --cache "$out/cache.sqlite")
             cpu_of "$out/t" "$bin" run "$out/in-$N_OVERHEAD.jsonl" \
                 -o "$out/overhead.out.jsonl" --base-url "$base" --no-progress "${flags[@]}"
@@ -142,7 +142,7 @@ if [[ $only == instructions ]]; then
         for mode in none journal cache; do
             rm -f "$out/cache.sqlite"* "$out/instr.out.jsonl"*
             flags=(--fresh)
-            [[ $mode == none ]] && flags=(--no-journal)
+            [[ $mode == none ]] && flags=(--no-journal --fresh)
             [[ $mode == cache ]] && flags=(--fresh --cache "$out/cache.sqlite")
             valgrind --tool=callgrind --callgrind-out-file="$out/callgrind.out" \
                 "$bin" run "$out/in-$n.jsonl" -o "$out/instr.out.jsonl" --base-url "$base" \
@@ -180,11 +180,11 @@ if [[ $only == all || $only == paced ]]; then
     : > "$out/paced.rows"
     for i in $(seq "$PAIRS_PACED"); do
         for mode in none journal; do
-            flag=--fresh; [[ $mode == none ]] && flag=--no-journal
+            flags=(--fresh); [[ $mode == none ]] && flags=(--no-journal --fresh)
             curl -s -X POST "$root/_sim/reset" > /dev/null
             /usr/bin/time -f "%U %S %M %e" -o "$out/t" "$bin" run "$out/in-$N_PACED.jsonl" \
                 -o "$out/paced.out.jsonl" --base-url "$base" --no-progress --rpm 6000 \
-                --concurrency 256 --timeout 10s $flag 2>/dev/null
+                --concurrency 256 --timeout 10s "${flags[@]}" 2>/dev/null
             echo "$mode $(cat "$out/t")" >> "$out/paced.rows"
         done
     done

@@ -159,7 +159,8 @@ pub struct RunArgs {
     #[arg(long, conflicts_with_all = ["fresh", "no_journal"])]
     pub resume: bool,
 
-    /// Discard an existing journal (and the output) and start over.
+    /// Discard an existing journal and the output, and start over. (Without a journal to
+    /// resume from, an output that already holds outcomes is written over only with it.)
     #[arg(long)]
     pub fresh: bool,
 
@@ -404,6 +405,17 @@ fn prepare(args: &RunArgs, sim: Option<&sluice_sim::SimHandle>) -> Result<Option
         }
         _ => None,
     };
+    // An output with outcomes in it and no journal to resume from is some earlier run's
+    // answers, paid for: not emptied unless asked.
+    if let (None, Some(out), false) = (&existing, args.output.as_deref(), args.fresh) {
+        let holds_lines = std::fs::metadata(out).is_ok_and(|m| m.is_file() && m.len() > 0);
+        if holds_lines {
+            return Err(Usage(format!(
+                "the output {} already holds outcomes and there is no journal to resume them from; nothing was sent. Pass --fresh to write over it, or choose another -o",
+                out.display()
+            )));
+        }
+    }
     let mut existing = existing;
     let mut done = match &mut existing {
         // A session went on with another input (forced): the rows' lines may be an earlier

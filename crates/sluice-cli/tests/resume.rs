@@ -409,6 +409,46 @@ async fn a_budget_holds_over_all_the_sessions_of_a_run() {
     sim.shutdown().await;
 }
 
+/// An output that holds outcomes, with no journal to resume them from (deleted, or a
+/// run with `--no-journal`), is some earlier run's paid-for answers: a run refuses to
+/// write over it, sending nothing, unless told `--fresh`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_with_no_journal_to_resume_it_is_not_written_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, input, output) = finished_run(dir.path(), 10).await;
+    let before = std::fs::read(&output).unwrap();
+    durable_files_removed(&output);
+    for extra in [&[][..], &["--no-journal"][..]] {
+        let mut cmd = run_against(&sim, &input, &output);
+        cmd.args(extra);
+        let out = run(cmd).await;
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("already holds outcomes and there is no journal to resume them from")
+                && err.contains("--fresh"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&output).unwrap(), before, "untouched");
+    }
+    assert_eq!(sim.stats().requests, 10, "nothing was sent");
+    let mut cmd = run_against(&sim, &input, &output);
+    cmd.arg("--fresh");
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(read_output(&output).len(), 10);
+    assert_eq!(sim.stats().requests, 20);
+}
+
+/// Deletes a run's journal (all its files), leaving its output.
+fn durable_files_removed(output: &Path) {
+    for suffix in [".journal", ".journal-wal", ".journal-shm", ".journal-log"] {
+        let mut p = output.as_os_str().to_os_string();
+        p.push(suffix);
+        let _ = std::fs::remove_file(p);
+    }
+}
+
 /// A finished run of `n` prompts in `dir`, returning the sim, input and output paths.
 async fn finished_run(dir: &Path, n: usize) -> (SimHandle, std::path::PathBuf, std::path::PathBuf) {
     let sim = sim(SimConfig::default()).await;
@@ -656,7 +696,7 @@ async fn a_second_run_of_a_job_whose_journal_is_in_use_is_refused() {
         "the first run's answers are written out"
     );
     let mut cmd = run_against(&sim, &input, &output);
-    cmd.args(["--rpm", "60000", "--no-journal"]);
+    cmd.args(["--rpm", "60000", "--no-journal", "--fresh"]);
     let out = run(cmd).await;
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(2), "{err}");
