@@ -28,7 +28,7 @@ pub struct RunArgs {
     /// Input JSONL: OpenAI Batch lines, chat bodies, or {"prompt": ...} lines. `-` reads stdin.
     pub input: String,
 
-    /// Where outcome lines go (default: stdout).
+    /// Where outcome lines go (default, or `-`: stdout).
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
 
@@ -218,7 +218,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// Runs `sluice run` and returns the exit code.
-pub async fn run(args: RunArgs) -> u8 {
+pub async fn run(mut args: RunArgs) -> u8 {
+    // `-o -` is stdout, as `-` is stdin for the input.
+    if args.output.as_deref() == Some(Path::new("-")) {
+        args.output = None;
+    }
     match run_inner(args).await {
         Ok(code) => code,
         Err(e) => {

@@ -5,6 +5,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::io::Write;
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -517,4 +518,28 @@ async fn a_run_asks_for_no_transparent_huge_pages() {
         .filter(|l| l.starts_with("VmFlags:") && l.split_whitespace().any(|f| f == "hg"))
         .collect();
     assert!(huge.is_empty(), "mappings asking for huge pages: {huge:?}");
+}
+
+/// `-o -` is stdout, as `-` is stdin: no file named `-`, and no journal beside one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_dash_is_stdout() {
+    let sim = sim(SimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_input(dir.path(), &prompts(5));
+    let mut cmd = run_against(&sim, &input, Path::new("-"));
+    cmd.current_dir(dir.path());
+    let out = run(cmd).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON lines on stdout"))
+        .collect();
+    assert_eq!(lines.len(), 5);
+    let made: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n != "input.jsonl")
+        .collect();
+    assert!(made.is_empty(), "files made: {made:?}");
 }
