@@ -639,7 +639,7 @@ async fn execute(
         JournalPlan::Resume(mut j) => {
             // --budget is the run's, over all its sessions: what the earlier ones spent
             // (the requests a resume sends again included) comes off it.
-            if let Some(budget) = config.budget_usd {
+            if let Some(budget) = config.budget_usd.filter(|_| scan.good() > 0) {
                 let spent = j.status()?.cost_usd;
                 let left = budget - spent;
                 if left <= 0.0 {

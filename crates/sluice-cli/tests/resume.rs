@@ -406,6 +406,11 @@ async fn a_budget_holds_over_all_the_sessions_of_a_run() {
     let total = cost();
     assert!(total > first && total <= 0.004 + 1e-12, "{total}: {err}");
     assert!(sim.stats().requests > sent);
+
+    // Once every request has its outcome, a small budget is no reason to stop.
+    assert_eq!(run(session("1")).await.status.code(), Some(0));
+    let out = run(session("0.001")).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     sim.shutdown().await;
 }
 
