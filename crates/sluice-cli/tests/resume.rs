@@ -314,21 +314,12 @@ async fn a_second_interrupt_abandons_the_requests_on_the_wire_and_says_how_many(
     // A limit given: without one the run starts with one request until the first answer
     // tells it the provider's limits.
     cmd.args(["--concurrency", "8", "--rpm", "6000", "--report"])
-        .arg(&report)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let child = cmd.spawn().expect("sluice starts");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while slow.stats().in_flight < 8 {
-        assert!(Instant::now() < deadline, "no requests on the wire");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        .arg(&report);
+    let child = spawn_when(&slow, cmd, |s| s.in_flight >= 8).await;
     signal(child.id(), "INT");
     tokio::time::sleep(Duration::from_millis(200)).await;
     signal(child.id(), "INT");
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
+    let out = finished(child).await;
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert_eq!(slow.stats().ok, 0, "the run did not wait for them: {err}");
@@ -667,16 +658,8 @@ async fn a_second_run_of_a_job_whose_journal_is_in_use_is_refused() {
     let output = dir.path().join("out.jsonl");
     let journal = dir.path().join("out.jsonl.journal");
     let mut first = run_against(&sim, &input, &output);
-    first
-        .args(["--rpm", "60"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let first = first.spawn().expect("sluice starts");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while sim.stats().ok < 2 {
-        assert!(Instant::now() < deadline, "no progress");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    first.args(["--rpm", "60"]);
+    let first = spawn_when(&sim, first, |s| s.ok >= 2).await;
     let at_start = sim.stats().requests;
     for fresh in [false, true] {
         // Unpaced: had it run, it would have sent the rest at once.
@@ -722,9 +705,7 @@ async fn a_second_run_of_a_job_whose_journal_is_in_use_is_refused() {
     );
 
     signal(first.id(), "INT");
-    let out = tokio::task::spawn_blocking(move || first.wait_with_output().unwrap())
-        .await
-        .unwrap();
+    let out = finished(first).await;
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     let mut cmd = run_against(&sim, &input, &output);
     cmd.args(["--rpm", "60000"]);

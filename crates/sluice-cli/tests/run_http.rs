@@ -491,16 +491,9 @@ async fn a_run_asks_for_no_transparent_huge_pages() {
     let input = write_input(dir.path(), &prompts(200));
     let output = dir.path().join("out.jsonl");
     let mut cmd = run_against(&sim, &input, &output);
-    cmd.args(["--rpm", "600", "--no-journal"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let mut child = cmd.spawn().expect("sluice starts");
+    cmd.args(["--rpm", "600", "--no-journal"]);
     // Once it is sending, its allocator has mapped what a run uses.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while sim.stats().ok < 3 {
-        assert!(std::time::Instant::now() < deadline, "no progress");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let mut child = spawn_when(&sim, cmd, |s| s.ok >= 3).await;
     let proc_file = |name: &str| {
         std::fs::read_to_string(format!("/proc/{}/{name}", child.id())).expect("readable")
     };

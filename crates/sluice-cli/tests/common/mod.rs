@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 
 use serde_json::Value;
 use sluice_sim::{SimConfig, SimHandle};
@@ -92,27 +92,42 @@ pub fn signal(pid: u32, signal: &str) {
     assert!(status.success(), "kill -{signal} {pid}");
 }
 
+/// Spawns `cmd` (its stdout dropped, its stderr captured) and returns once the
+/// simulator's counters satisfy `ready` (failing after a minute without).
+pub async fn spawn_when(
+    sim: &SimHandle,
+    mut cmd: Command,
+    ready: impl Fn(&sluice_sim::SimStats) -> bool,
+) -> Child {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().expect("sluice starts");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !ready(&sim.stats()) {
+        assert!(std::time::Instant::now() < deadline, "no progress");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    child
+}
+
+/// Waits for `child` to exit, off the async runtime.
+pub async fn finished(child: Child) -> Output {
+    tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap()
+}
+
 /// Spawns `cmd` (its stderr captured), sends it `signal` once the simulator has answered
 /// `answered` requests, and waits for it to exit. Returns the requests the simulator had
 /// received when the signal went, and the output.
 pub async fn signal_once_answered(
     sim: &SimHandle,
-    mut cmd: Command,
+    cmd: Command,
     answered: u64,
     signal_name: &str,
 ) -> (u64, Output) {
-    cmd.stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    let child = cmd.spawn().expect("sluice starts");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while sim.stats().ok < answered {
-        assert!(std::time::Instant::now() < deadline, "no progress");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let child = spawn_when(sim, cmd, |s| s.ok >= answered).await;
     let at_signal = sim.stats().requests;
     signal(child.id(), signal_name);
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
-    (at_signal, out)
+    (at_signal, finished(child).await)
 }
