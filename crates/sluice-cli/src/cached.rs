@@ -191,6 +191,61 @@ impl CacheLayer {
         }
     }
 
+    /// Stores the responses of `outcomes` that the cache lacks: the succeeded outcomes a
+    /// killed session journaled but may not have stored (see
+    /// `sluice::journal::Journal::log_outcomes`), each an output line with the request
+    /// it answered (read again from the input). An outcome is taken only when it was sent
+    /// (not itself from the cache) and names the request's `custom_id`, so a response is
+    /// never stored under another request's key. Returns how many were stored.
+    pub fn restore(
+        &self,
+        outcomes: &[(Request, &[u8])],
+    ) -> Result<usize, sluice::cache::CacheError> {
+        /// What an output line says that storing it needs.
+        #[derive(serde::Deserialize)]
+        struct Line {
+            custom_id: String,
+            status: Status,
+            model: String,
+            response: Option<sluice::json::RawJson>,
+            usage: Option<sluice::Usage>,
+            #[serde(default)]
+            cached: bool,
+        }
+        let requests: Vec<Request> = outcomes.iter().map(|(r, _)| r.clone()).collect();
+        let keys = cache::keys(&self.target, &requests);
+        let mut shared = self.shared.lock().expect("not poisoned");
+        let mut pending = Pending::with_capacity(outcomes.len());
+        let mut seen = std::collections::HashSet::new();
+        for ((request, text), key) in outcomes.iter().zip(keys) {
+            let Ok(line) = serde_json::from_slice::<Line>(text) else {
+                continue;
+            };
+            let Some(response) = line.response.as_ref() else {
+                continue;
+            };
+            if line.status != Status::Succeeded
+                || line.cached
+                || line.custom_id != request.custom_id
+                || !seen.insert(key)
+                || shared.cache.get(&key)?.is_some()
+            {
+                continue;
+            }
+            pending.push(&Store {
+                key,
+                model: &line.model,
+                response,
+                usage: line.usage,
+            });
+        }
+        let stored = pending.len();
+        if stored > 0 {
+            shared.cache.put_batch(&mut pending)?;
+        }
+        Ok(stored)
+    }
+
     /// Stores the queued responses.
     pub fn store(&self, pending: &mut Pending) -> Result<(), sluice::cache::CacheError> {
         if pending.is_empty() {
@@ -241,6 +296,47 @@ mod tests {
             cached: false,
             line: request.line,
         }
+    }
+
+    #[test]
+    fn a_restore_stores_only_responses_that_were_paid_for_under_their_own_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = layer(dir.path());
+        let parser = LineParser::new(Some("gpt-4.1-mini".into()));
+        let request = |line: u64| {
+            let text = format!(r#"{{"custom_id":"c{line}","prompt":"question {line}"}}"#);
+            parser.parse(line, &text).unwrap()
+        };
+        let line = |id: &str, status: &str, cached: bool| {
+            format!(r#"{{"custom_id":"{id}","status":"{status}","model":"gpt-4.1-mini","response":{{"answer":"{id}"}},"error":null,"attempts":1,"usage":{{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}},"cost_usd":0.001,"latency_ms":5,"metadata":null,"cached":{cached}}}"#)
+            .into_bytes()
+        };
+        let (good, other, hit, failed) = (
+            line("c1", "succeeded", false),
+            line("c9", "succeeded", false),
+            line("c3", "succeeded", true),
+            line("c4", "failed", false),
+        );
+        let outcomes = [
+            (request(1), good.as_slice()),
+            // Another request's answer (the line was another input's): never stored.
+            (request(2), other.as_slice()),
+            // From the cache, or from an identical request: stored with that one.
+            (request(3), hit.as_slice()),
+            (request(4), failed.as_slice()),
+        ];
+        assert_eq!(layer.restore(&outcomes).unwrap(), 1);
+        let requests: Vec<Request> = outcomes.iter().map(|(r, _)| r.clone()).collect();
+        let keys = cache::keys(&layer.target, &requests);
+        let shared = layer.shared.lock().unwrap();
+        let stored = shared.cache.get(&keys[0]).unwrap().expect("stored");
+        assert_eq!(stored.response.get(), r#"{"answer":"c1"}"#);
+        assert_eq!(stored.usage.map(|u| u.completion_tokens), Some(4));
+        for key in &keys[1..] {
+            assert!(shared.cache.get(key).unwrap().is_none());
+        }
+        drop(shared);
+        assert_eq!(layer.restore(&outcomes).unwrap(), 0, "not stored twice");
     }
 
     #[test]

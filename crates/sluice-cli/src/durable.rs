@@ -295,9 +295,12 @@ impl Sink {
         }
     }
 
-    /// Flushes the output, then checkpoints the journal: the output now holds every line
-    /// the journal's log did.
+    /// Stores what waits for the cache, flushes the output, then checkpoints the journal:
+    /// the output now holds every line the journal's log did, and the cache every
+    /// response (a resume stores those of the outcomes still in the log, which a killed
+    /// session may not have).
     fn checkpoint(&mut self) {
+        self.store_cache();
         if self.error.is_some() {
             return;
         }
@@ -318,7 +321,6 @@ impl Sink {
     /// checkpoints the journal.
     pub fn flush(&mut self) {
         self.commit_journal();
-        self.store_cache();
         self.checkpoint();
     }
 

@@ -1,5 +1,6 @@
 //! `sluice run`: input file → engine → output file, with progress and a summary.
 
+use std::collections::{HashMap, HashSet};
 use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -621,6 +622,9 @@ async fn execute(
         .as_ref()
         .map_or("-".to_string(), |p| p.display().to_string());
     let resumed = matches!(journal, JournalPlan::Resume(_));
+    // The outcomes a killed session journaled since its last checkpoint, by input line,
+    // for the cache (see `CacheLayer::restore`): read before the resume empties the log.
+    let mut unstored: HashMap<u64, Vec<u8>> = HashMap::new();
     let journal = match journal {
         JournalPlan::None => None,
         JournalPlan::Create(path) => {
@@ -654,6 +658,11 @@ async fn execute(
                     );
                 }
                 config.budget_usd = Some(left);
+            }
+            if args.cache.is_some() && !args.no_cache && !args.cache_read_only {
+                j.log_outcomes(|line, text| {
+                    unstored.insert(line, text.to_vec());
+                })?;
             }
             let (plan, repair) =
                 durable::resume(&mut j, args.output.as_deref(), args.retry_failed)?;
@@ -742,7 +751,9 @@ async fn execute(
                 } else {
                     args.base_url.clone().unwrap_or_else(|| "catalog".into())
                 };
-                Some(CacheLayer::new(c, &target))
+                let layer = CacheLayer::new(c, &target);
+                restore_unstored(&layer, input.path(), &parser, &unstored);
+                Some(layer)
             }
             Err(e) => {
                 eprintln!("error: {e}");
@@ -969,6 +980,42 @@ fn resume_hint(journal: &Journal) -> String {
 
 /// Requests from the input thread as a stream of the batches it hands over; a read error
 /// ends it and is kept for the end of the run.
+/// Stores in the cache the responses a killed session journaled but may not have stored
+/// (`unstored`, output lines by input line), reading their requests again from `input`.
+/// A failure is a warning: the run goes on, and only the cache misses them.
+fn restore_unstored(
+    layer: &CacheLayer,
+    input: &Path,
+    parser: &LineParser,
+    unstored: &HashMap<u64, Vec<u8>>,
+) {
+    if unstored.is_empty() {
+        return;
+    }
+    let wanted: HashSet<u64> = unstored.keys().copied().collect();
+    let restored = input::lines_at(input, &wanted)
+        .map_err(anyhow::Error::from)
+        .and_then(|lines| {
+            let outcomes: Vec<(Request, &[u8])> = lines
+                .iter()
+                .filter_map(|(line, text)| {
+                    let request = parser.parse(*line, text).ok()?;
+                    Some((request, unstored[line].as_slice()))
+                })
+                .collect();
+            Ok(layer.restore(&outcomes)?)
+        });
+    match restored {
+        Ok(0) => {}
+        Ok(n) => {
+            eprintln!("  stored {n} responses in the cache that the interrupted session had not")
+        }
+        Err(e) => eprintln!(
+            "warning: could not store the interrupted session's last responses in the cache: {e}"
+        ),
+    }
+}
+
 fn request_stream(
     rx: mpsc::Receiver<io::Result<Vec<Request>>>,
     error: Arc<Mutex<Option<io::Error>>>,

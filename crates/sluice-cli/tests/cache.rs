@@ -313,3 +313,45 @@ async fn two_runs_sharing_a_cache_at_once_lose_nothing() {
         assert_eq!(l["response"], first[id]["response"], "{id}");
     }
 }
+
+/// A `kill -9` leaves the last responses journaled (and in the output) but not yet stored
+/// in the cache, which stores a batch at a time. The resume stores them, so a later job
+/// with the same cache pays for none of them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_kill_and_its_resume_the_cache_holds_every_response_paid_for() {
+    let sim = sim(SimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let n = 3000;
+    let input = write_input(dir.path(), &prompts(n));
+    let cache = dir.path().join("cache.sqlite");
+    let output = dir.path().join("out.jsonl");
+    let cached_run = |output: &Path| {
+        let mut cmd = run_against(&sim, &input, output);
+        cmd.args(["--rpm", "120000", "--cache"]).arg(&cache);
+        cmd
+    };
+    // A third of a second in at 2,000 a second: hundreds of outcomes journaled, and
+    // neither a second's store nor a batch of 1,024 due yet.
+    let child = spawn_when(&sim, cached_run(&output), |s| s.ok >= 600).await;
+    signal(child.id(), "KILL");
+    finished(child).await;
+
+    let out = run(cached_run(&output)).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let lines = read_output(&output);
+    assert_eq!(lines.len(), n, "{err}");
+    let paid = sim.stats().requests;
+
+    let again = dir.path().join("again.jsonl");
+    let out = run(cached_run(&again)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        sim.stats().requests,
+        paid,
+        "the new job sent nothing: every response paid for is in the cache (the resume said: {err})"
+    );
+    let lines = read_output(&again);
+    assert_eq!(lines.len(), n);
+    assert!(lines.iter().all(|l| l["cached"] == true));
+}

@@ -140,6 +140,20 @@ pub fn scan(path: &Path, parser: &LineParser, done: &Done) -> io::Result<ScanRep
     Ok(report)
 }
 
+/// The text of each of the `wanted` lines of `path` (1-based, blank ones counted), in the
+/// file's order; lines past its end are left out. Reads up to the last one wanted.
+pub fn lines_at(path: &Path, wanted: &HashSet<u64>) -> io::Result<Vec<(u64, String)>> {
+    let last = wanted.iter().copied().max().unwrap_or(0);
+    let mut found = Vec::with_capacity(wanted.len());
+    read_lines(path, None, |line_no, text| {
+        if wanted.contains(&line_no) {
+            found.push((line_no, text.to_string()));
+        }
+        line_no < last
+    })?;
+    Ok(found)
+}
+
 /// Calls `f(line_number, text)` for every non-blank line.
 fn for_each_line(path: &Path, mut f: impl FnMut(u64, &str)) -> io::Result<()> {
     read_lines(path, None, |line_no, text| {

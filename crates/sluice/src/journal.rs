@@ -1145,6 +1145,31 @@ impl Journal {
         Ok(())
     }
 
+    /// Calls `f(input line, output line)` for each succeeded outcome still in the outcome
+    /// log: those journaled since its last checkpoint, which a killed session may not
+    /// have kept anywhere else but the output (the response cache stores a batch at a
+    /// time, and before each checkpoint). Call it before [`resume`](Self::resume), which
+    /// empties the log. A line is the output's, newline included.
+    pub fn log_outcomes(&self, mut f: impl FnMut(u64, &[u8])) -> Result<(), JournalError> {
+        let Some(log) = self.log.as_ref() else {
+            return Ok(());
+        };
+        let (chunks, _) = read_log(&self.path, log)?;
+        let mut r = io::BufReader::with_capacity(1 << 16, log);
+        let mut line = Vec::new();
+        for chunk in chunks {
+            r.seek(SeekFrom::Start(chunk.lines_at))?;
+            for record in &chunk.records {
+                line.resize(record.line_len as usize, 0);
+                r.read_exact(&mut line)?;
+                if record.final_ && record.succeeded {
+                    f(record.line, &line);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Rows whose records are not yet committed to SQLite.
     pub fn unsynced(&self) -> u64 {
         self.rows - self.synced
