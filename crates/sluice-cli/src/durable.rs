@@ -398,6 +398,7 @@ mod tests {
             created_by: "test".into(),
             created_at: "now".into(),
             by_custom_id: false,
+            orphans: 0,
         };
         let journal = Journal::create(&journal_path, meta).unwrap();
         let writer = FullAfter {

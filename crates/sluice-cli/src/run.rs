@@ -637,6 +637,7 @@ async fn execute(
                 created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
                     .to_string(),
                 by_custom_id: false,
+                orphans: 0,
             };
             Some(Journal::create(&path, meta)?)
         }
@@ -670,6 +671,13 @@ async fn execute(
             // settings are the run's from now on, so the same command again resumes without
             // --force (by custom_id, as the rows' lines may be the earlier input's).
             let settings = journal_settings(&args);
+            let by_custom_id = j.meta().by_custom_id || j.meta().input != scan.fingerprint;
+            // The outcomes kept of requests this input does not have (a forced resume's
+            // input may leave some out): the scan counted those it has.
+            let orphans = match by_custom_id {
+                true => j.status()?.outcomes.saturating_sub(scan.done),
+                false => 0,
+            };
             j.update_meta(|m| {
                 m.input_path = args.input.clone();
                 m.output_path = output_name.clone();
@@ -677,6 +685,7 @@ async fn execute(
                     m.input = scan.fingerprint.clone();
                     m.by_custom_id = true;
                 }
+                m.orphans = orphans;
                 m.settings = settings;
             })?;
             eprintln!(
@@ -930,8 +939,12 @@ async fn execute(
     };
     if let (true, Some(s)) = (resumed, &overall) {
         eprintln!(
-            "all sessions: {} of {} requests done ({} succeeded, {} failed), {} pending, cost ${:.4}",
-            s.done, s.requests, s.succeeded, s.failed, s.pending, s.cost_usd
+            "all sessions: {} of {} requests done, {} pending; {}, cost ${:.4}",
+            s.done,
+            s.requests,
+            s.pending,
+            outcome_counts(s),
+            s.cost_usd
         );
     }
     if let Some(path) = &args.output {
@@ -961,6 +974,23 @@ async fn execute(
 }
 
 /// Writes the run's summary as JSON to `path` (`--report`), if given.
+/// "N succeeded, M failed", and the outcomes of requests no longer in the input when a
+/// forced resume left some out.
+pub fn outcome_counts(s: &JournalStatus) -> String {
+    let counts = format!("{} succeeded, {} failed", s.succeeded, s.failed);
+    match s.orphans {
+        0 => counts,
+        n => format!(
+            "{counts} (of which {n} {} of requests no longer in the input)",
+            if n == 1 {
+                "is the outcome"
+            } else {
+                "are outcomes"
+            }
+        ),
+    }
+}
+
 fn write_report(path: Option<&Path>, summary: &Summary) -> anyhow::Result<()> {
     if let Some(path) = path {
         let json = serde_json::to_vec_pretty(summary).expect("summaries serialise");

@@ -62,8 +62,11 @@ pub fn run(args: StatusArgs) -> u8 {
             println!("(a resume went on with a changed input: requests are matched by custom_id)");
         }
         println!(
-            "{} requests: {} done ({} succeeded, {} failed), {} pending",
-            status.requests, status.done, status.succeeded, status.failed, status.pending
+            "{} requests: {} done, {} pending; {}",
+            status.requests,
+            status.done,
+            status.pending,
+            crate::run::outcome_counts(&status)
         );
         println!(
             "attempts {}, tokens {} in, {} out, cost ${:.4} (of outcomes with a known price)",

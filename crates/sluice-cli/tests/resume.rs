@@ -639,6 +639,51 @@ async fn a_forced_resume_adopts_the_new_input_and_later_resumes_go_by_custom_id(
     sim.shutdown().await;
 }
 
+/// A resume forced onto an input that leaves requests out keeps their outcomes (paid for,
+/// in the output) but does not count them as done: `status` and the summary say 20 of 20,
+/// not 25 of 20, and name the 5 that are no longer in the input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_of_requests_a_forced_input_left_out_are_not_counted_as_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sim, input, output) = finished_run(dir.path(), 20).await;
+    let journal = dir.path().join("out.jsonl.journal");
+    let mut lines = prompts(15);
+    lines.extend((0..5).map(|i| format!(r#"{{"custom_id":"new{i}","model":"gpt-4.1-mini","prompt":"new question {i}","max_tokens":32}}"#)));
+    write_input(dir.path(), &lines);
+
+    let mut cmd = run_against(&sim, &input, &output);
+    cmd.arg("--force");
+    let out = run(cmd).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("all sessions: 20 of 20 requests done, 0 pending; 25 succeeded, 0 failed (of which 5 are outcomes of requests no longer in the input)"),
+        "{err}"
+    );
+    assert_eq!(
+        read_output(&output).len(),
+        25,
+        "nothing paid for is thrown away"
+    );
+    for _ in 0..2 {
+        let status = status_json(&journal)["status"].clone();
+        for (field, n) in [
+            ("requests", 20),
+            ("done", 20),
+            ("pending", 0),
+            ("outcomes", 25),
+            ("orphans", 5),
+        ] {
+            assert_eq!(status[field], n, "{field}: {status}");
+        }
+        // The same command again: nothing to send, the same counts.
+        let out = run(run_against(&sim, &input, &output)).await;
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    }
+    assert_eq!(sim.stats().requests, 25);
+    sim.shutdown().await;
+}
+
 /// A job started twice: while the first run holds the journal, the second is refused
 /// before it changes or sends anything (with `--fresh` too, and a run without a journal
 /// does not empty the output), `sluice status` still reads the journal, and once the

@@ -207,6 +207,14 @@ pub struct JournalMeta {
     /// on. (`input` is the latest input's fingerprint.)
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub by_custom_id: bool,
+    /// Outcomes of requests that are not in `input`: those a forced resume's input left
+    /// out (they were paid for and stay in the output). Not counted as done.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub orphans: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One outcome to journal, with the output line it becomes.
@@ -416,11 +424,15 @@ pub struct ResumePlan {
 pub struct JournalStatus {
     /// Requests in the input.
     pub requests: u64,
-    /// Requests with a final outcome.
+    /// Requests of the input with a final outcome.
     pub done: u64,
-    /// Of which succeeded.
+    /// Final outcomes in all: `done` and the [`JournalMeta::orphans`].
+    pub outcomes: u64,
+    /// Of which, outcomes of requests no longer in the input ([`JournalMeta::orphans`]).
+    pub orphans: u64,
+    /// Of the outcomes, those that succeeded.
     pub succeeded: u64,
-    /// Of which failed.
+    /// Of the outcomes, those that failed.
     pub failed: u64,
     /// Requests not yet done: unsent, in flight at a crash, or stopped.
     pub pending: u64,
@@ -1612,7 +1624,7 @@ impl Journal {
         self.each_record(|_, r| {
             s.attempts += u64::from(r.attempts);
             if r.final_ {
-                s.done += 1;
+                s.outcomes += 1;
                 if r.succeeded {
                     s.succeeded += 1;
                 } else {
@@ -1644,6 +1656,8 @@ impl Journal {
         })?;
         errors.sort_by(|a, b| b.count.cmp(&a.count).then(a.kind.cmp(&b.kind)));
         s.errors = errors;
+        s.orphans = self.meta.orphans.min(s.outcomes);
+        s.done = s.outcomes - s.orphans;
         s.pending = s.requests.saturating_sub(s.done);
         Ok(s)
     }
@@ -1829,6 +1843,7 @@ mod tests {
             created_by: "test".into(),
             created_at: "now".into(),
             by_custom_id: false,
+            orphans: 0,
         }
     }
 

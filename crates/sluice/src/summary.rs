@@ -163,8 +163,15 @@ impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} requests: {} succeeded, {} failed",
-            self.total, self.succeeded, self.failed
+            "{} {}: {} succeeded, {} failed",
+            self.total,
+            if self.total == 1 {
+                "request"
+            } else {
+                "requests"
+            },
+            self.succeeded,
+            self.failed
         )?;
         let cut_short: u64 = self
             .failures
@@ -213,8 +220,9 @@ impl fmt::Display for Summary {
         }
         writeln!(f)?;
         write!(f, "wall time {:.2}s", self.wall_secs)?;
-        // (Nothing sent has no ideal time to speak of.)
-        if let Some(ideal) = self.ideal_secs.filter(|&i| i > 0.0) {
+        // Under a second the limits do not bound the run (the buckets hold about a
+        // second's worth): its time is latency, and the ideal nothing to measure it by.
+        if let Some(ideal) = self.ideal_secs.filter(|&i| i >= 1.0) {
             write!(
                 f,
                 ", ideal {ideal:.2}s under the limits ({:.1}% of ideal)",
@@ -295,8 +303,28 @@ mod tests {
             .finish(&progress, None, Duration::from_secs(1), None, None)
             .to_string();
         assert!(
-            text.starts_with("1 requests: 0 succeeded, 1 failed\n"),
+            text.starts_with("1 request: 0 succeeded, 1 failed\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_ideal_time_is_given_only_where_the_limits_bound_the_run() {
+        let progress = ProgressSnapshot::default();
+        let summary = |rpm: f64| {
+            let mut b = SummaryBuilder::new();
+            b.sent = 5;
+            b.finish(&progress, None, Duration::from_secs(2), Some(rpm), None)
+                .to_string()
+        };
+        // 5 requests at 60 a minute: 5 s, and the run took 2.
+        let text = summary(60.0);
+        assert!(
+            text.contains("wall time 2.00s, ideal 5.00s under the limits (40.0% of ideal)"),
+            "{text}"
+        );
+        // At 600 a minute they fit in the buckets' first second: no ideal to speak of.
+        let text = summary(600.0);
+        assert!(text.contains("wall time 2.00s\n"), "{text}");
     }
 }
