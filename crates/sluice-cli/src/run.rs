@@ -617,6 +617,19 @@ async fn execute(
         }
     };
 
+    // Before the journal and the output are made: a cache that cannot be opened leaves
+    // nothing behind.
+    let cache = match args.cache.as_deref().filter(|_| !args.no_cache) {
+        None => None,
+        Some(path) => match sluice::cache::Cache::open(path, args.cache_read_only) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Ok(exit::BAD_INPUT);
+            }
+        },
+    };
+
     let output_name = args
         .output
         .as_ref()
@@ -748,28 +761,19 @@ async fn execute(
         None => Box::new(io::stdout()),
     };
 
-    let cache = match args.cache.as_deref().filter(|_| !args.no_cache) {
-        None => None,
-        Some(path) => match sluice::cache::Cache::open(path, args.cache_read_only) {
-            Ok(mut c) => {
-                c.reserve(scan.good() as usize);
-                // The target is part of every key: the same request to another server is
-                // another request.
-                let target = if args.sim {
-                    "sim".to_string()
-                } else {
-                    args.base_url.clone().unwrap_or_else(|| "catalog".into())
-                };
-                let layer = CacheLayer::new(c, &target);
-                restore_unstored(&layer, input.path(), &parser, &unstored);
-                Some(layer)
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                return Ok(exit::BAD_INPUT);
-            }
-        },
-    };
+    let cache = cache.map(|mut c| {
+        c.reserve(scan.good() as usize);
+        // The target is part of every key: the same request to another server is another
+        // request.
+        let target = if args.sim {
+            "sim".to_string()
+        } else {
+            args.base_url.clone().unwrap_or_else(|| "catalog".into())
+        };
+        let layer = CacheLayer::new(c, &target);
+        restore_unstored(&layer, input.path(), &parser, &unstored);
+        layer
+    });
 
     let good_lines = scan.good();
     let (bad_tx, mut bad_rx) = mpsc::unbounded_channel();

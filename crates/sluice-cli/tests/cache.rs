@@ -252,12 +252,16 @@ async fn read_only_and_no_cache() {
     assert_eq!(sim.stats().requests, 14, "read-only stored nothing");
     // A file that is not a cache: a clear error, nothing sent.
     std::fs::write(dir.path().join("junk"), b"junk").unwrap();
-    let mut cmd = go("f.jsonl", &["--cache"]);
-    cmd.arg(dir.path().join("junk"));
+    let mut cmd = run_against(&sim, &input, &dir.path().join("f.jsonl"));
+    cmd.arg("--cache").arg(dir.path().join("junk"));
     let out = run(cmd).await;
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("junk"), "{}", stderr(&out));
     assert_eq!(sim.stats().requests, 14);
+    // Nor is anything made: a journal left behind would make the next run a resume.
+    for made in ["f.jsonl", "f.jsonl.journal"] {
+        assert!(!dir.path().join(made).exists(), "{made} was made");
+    }
 }
 
 /// Two runs sharing one cache at the same time (each storing more than one batch) lose
