@@ -622,7 +622,17 @@ async fn execute(
     let cache = match args.cache.as_deref().filter(|_| !args.no_cache) {
         None => None,
         Some(path) => match sluice::cache::Cache::open(path, args.cache_read_only) {
-            Ok(c) => Some(c),
+            Ok(mut c) => {
+                c.reserve(scan.good() as usize);
+                // The target is part of every key: the same request to another server is
+                // another request.
+                let target = if args.sim {
+                    "sim".to_string()
+                } else {
+                    args.base_url.clone().unwrap_or_else(|| "catalog".into())
+                };
+                Some(CacheLayer::new(c, &target))
+            }
             Err(e) => {
                 eprintln!("error: {e}");
                 return Ok(exit::BAD_INPUT);
@@ -635,9 +645,6 @@ async fn execute(
         .as_ref()
         .map_or("-".to_string(), |p| p.display().to_string());
     let resumed = matches!(journal, JournalPlan::Resume(_));
-    // The outcomes a killed session journaled since its last checkpoint, by input line,
-    // for the cache (see `CacheLayer::restore`): read before the resume empties the log.
-    let mut unstored: HashMap<u64, Vec<u8>> = HashMap::new();
     let journal = match journal {
         JournalPlan::None => None,
         JournalPlan::Create(path) => {
@@ -673,10 +680,14 @@ async fn execute(
                 }
                 config.budget_usd = Some(left);
             }
-            if args.cache.is_some() && !args.no_cache && !args.cache_read_only {
+            // The responses a killed session journaled since its last checkpoint may not
+            // be in the cache: stored from the log before the resume empties it.
+            if let Some(layer) = cache.as_ref().filter(|_| !args.cache_read_only) {
+                let mut unstored = HashMap::new();
                 j.log_outcomes(|line, text| {
                     unstored.insert(line, text.to_vec());
                 })?;
+                restore_unstored(layer, input.path(), &parser, &unstored);
             }
             let (plan, repair) =
                 durable::resume(&mut j, args.output.as_deref(), args.retry_failed)?;
@@ -760,20 +771,6 @@ async fn execute(
         },
         None => Box::new(io::stdout()),
     };
-
-    let cache = cache.map(|mut c| {
-        c.reserve(scan.good() as usize);
-        // The target is part of every key: the same request to another server is another
-        // request.
-        let target = if args.sim {
-            "sim".to_string()
-        } else {
-            args.base_url.clone().unwrap_or_else(|| "catalog".into())
-        };
-        let layer = CacheLayer::new(c, &target);
-        restore_unstored(&layer, input.path(), &parser, &unstored);
-        layer
-    });
 
     let good_lines = scan.good();
     let (bad_tx, mut bad_rx) = mpsc::unbounded_channel();
@@ -1041,9 +1038,9 @@ fn restore_unstored(
         });
     match restored {
         Ok(0) => {}
-        Ok(n) => {
-            eprintln!("  stored {n} responses in the cache that the interrupted session had not")
-        }
+        Ok(n) => eprintln!(
+            "cache: stored {n} responses that the interrupted session had journaled but not stored"
+        ),
         Err(e) => eprintln!(
             "warning: could not store the interrupted session's last responses in the cache: {e}"
         ),

@@ -320,12 +320,17 @@ async fn two_runs_sharing_a_cache_at_once_lose_nothing() {
 
 /// A `kill -9` leaves the last responses journaled (and in the output) but not yet stored
 /// in the cache, which stores a batch at a time. The resume stores them, so a later job
-/// with the same cache pays for none of them again.
+/// with the same cache pays for none of them again. Killed three times, the first a third
+/// of a second in at 2,000 a second (hundreds of outcomes journaled, and neither a
+/// second's store nor a batch of 1,024 due), the others after a seeded random number of
+/// further answers, each maybe in the middle of the last resume's storing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_a_kill_and_its_resume_the_cache_holds_every_response_paid_for() {
+async fn after_kills_and_resumes_the_cache_holds_every_response_paid_for() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(20261202);
     let sim = sim(SimConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let n = 3000;
+    let n = 6000;
     let input = write_input(dir.path(), &prompts(n));
     let cache = dir.path().join("cache.sqlite");
     let output = dir.path().join("out.jsonl");
@@ -334,11 +339,14 @@ async fn after_a_kill_and_its_resume_the_cache_holds_every_response_paid_for() {
         cmd.args(["--rpm", "120000", "--cache"]).arg(&cache);
         cmd
     };
-    // A third of a second in at 2,000 a second: hundreds of outcomes journaled, and
-    // neither a second's store nor a batch of 1,024 due yet.
-    let child = spawn_when(&sim, cached_run(&output), |s| s.ok >= 600).await;
-    signal(child.id(), "KILL");
-    finished(child).await;
+    let mut wait_for = 600;
+    for _ in 0..3 {
+        let from = sim.stats().ok;
+        let child = spawn_when(&sim, cached_run(&output), |s| s.ok >= from + wait_for).await;
+        signal(child.id(), "KILL");
+        finished(child).await;
+        wait_for = rng.random_range(100..1500);
+    }
 
     let out = run(cached_run(&output)).await;
     let err = stderr(&out);
