@@ -974,7 +974,6 @@ async fn execute(
     })
 }
 
-/// Writes the run's summary as JSON to `path` (`--report`), if given.
 /// "N succeeded, M failed", and the outcomes of requests no longer in the input when a
 /// forced resume left some out.
 pub fn outcome_counts(s: &JournalStatus) -> String {
@@ -992,6 +991,7 @@ pub fn outcome_counts(s: &JournalStatus) -> String {
     }
 }
 
+/// Writes the run's summary as JSON to `path` (`--report`), if given.
 fn write_report(path: Option<&Path>, summary: &Summary) -> anyhow::Result<()> {
     if let Some(path) = path {
         let json = serde_json::to_vec_pretty(summary).expect("summaries serialise");
