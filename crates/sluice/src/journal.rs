@@ -1157,11 +1157,13 @@ impl Journal {
         Ok(())
     }
 
-    /// Calls `f(input line, output line)` for each succeeded outcome still in the outcome
-    /// log: those journaled since its last checkpoint, which a killed session may not
-    /// have kept anywhere else but the output (the response cache stores a batch at a
-    /// time, and before each checkpoint). Call it before [`resume`](Self::resume), which
-    /// empties the log. A line is the output's, newline included.
+    /// Calls `f(input line, output line)` for each outcome still in the outcome log that
+    /// succeeded and was sent (not answered by the cache or by an identical request,
+    /// which make no attempt): those journaled since its last checkpoint, which a killed
+    /// session may not have kept anywhere else but the output (the response cache stores
+    /// a batch at a time, and before each checkpoint). Call it before
+    /// [`resume`](Self::resume), which empties the log. A line is the output's, newline
+    /// included.
     pub fn log_outcomes(&self, mut f: impl FnMut(u64, &[u8])) -> Result<(), JournalError> {
         let Some(log) = self.log.as_ref() else {
             return Ok(());
@@ -1174,7 +1176,7 @@ impl Journal {
             for record in &chunk.records {
                 line.resize(record.line_len as usize, 0);
                 r.read_exact(&mut line)?;
-                if record.final_ && record.succeeded {
+                if record.final_ && record.succeeded && record.attempts > 0 {
                     f(record.line, &line);
                 }
             }
@@ -1951,6 +1953,35 @@ mod tests {
         assert_eq!(j.rows(), 6);
         assert_eq!(j.bytes_through(6).unwrap(), lines(&entries).len() as u64);
         assert_eq!(j.status().unwrap().succeeded, 6);
+    }
+
+    #[test]
+    fn the_log_gives_back_the_outcomes_sent_since_the_last_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let mut j = Journal::create(&path, meta()).unwrap();
+        j.append(&Chunk::of(&[entry(1, None)])).unwrap();
+        j.checkpoint().unwrap();
+        let mut from_cache = entry(4, None);
+        from_cache.attempts = 0;
+        let since = [
+            entry(2, None),
+            entry(3, Some(ErrorKind::BadRequest)),
+            from_cache,
+            entry(5, None),
+        ];
+        j.append(&Chunk::of(&since[..2])).unwrap();
+        j.append(&Chunk::of(&since[2..])).unwrap();
+        drop(j); // a crash: the last two chunks are in the log only
+        let j = Journal::open(&path).unwrap();
+        let mut got = Vec::new();
+        j.log_outcomes(|line, text| got.push((line, text.to_vec())))
+            .unwrap();
+        assert_eq!(
+            got,
+            vec![(2, since[0].output.clone()), (5, since[3].output.clone())],
+            "succeeded and sent, not the failure nor the answer from the cache"
+        );
     }
 
     #[test]
