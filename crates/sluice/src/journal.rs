@@ -209,12 +209,8 @@ pub struct JournalMeta {
     pub by_custom_id: bool,
     /// Outcomes of requests that are not in `input`: those a forced resume's input left
     /// out (they were paid for and stay in the output). Not counted as done.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "crate::outcome::is_zero")]
     pub orphans: u64,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
 }
 
 /// One outcome to journal, with the output line it becomes.

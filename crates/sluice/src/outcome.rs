@@ -38,7 +38,8 @@ pub struct Usage {
     pub cache_write_tokens: u64,
 }
 
-fn is_zero(n: &u64) -> bool {
+/// For `skip_serializing_if`.
+pub(crate) fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
