@@ -81,14 +81,14 @@ pub fn resume(
     journal.resume(output, retry_failed)
 }
 
-/// The output file of a run: created afresh, or appended to after a resume's repair.
-/// Held (an exclusive `flock`) while the run writes it, and checked before it is emptied:
-/// another run writing the same file, with its own journal or none, is refused rather
-/// than writing over it.
-pub fn open_output(path: &Path, append: bool) -> io::Result<File> {
+/// The output file of a run, opened (made if need be, emptied by [`empty_output`] for a
+/// fresh run, written at its end) and held: an exclusive `flock` for as long as the run
+/// writes it. It is taken before the journal is made or a resume repairs the output, so
+/// another run writing the same file, with its own journal or none, is refused before it
+/// changes anything.
+pub fn hold_output(path: &Path) -> io::Result<File> {
     let file = OpenOptions::new()
-        .write(true)
-        .append(append)
+        .append(true)
         .create(true)
         .truncate(false)
         .open(path)?;
@@ -106,11 +106,16 @@ pub fn open_output(path: &Path, append: bool) -> io::Result<File> {
             tracing::warn!("cannot lock the output {} ({e})", path.display())
         }
     }
-    // A pipe or a device (`/dev/stdout`) is not emptied: there is nothing to empty.
-    if !append && file.metadata()?.is_file() {
+    Ok(file)
+}
+
+/// Empties the output of a fresh run, held by [`hold_output`]. A pipe or a device
+/// (`/dev/stdout`) is left as it is: there is nothing to empty.
+pub fn empty_output(file: &File) -> io::Result<()> {
+    if file.metadata()?.is_file() {
         file.set_len(0)?;
     }
-    Ok(file)
+    Ok(())
 }
 
 /// Outcomes this many at most go into one chunk of the journal's log.

@@ -640,6 +640,22 @@ async fn execute(
         },
     };
 
+    // Held before the journal is made or a resume repairs it (see `durable::hold_output`).
+    let output = match &args.output {
+        None => None,
+        Some(path) => match durable::hold_output(path) {
+            Ok(file) => Some(file),
+            // Refused, like a journal in use.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                eprintln!("error: cannot open {}: {e}", path.display());
+                return Ok(exit::BAD_INPUT);
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!("cannot open {}", path.display())))
+            }
+        },
+    };
+
     let output_name = args
         .output
         .as_ref()
@@ -757,18 +773,18 @@ async fn execute(
             Some(*j)
         }
     };
-    let writer: Box<dyn Write + Send> = match &args.output {
-        Some(path) => match durable::open_output(path, resumed) {
-            Ok(file) => Box::new(file),
-            // Refused, like a journal in use.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                eprintln!("error: cannot open {}: {e}", path.display());
-                return Ok(exit::BAD_INPUT);
+    let writer: Box<dyn Write + Send> = match output {
+        Some(file) => {
+            if !resumed {
+                durable::empty_output(&file).with_context(|| {
+                    format!(
+                        "cannot empty {}",
+                        args.output.as_deref().unwrap_or(Path::new("-")).display()
+                    )
+                })?;
             }
-            Err(e) => {
-                return Err(anyhow::Error::new(e).context(format!("cannot open {}", path.display())))
-            }
-        },
+            Box::new(file)
+        }
         None => Box::new(io::stdout()),
     };
 

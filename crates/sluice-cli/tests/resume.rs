@@ -685,8 +685,9 @@ async fn outcomes_of_requests_a_forced_input_left_out_are_not_counted_as_done() 
 }
 
 /// A job started twice: while the first run holds the journal, the second is refused
-/// before it changes or sends anything (with `--fresh` too, and a run without a journal
-/// does not empty the output), `sluice status` still reads the journal, and once the
+/// before it changes or sends anything (with `--fresh` too; a run without a journal, or
+/// with a journal of its own, is refused by the output's lock and does not empty the
+/// output or make its journal), `sluice status` still reads the journal, and once the
 /// first has stopped the same command resumes, each request
 /// sent once. (Both used to run: the second resumed from under the first, sent what the
 /// first was sending, and the first failed on the journal.)
@@ -741,6 +742,21 @@ async fn a_second_run_of_a_job_whose_journal_is_in_use_is_refused() {
         std::fs::read(&output).unwrap().starts_with(&before),
         "the output was not emptied"
     );
+    // Nor a run with a journal of its own: refused before it makes that journal (or, had
+    // it one to resume, before it repaired the output).
+    let other = dir.path().join("other.journal");
+    let mut cmd = run_against(&sim, &input, &output);
+    cmd.args(["--rpm", "60000", "--fresh", "--journal"])
+        .arg(&other);
+    let out = run(cmd).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("another sluice run is writing it; nothing was changed or sent"),
+        "{err}"
+    );
+    assert!(!other.exists(), "a journal was made: {err}");
+    assert!(std::fs::read(&output).unwrap().starts_with(&before));
     // The first run, at one request a second, sent at most one more meanwhile.
     assert!(sim.stats().requests <= at_start + 1, "{:?}", sim.stats());
     let status = status_json(&journal);
@@ -768,20 +784,37 @@ async fn a_second_run_of_a_job_whose_journal_is_in_use_is_refused() {
     sim.shutdown().await;
 }
 
-/// A journal that cannot be made (its directory does not exist) is an error that names
-/// it, once, and nothing is sent.
+/// An output or a journal that cannot be made (its directory does not exist) is an error
+/// that names it, once, and nothing is sent. (The output is opened first: a run that
+/// cannot make it makes no journal either.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_journal_that_cannot_be_made_is_named_in_the_error() {
+async fn an_output_or_a_journal_that_cannot_be_made_is_named_in_the_error() {
     let sim = sim(SimConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let input = write_input(dir.path(), &prompts(3));
-    let output = dir.path().join("missing").join("out.jsonl");
+    let missing = dir.path().join("missing");
+    let output = missing.join("out.jsonl");
     let out = run(run_against(&sim, &input, &output)).await;
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(4), "{err}");
-    let journal = format!("{}.journal", output.display());
     assert!(
-        err.contains(&format!("cannot create the journal {journal}: ")),
+        err.contains(&format!("cannot open {}: ", output.display())),
+        "{err}"
+    );
+    assert_eq!(err.matches("os error").count(), 1, "said once: {err}");
+
+    let output = dir.path().join("out.jsonl");
+    let journal = missing.join("out.journal");
+    let mut cmd = run_against(&sim, &input, &output);
+    cmd.arg("--journal").arg(&journal);
+    let out = run(cmd).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot create the journal {}: ",
+            journal.display()
+        )),
         "{err}"
     );
     assert_eq!(err.matches("os error").count(), 1, "said once: {err}");
