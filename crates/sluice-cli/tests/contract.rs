@@ -95,10 +95,20 @@ fn steady_bin() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .expect("a free port on 127.0.0.1")
-        .port()
+    // Never the same port for two tests of this binary (they run side by side, and the
+    // kernel may hand a port just let go to the next to ask).
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    loop {
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .expect("a free port on 127.0.0.1")
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A running steady, killed (with its process group) when dropped.
@@ -160,7 +170,12 @@ impl Steady {
                     steady.output()
                 ));
             }
-            if TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            // Ready once it accepts connections and has logged its start. A connection
+            // alone may be to another server: the port picked here can be taken by
+            // another process before steady binds it, and steady then exits. (One CI run
+            // failed with its first request to steady reset; a port given to two tests
+            // at once is one way that happens, now ruled out by `free_port`.)
+            if TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok() && steady.started() {
                 return Ok(steady);
             }
             if started.elapsed() > STARTUP_TIMEOUT {
@@ -171,6 +186,15 @@ impl Steady {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Whether steady has logged its `startup` record.
+    fn started(&self) -> bool {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .any(|v| v["type"] == "startup")
     }
 
     /// What steady printed, for failure messages.
