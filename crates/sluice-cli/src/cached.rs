@@ -191,16 +191,18 @@ impl CacheLayer {
         }
     }
 
-    /// Stores the responses of `outcomes` that the cache lacks: the succeeded outcomes a
-    /// killed session journaled but may not have stored (see
-    /// `sluice::journal::Journal::log_outcomes`), each an output line with the request
-    /// it answered (read again from the input). An outcome is taken only when it was sent
+    /// Stores the responses that the cache lacks of the outcomes a killed session
+    /// journaled but may not have stored (see `sluice::journal::Journal::log_outcomes`):
+    /// `lines[i]` is the output line of the outcome of `requests[i]` (read again from the
+    /// input). An outcome is taken only when it was sent
     /// (not itself from the cache) and names the request's `custom_id`, so a response is
     /// never stored under another request's key. Returns how many were stored.
     pub fn restore(
         &self,
-        outcomes: &[(Request, &[u8])],
+        requests: &[Request],
+        lines: &[&[u8]],
     ) -> Result<usize, sluice::cache::CacheError> {
+        assert_eq!(requests.len(), lines.len(), "a line for each request");
         /// What an output line says that storing it needs.
         #[derive(serde::Deserialize)]
         struct Line {
@@ -212,12 +214,11 @@ impl CacheLayer {
             #[serde(default)]
             cached: bool,
         }
-        let requests: Vec<Request> = outcomes.iter().map(|(r, _)| r.clone()).collect();
-        let keys = cache::keys(&self.target, &requests);
+        let keys = cache::keys(&self.target, requests);
         let mut shared = self.shared.lock().expect("not poisoned");
-        let mut pending = Pending::with_capacity(outcomes.len());
+        let mut pending = Pending::with_capacity(requests.len());
         let mut seen = std::collections::HashSet::new();
-        for ((request, text), key) in outcomes.iter().zip(keys) {
+        for ((request, text), key) in requests.iter().zip(lines).zip(keys) {
             let Ok(line) = serde_json::from_slice::<Line>(text) else {
                 continue;
             };
@@ -317,16 +318,16 @@ mod tests {
             line("c3", "succeeded", true),
             line("c4", "failed", false),
         );
-        let outcomes = [
-            (request(1), good.as_slice()),
+        let requests: Vec<Request> = (1..=4).map(request).collect();
+        let lines = [
+            good.as_slice(),
             // Another request's answer (the line was another input's): never stored.
-            (request(2), other.as_slice()),
+            other.as_slice(),
             // From the cache, or from an identical request: stored with that one.
-            (request(3), hit.as_slice()),
-            (request(4), failed.as_slice()),
+            hit.as_slice(),
+            failed.as_slice(),
         ];
-        assert_eq!(layer.restore(&outcomes).unwrap(), 1);
-        let requests: Vec<Request> = outcomes.iter().map(|(r, _)| r.clone()).collect();
+        assert_eq!(layer.restore(&requests, &lines).unwrap(), 1);
         let keys = cache::keys(&layer.target, &requests);
         let shared = layer.shared.lock().unwrap();
         let stored = shared.cache.get(&keys[0]).unwrap().expect("stored");
@@ -336,7 +337,11 @@ mod tests {
             assert!(shared.cache.get(key).unwrap().is_none());
         }
         drop(shared);
-        assert_eq!(layer.restore(&outcomes).unwrap(), 0, "not stored twice");
+        assert_eq!(
+            layer.restore(&requests, &lines).unwrap(),
+            0,
+            "not stored twice"
+        );
     }
 
     #[test]

@@ -1043,14 +1043,14 @@ fn restore_unstored(
     let restored = input::lines_at(input, &wanted)
         .map_err(anyhow::Error::from)
         .and_then(|lines| {
-            let outcomes: Vec<(Request, &[u8])> = lines
+            let (requests, outputs): (Vec<Request>, Vec<&[u8]>) = lines
                 .iter()
                 .filter_map(|(line, text)| {
                     let request = parser.parse(*line, text).ok()?;
                     Some((request, unstored[line].as_slice()))
                 })
-                .collect();
-            Ok(layer.restore(&outcomes)?)
+                .unzip();
+            Ok(layer.restore(&requests, &outputs)?)
         });
     match restored {
         Ok(0) => {}
