@@ -161,6 +161,14 @@ pub struct Sink {
     /// Whether the output failed while the journal did not: outcomes still arriving (of
     /// requests already sent, and paid for) are journaled, and a resume writes them out.
     output_failed: bool,
+    /// Whether the run stopped because the journal's disk is nearly full: outcomes still
+    /// arriving are journaled in the space set aside for them, and written out.
+    space_low: bool,
+    /// Outcomes of requests that were sent that are in neither the journal nor the output
+    /// (the journal failed): a resume sends those requests again.
+    pub lost: usize,
+    /// Responses the cache failed to store.
+    pub uncached: usize,
 }
 
 impl Sink {
@@ -181,6 +189,9 @@ impl Sink {
             summary: SummaryBuilder::new(),
             error: None,
             output_failed: false,
+            space_low: false,
+            lost: 0,
+            uncached: 0,
         }
     }
 
@@ -210,10 +221,14 @@ impl Sink {
     fn add_one(&mut self, outcome: &Outcome) {
         self.summary.add(outcome);
         if !self.journaling() {
-            if self.journal.is_none() && self.error.is_none() {
-                if let Err(e) = self.writer.write_all(&outcome.to_json_line()) {
-                    self.output_error(e, "writing outcomes failed");
+            if self.journal.is_none() {
+                if self.error.is_none() {
+                    if let Err(e) = self.writer.write_all(&outcome.to_json_line()) {
+                        self.output_error(e, "writing outcomes failed");
+                    }
                 }
+            } else if outcome.attempts > 0 {
+                self.lost += 1;
             }
             return;
         }
@@ -224,9 +239,9 @@ impl Sink {
     }
 
     /// Whether outcomes go to the journal: there is one, and nothing has failed but the
-    /// output.
+    /// output, or the run stopped for the journal's disk space.
     fn journaling(&self) -> bool {
-        self.journal.is_some() && (self.error.is_none() || self.output_failed)
+        self.journal.is_some() && (self.error.is_none() || self.output_failed || self.space_low)
     }
 
     /// Keeps the first error, here from the output.
@@ -253,9 +268,15 @@ impl Sink {
 
     fn store_cache(&mut self) {
         if let Some(layer) = &self.cache {
+            let n = self.to_cache.len();
             if let Err(e) = layer.store(&mut self.to_cache) {
-                tracing::warn!("storing responses in the cache failed: {e}");
-                eprintln!("warning: storing responses in the cache failed: {e}");
+                // Said once; later batches are still tried (space may come back).
+                if self.uncached == 0 {
+                    eprintln!(
+                        "warning: storing responses in the cache failed: {e}; the run goes on, and a later run sends the requests whose responses were not stored"
+                    );
+                }
+                self.uncached += n;
             }
         }
     }
@@ -266,14 +287,24 @@ impl Sink {
         }
         let journal = self.journal.as_mut().expect("batches only with a journal");
         if let Err(e) = journal.append(&self.batch) {
-            if self.error.is_none() {
-                self.error = Some(anyhow::Error::new(e).context(format!(
-                    "journaling {} outcomes failed; they are not in the output",
-                    self.batch.len()
-                )));
+            if self.error.is_none() || self.space_low {
+                self.error = Some(anyhow::Error::new(e).context("journaling outcomes failed"));
             }
+            self.lost += self.batch.sent();
+            self.batch.clear();
             self.output_failed = false;
+            self.space_low = false;
             return;
+        }
+        if journal.space_low() && !self.space_low {
+            self.space_low = true;
+            if self.error.is_none() {
+                self.error = Some(anyhow::anyhow!(
+                    "the journal {} cannot grow by {} MiB more (its disk is nearly full, or the file size limit, `ulimit -f`, is near): sending stopped, and the outcomes of the requests already sent are journaled. Free some space, then run the same command again to send the rest",
+                    journal.path().display(),
+                    sluice::journal::LOG_RESERVE >> 20
+                ));
+            }
         }
         let full = journal.unsynced() >= CHECKPOINT_ROWS;
         if self.output_failed {

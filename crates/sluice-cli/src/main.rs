@@ -81,6 +81,17 @@ fn no_huge_pages() {
     }
 }
 
+/// A write past the file size limit (`ulimit -f`) fails with `EFBIG`, an error the run
+/// handles like a full disk (it stops, keeping what was paid for), rather than killing the
+/// process by the signal `SIGXFSZ`.
+fn no_file_size_signal() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: sets the signal's disposition to "ignore", which runs no code of ours.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -92,6 +103,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(cli.command, Command::Run(_)) {
         no_huge_pages();
+        no_file_size_signal();
     }
     match cli.command {
         Command::Status(args) => return ExitCode::from(status::run(args)),

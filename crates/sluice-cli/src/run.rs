@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use futures::{FutureExt, StreamExt};
 use sluice::catalog::{Router, RouterOptions};
-use sluice::engine::{EngineConfig, Order};
+use sluice::engine::{EngineConfig, Order, StopReason};
 use sluice::input::{self, Done};
 use sluice::journal::{Journal, JournalError, JournalMeta, JournalStatus};
 use sluice::summary::Summary;
@@ -938,7 +938,11 @@ async fn execute(
         sink.add_unsent(&o);
     }
     let progress = run.progress().snapshot();
-    let end = run.finish().await;
+    let mut end = run.finish().await;
+    // Stopped for the sink's error, not by a signal.
+    if interrupts == 0 && sink.error.is_some() && end.stopped == Some(StopReason::Interrupted) {
+        end.stopped = Some(StopReason::Failed);
+    }
     sink.flush();
     view.finish();
     let summary: Summary = std::mem::take(&mut sink.summary).finish(
@@ -973,6 +977,18 @@ async fn execute(
     write_report(args.report.as_deref(), &summary)?;
     if let Some(h) = sim {
         h.shutdown().await;
+    }
+    if sink.uncached > 0 {
+        eprintln!(
+            "cache: {} responses could not be stored (see the warning above)",
+            sink.uncached
+        );
+    }
+    if sink.lost > 0 {
+        eprintln!(
+            "{} outcomes of requests that were sent (and paid for) could not be journaled and are not in the output: a resume sends those requests again",
+            sink.lost
+        );
     }
     if let Some(e) = sink.error {
         return Err(e);

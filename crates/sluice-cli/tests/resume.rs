@@ -222,6 +222,69 @@ async fn interrupted_runs_resume_and_send_nothing_twice() {
     }
 }
 
+/// `cmd` run by `sh` under a file size limit (`ulimit -f`) of `blocks` (512 or 1024 bytes
+/// each, by the shell).
+fn with_file_size_limit(cmd: &std::process::Command, blocks: u32) -> std::process::Command {
+    let mut c = std::process::Command::new("sh");
+    c.arg("-c")
+        .arg(format!("ulimit -f {blocks} && exec \"$@\""))
+        .arg("sh")
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c
+}
+
+/// A journal that cannot grow (its disk nearly full; here the file size limit, under which
+/// the space it sets aside ahead of its log does not fit) stops the run: the outcomes of
+/// the requests already sent, paid for, are journaled and written out, and the resume
+/// sends only the others. (Before, the log's writes failed once past the limit, and the
+/// outcomes not yet journaled were lost and sent again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_that_cannot_grow_stops_the_run_and_loses_nothing_paid_for() {
+    let sim = sim(SimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let n = 4000;
+    let input = write_input(dir.path(), &prompts(n));
+    let output = dir.path().join("out.jsonl");
+    // 1 or 2 MB: far below the 8 MiB set aside, far above what the requests in flight
+    // answer, and below what the whole run's log would take.
+    let limited = with_file_size_limit(&run_against(&sim, &input, &output), 2000);
+    let out = run(limited).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("cannot grow by 8 MiB more"), "{err}");
+    assert!(err.contains("stopped: the run could not go on"), "{err}");
+    assert!(err.contains("run the same command again"), "{err}");
+    assert!(!err.contains("could not be journaled"), "{err}");
+    let first = read_output(&output);
+    assert!(!first.is_empty() && first.len() < n, "{}", first.len());
+    assert_eq!(
+        sim.stats().requests,
+        first.len() as u64,
+        "each request sent has its outcome in the output"
+    );
+
+    let out = run(run_against(&sim, &input, &output)).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let lines = read_output(&output);
+    assert_eq!(lines.len(), n);
+    assert_eq!(by_id(&lines).len(), n);
+    let stats = sim.stats();
+    assert_eq!(stats.ok_duplicates, 0, "{stats:?}");
+    assert_eq!(
+        stats.requests, n as u64,
+        "each request sent once: {stats:?}"
+    );
+    sim.shutdown().await;
+}
+
 /// Ctrl-C while the rate limit holds requests back: those already admitted but not sent
 /// are not sent after it (each would be paid for); they end `not_attempted`, and the resume
 /// sends them.

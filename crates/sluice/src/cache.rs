@@ -1646,7 +1646,7 @@ impl Drop for Cache {
         if !self.read_only && !self.fresh.is_empty() {
             if let Err(e) = self.merge() {
                 tracing::warn!(
-                    "cache {}: writing its new keys failed ({e}); the next run that opens it will",
+                    "cache {}: writing its new keys failed ({e}); the next run that opens it reads them from its data file",
                     self.path.display()
                 );
             }

@@ -317,6 +317,9 @@ pub enum StopReason {
     Interrupted,
     /// The next request could not be sent without risking going over the budget.
     BudgetExhausted,
+    /// The caller stopped the run ([`Stopper::stop`]) because it could not go on: its
+    /// outcomes could not be kept (say, the disk is full).
+    Failed,
 }
 
 impl StopReason {
@@ -326,6 +329,7 @@ impl StopReason {
             StopReason::QuotaExhausted => "quota exhausted",
             StopReason::Interrupted => "interrupted",
             StopReason::BudgetExhausted => "budget reached",
+            StopReason::Failed => "could not go on",
         }
     }
 }

@@ -270,6 +270,8 @@ pub struct Chunk {
     records: Vec<u8>,
     lines: Vec<u8>,
     count: u32,
+    /// Of which, outcomes of requests that were sent (attempted at least once).
+    sent: u32,
 }
 
 impl Chunk {
@@ -293,6 +295,7 @@ impl Chunk {
         }
         .encode(&mut self.records);
         self.count += 1;
+        self.sent += u32::from(outcome.attempts > 0);
     }
 
     /// Adds an entry (its record and output line).
@@ -300,6 +303,7 @@ impl Chunk {
         RecordRef::of(e).encode(&mut self.records);
         self.lines.extend_from_slice(&e.output);
         self.count += 1;
+        self.sent += u32::from(e.attempts > 0);
     }
 
     /// The entries of `entries`, in order.
@@ -321,6 +325,11 @@ impl Chunk {
         self.count == 0
     }
 
+    /// How many of them are outcomes of requests that were sent.
+    pub fn sent(&self) -> usize {
+        self.sent as usize
+    }
+
     /// Their output lines, in order.
     pub fn lines(&self) -> &[u8] {
         &self.lines
@@ -331,6 +340,7 @@ impl Chunk {
         self.records.clear();
         self.lines.clear();
         self.count = 0;
+        self.sent = 0;
     }
 }
 
@@ -479,10 +489,26 @@ pub struct Journal {
     /// What the last pass over the records found to drop on resume, for its
     /// `retry_failed` flag: saves [`Journal::resume`] a second pass.
     survey: Option<(bool, Survey)>,
+    /// Where the log ends (its length), and to where it may grow before
+    /// [`Journal::reserve`] looks at the disk's space again.
+    log_end: u64,
+    checked_to: u64,
+    /// Whether space is still set aside ahead of the log (not where the file system
+    /// cannot), and whether it could not be: the disk is nearly full.
+    reserving: bool,
+    space_low: bool,
     /// This process's hold on the journal (`None` read-only). Last, so dropped after
     /// `conn` (see [`Held`]).
     _held: Option<Held>,
 }
+
+/// Disk space set aside past the end of the outcome log once the disk has less than four
+/// times this free, refreshed once less than half is left (Linux; `fallocate` with
+/// `FALLOC_FL_KEEP_SIZE`, which the log's readers do not see). When it cannot be, the disk
+/// is nearly full: [`Journal::space_low`] says so while at least half of this is still
+/// there for the outcomes of the requests in flight, which were paid for and must not be
+/// lost.
+pub const LOG_RESERVE: u64 = 8 << 20;
 
 /// The rows a resume drops, found in a pass over the records.
 #[derive(Clone, Copy, Debug, Default)]
@@ -875,8 +901,70 @@ impl Journal {
             unsynced_bytes: 0,
             overlay: Vec::new(),
             survey: None,
+            log_end: 0,
+            checked_to: 0,
+            reserving: true,
+            space_low: false,
             _held: held,
         }
+    }
+
+    /// Whether the disk holding the outcome log is nearly full: [`LOG_RESERVE`] more could
+    /// not be set aside for it. Once so, it stays so.
+    pub fn space_low(&self) -> bool {
+        self.space_low
+    }
+
+    /// Before `more` bytes are appended to the log: when the disk is getting full, sets
+    /// space aside for them and [`LOG_RESERVE`] past them, once less than half of that is
+    /// left; when it cannot, marks the journal [`space_low`](Self::space_low).
+    fn reserve(&mut self, more: u64) {
+        let end = self.log_end + more;
+        if !self.reserving || self.space_low || end <= self.checked_to {
+            return;
+        }
+        #[cfg(target_os = "linux")]
+        {
+            use rustix::fs::{fallocate, fstatvfs, FallocateFlags};
+            use rustix::io::Errno;
+            use rustix::process::{getrlimit, Resource};
+            // Space set aside is not held to the file size limit (`ulimit -f`), which the
+            // writes into it are: past the limit, they fail as on a full disk.
+            let limit = getrlimit(Resource::Fsize).current.unwrap_or(u64::MAX);
+            if end + LOG_RESERVE > limit {
+                self.space_low = true;
+                return;
+            }
+            let log = self.log.as_ref().expect("a writable journal has its log");
+            let free = fstatvfs(log).map_or(0, |s| s.f_bavail.saturating_mul(s.f_frsize));
+            if free > 4 * LOG_RESERVE {
+                // Room enough: nothing set aside (on tmpfs that takes milliseconds), and
+                // the space looked at again after another MiB of log or once it is emptied.
+                self.checked_to = end + (1 << 20);
+                return;
+            }
+            match fallocate(
+                log,
+                FallocateFlags::KEEP_SIZE,
+                self.log_end,
+                more + LOG_RESERVE,
+            ) {
+                Ok(()) => self.checked_to = end + LOG_RESERVE / 2,
+                Err(Errno::NOSPC | Errno::FBIG | Errno::DQUOT) => self.space_low = true,
+                // The file system cannot set space aside: the log goes unguarded.
+                Err(_) => self.reserving = false,
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            self.reserving = false;
+        }
+    }
+
+    /// The log was cut to `len` bytes (which frees the space set aside past them).
+    fn log_cut(&mut self, len: u64) {
+        self.log_end = len;
+        self.checked_to = len;
     }
 
     /// Opens an existing journal for writing, checking its format.
@@ -990,6 +1078,7 @@ impl Journal {
         if log.metadata()?.len() > valid {
             log.set_len(valid)?;
         }
+        self.log_cut(valid);
         let Some(first) = chunks.first().map(|c| c.first_seq) else {
             self.log_first = self.rows + 1;
             return Ok(());
@@ -1097,6 +1186,8 @@ impl Journal {
             h.finalize()
         };
         header[28..32].copy_from_slice(&crc.to_le_bytes());
+        let bytes = (header.len() + chunk.records.len()) as u64 + lines_len;
+        self.reserve(bytes);
         let log = self.log.as_mut().expect("a writable journal has its log");
         // What part of the chunk reached the log after an error is cut on the next open;
         // these rows are not journaled.
@@ -1108,6 +1199,7 @@ impl Journal {
                 io::IoSlice::new(&chunk.lines),
             ],
         )?;
+        self.log_end += bytes;
         self.unsynced.extend_from_slice(&chunk.records);
         self.unsynced_bytes += lines_len;
         self.rows += chunk.len() as u64;
@@ -1147,6 +1239,7 @@ impl Journal {
         if self.log_first <= self.rows {
             if let Some(log) = &self.log {
                 log.set_len(0)?;
+                self.log_cut(0);
             }
             self.log_first = self.rows + 1;
         }
@@ -1292,6 +1385,7 @@ impl Journal {
         self.replace_from(keep + 1, &[])?;
         if let Some(log) = &self.log {
             log.set_len(0)?;
+            self.log_cut(0);
         }
         self.log_first = self.rows + 1;
         Ok(())

@@ -239,9 +239,13 @@ impl fmt::Display for Summary {
                 f,
                 "stopped: the next request could have taken spending past --budget; requests not sent are marked not_attempted"
             )?,
-            Some(StopReason::Interrupted) => writeln!(
+            Some(reason @ (StopReason::Interrupted | StopReason::Failed)) => writeln!(
                 f,
-                "stopped: interrupted; requests not sent are marked {}{}",
+                "stopped: {}; requests not sent are marked {}{}",
+                match reason {
+                    StopReason::Failed => "the run could not go on (the error is below)",
+                    _ => "interrupted",
+                },
                 ErrorKind::NotAttempted,
                 if self.input_left { ", input left unread" } else { "" }
             )?,
