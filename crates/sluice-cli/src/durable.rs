@@ -156,14 +156,16 @@ pub struct Sink {
     batch: Chunk,
     /// The summary of this session's outcomes.
     pub summary: SummaryBuilder,
-    /// The first error writing the journal or the output.
+    /// The first error writing the journal or the output, or the journal's disk nearly
+    /// full: the run stops. Outcomes still arriving (of requests already sent, and paid
+    /// for) are journaled while the journal's log takes them, and written out while the
+    /// output does; the log is not emptied from then on, so a resume writes out what the
+    /// output lacks.
     pub error: Option<anyhow::Error>,
-    /// Whether the output failed while the journal did not: outcomes still arriving (of
-    /// requests already sent, and paid for) are journaled, and a resume writes them out.
+    /// Whether the journal's log failed.
+    journal_failed: bool,
+    /// Whether the output failed.
     output_failed: bool,
-    /// Whether the run stopped because the journal's disk is nearly full: outcomes still
-    /// arriving are journaled in the space set aside for them, and written out.
-    space_low: bool,
     /// Outcomes of requests that were sent that are in neither the journal nor the output
     /// (the journal failed): a resume sends those requests again.
     pub lost: usize,
@@ -188,8 +190,8 @@ impl Sink {
             batch: Chunk::default(),
             summary: SummaryBuilder::new(),
             error: None,
+            journal_failed: false,
             output_failed: false,
-            space_low: false,
             lost: 0,
             uncached: 0,
         }
@@ -220,16 +222,16 @@ impl Sink {
 
     fn add_one(&mut self, outcome: &Outcome) {
         self.summary.add(outcome);
-        if !self.journaling() {
-            if self.journal.is_none() {
-                if self.error.is_none() {
-                    if let Err(e) = self.writer.write_all(&outcome.to_json_line()) {
-                        self.output_error(e, "writing outcomes failed");
-                    }
+        if self.journal.is_none() {
+            if !self.output_failed {
+                if let Err(e) = self.writer.write_all(&outcome.to_json_line()) {
+                    self.output_error(e, "writing outcomes failed");
                 }
-            } else if outcome.attempts > 0 {
-                self.lost += 1;
             }
+            return;
+        }
+        if self.journal_failed {
+            self.lost += usize::from(outcome.attempts > 0);
             return;
         }
         self.batch.push(outcome);
@@ -238,18 +240,12 @@ impl Sink {
         }
     }
 
-    /// Whether outcomes go to the journal: there is one, and nothing has failed but the
-    /// output, or the run stopped for the journal's disk space.
-    fn journaling(&self) -> bool {
-        self.journal.is_some() && (self.error.is_none() || self.output_failed || self.space_low)
-    }
-
-    /// Keeps the first error, here from the output.
+    /// The output failed: nothing more is written to it. Keeps the first error.
     fn output_error(&mut self, e: io::Error, what: &'static str) {
         if self.error.is_none() {
             self.error = Some(anyhow::Error::new(e).context(what));
-            self.output_failed = true;
         }
+        self.output_failed = true;
     }
 
     /// Outcomes taken and not yet committed.
@@ -282,33 +278,29 @@ impl Sink {
     }
 
     fn commit_journal(&mut self) {
-        if self.batch.is_empty() || !self.journaling() {
+        if self.batch.is_empty() {
             return;
         }
         let journal = self.journal.as_mut().expect("batches only with a journal");
         if let Err(e) = journal.append(&self.batch) {
-            if self.error.is_none() || self.space_low {
+            if self.error.is_none() {
                 self.error = Some(anyhow::Error::new(e).context("journaling outcomes failed"));
             }
+            self.journal_failed = true;
             self.lost += self.batch.sent();
             self.batch.clear();
-            self.output_failed = false;
-            self.space_low = false;
             return;
         }
-        if journal.space_low() && !self.space_low {
-            self.space_low = true;
-            if self.error.is_none() {
-                self.error = Some(anyhow::anyhow!(
-                    "the journal {} cannot grow by {} MiB more (its disk is nearly full, or the file size limit, `ulimit -f`, is near): sending stopped, and the outcomes of the requests already sent are journaled. Free some space, then run the same command again to send the rest",
-                    journal.path().display(),
-                    sluice::journal::LOG_RESERVE >> 20
-                ));
-            }
+        if journal.space_low() && self.error.is_none() {
+            self.error = Some(anyhow::anyhow!(
+                "the journal {} cannot grow by {} MiB more (its disk is nearly full, or the file size limit, `ulimit -f`, is near): sending stopped, and the outcomes of the requests already sent are journaled. Free some space, then run the same command again to send the rest",
+                journal.path().display(),
+                sluice::journal::LOG_RESERVE >> 20
+            ));
         }
         let full = journal.unsynced() >= CHECKPOINT_ROWS;
         if self.output_failed {
-            // In the log only, which is not emptied from now on: a resume writes them out.
+            // In the log only: a resume writes them out.
             self.batch.clear();
             return;
         }
