@@ -167,7 +167,7 @@ pub struct Sink {
     /// Whether the output failed.
     output_failed: bool,
     /// Outcomes of requests that were sent that are in neither the journal nor the output
-    /// (the journal failed): a resume sends those requests again.
+    /// (the journal failed, or the output did with no journal).
     pub lost: usize,
     /// Responses the cache failed to store.
     pub uncached: usize,
@@ -223,10 +223,10 @@ impl Sink {
     fn add_one(&mut self, outcome: &Outcome) {
         self.summary.add(outcome);
         if self.journal.is_none() {
-            if !self.output_failed {
-                if let Err(e) = self.writer.write_all(&outcome.to_json_line()) {
-                    self.output_error(e, "writing outcomes failed");
-                }
+            if self.output_failed {
+                self.lost += usize::from(outcome.attempts > 0);
+            } else if let Err(e) = self.writer.write_all(&outcome.to_json_line()) {
+                self.output_error(e, "writing outcomes failed");
             }
             return;
         }
@@ -405,6 +405,40 @@ mod tests {
             cached: false,
             line,
         }
+    }
+
+    /// With no journal, the outcomes that arrive after the output failed have nowhere to
+    /// go: each of a request that was sent is counted as lost (and said), none written.
+    #[test]
+    fn with_no_journal_the_outcomes_after_the_output_fails_are_counted_as_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let output = dir.path().join("out");
+        let writer = FullAfter {
+            file: File::create(&output).unwrap(),
+            left: 10_000,
+        };
+        let mut sink = Sink::new(Box::new(writer), None, None);
+        let mut failed_at = None;
+        for line in 1..=1000 {
+            let mut o = outcome(line);
+            // Every tenth never sent (a bad line, a cache hit): nothing paid, not counted.
+            o.attempts = u32::from(line % 10 != 0);
+            sink.add_unsent(&o);
+            if sink.error.is_some() && failed_at.is_none() {
+                failed_at = Some(line);
+            }
+        }
+        let failed_at = failed_at.expect("the output failed");
+        let after = (failed_at + 1..=1000).filter(|l| l % 10 != 0).count();
+        assert_eq!(sink.lost, after);
+        assert!(after > 0);
+        let size = std::fs::metadata(&output).unwrap().len();
+        sink.flush();
+        assert_eq!(
+            std::fs::metadata(&output).unwrap().len(),
+            size,
+            "nothing more written"
+        );
     }
 
     /// The output fills up part way through a run: the requests still live when it fails

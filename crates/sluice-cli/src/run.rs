@@ -984,11 +984,14 @@ async fn execute(
             sink.uncached
         );
     }
-    if sink.lost > 0 {
-        eprintln!(
-            "{} outcomes of requests that were sent (and paid for) could not be journaled and are not in the output: a resume sends those requests again",
-            sink.lost
-        );
+    match (sink.lost, sink.journal()) {
+        (0, _) => {}
+        (n, Some(_)) => eprintln!(
+            "{n} outcomes of requests that were sent (and paid for) are in neither the journal nor the output: a resume sends those requests again"
+        ),
+        (n, None) => eprintln!(
+            "{n} outcomes of requests that were sent (and paid for) arrived after the output failed, and are lost with the lines it did not take: with --no-journal, nothing else holds them"
+        ),
     }
     if let Some(e) = sink.error {
         return Err(e);
