@@ -384,6 +384,24 @@ mod tests {
         }
     }
 
+    /// A journal's settings for a run of `requests` writing to `output`.
+    fn test_meta(output: &Path, requests: u64) -> JournalMeta {
+        JournalMeta {
+            input: InputFingerprint {
+                blake3: "00".into(),
+                bytes: 1,
+                requests,
+            },
+            input_path: "in.jsonl".into(),
+            output_path: output.display().to_string(),
+            settings: serde_json::json!({}),
+            created_by: "test".into(),
+            created_at: "now".into(),
+            by_custom_id: false,
+            orphans: 0,
+        }
+    }
+
     fn outcome(line: u64) -> Outcome {
         Outcome {
             custom_id: format!("r{line}"),
@@ -405,6 +423,50 @@ mod tests {
             cached: false,
             line,
         }
+    }
+
+    /// SQLite's commit at a checkpoint fails (here another connection holds the write
+    /// lock, so the commit gives up after the journal's 5 s busy timeout): the run stops,
+    /// but the outcomes still arriving are journaled in the log and written out all the
+    /// same, and the log is kept, so a resume has every one.
+    #[test]
+    fn after_a_checkpoint_fails_the_outcomes_still_arriving_are_journaled_and_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal_path, output) = (dir.path().join("out.journal"), dir.path().join("out"));
+        let journal = Journal::create(&journal_path, test_meta(&output, 100)).unwrap();
+        let mut sink = Sink::new(
+            Box::new(File::create(&output).unwrap()),
+            Some(journal),
+            None,
+        );
+        let all: Vec<Outcome> = (1..=100).map(outcome).collect();
+        sink.add_sent(&mut all[..50].to_vec());
+        sink.commit();
+        let other = rusqlite::Connection::open(&journal_path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        sink.flush();
+        let error = format!("{:#}", sink.error.as_ref().expect("the checkpoint failed"));
+        assert!(
+            error.contains("committing outcomes to the journal failed"),
+            "{error}"
+        );
+        other.execute_batch("ROLLBACK").unwrap();
+        drop(other);
+        sink.add_sent(&mut all[50..].to_vec());
+        sink.flush();
+        assert_eq!(
+            sink.journal().unwrap().rows(),
+            100,
+            "every outcome is journaled"
+        );
+        let expected: Vec<u8> = all.iter().flat_map(Outcome::to_json_line).collect();
+        assert_eq!(std::fs::read(&output).unwrap(), expected, "and written out");
+        drop(sink);
+
+        let mut journal = Journal::open(&journal_path).unwrap();
+        let (plan, _) = resume(&mut journal, Some(&output), false).unwrap();
+        assert_eq!(plan.kept, 100);
+        assert_eq!(std::fs::read(&output).unwrap(), expected);
     }
 
     /// With no journal, the outcomes that arrive after the output failed have nowhere to
@@ -448,21 +510,7 @@ mod tests {
     fn outcomes_after_the_output_fails_are_journaled_and_restored_on_resume() {
         let dir = tempfile::tempdir().unwrap();
         let (journal_path, output) = (dir.path().join("out.journal"), dir.path().join("out"));
-        let meta = JournalMeta {
-            input: InputFingerprint {
-                blake3: "00".into(),
-                bytes: 1,
-                requests: 300,
-            },
-            input_path: "in.jsonl".into(),
-            output_path: output.display().to_string(),
-            settings: serde_json::json!({}),
-            created_by: "test".into(),
-            created_at: "now".into(),
-            by_custom_id: false,
-            orphans: 0,
-        };
-        let journal = Journal::create(&journal_path, meta).unwrap();
+        let journal = Journal::create(&journal_path, test_meta(&output, 300)).unwrap();
         let writer = FullAfter {
             file: File::create(&output).unwrap(),
             left: 10_000,
