@@ -65,7 +65,7 @@ pub const SCHEMA_VERSION: u32 = 3;
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
     /// SQLite failed.
-    #[error("journal {path}: {source}")]
+    #[error("journal {path}: {source}{}", disk_full_hint(source))]
     Sqlite {
         /// The journal.
         path: PathBuf,
@@ -166,6 +166,16 @@ pub fn hold(path: &Path) -> Result<Held, JournalError> {
         ),
     }
     Ok(Held(file))
+}
+
+/// What to do when SQLite found the disk full.
+fn disk_full_hint(e: &rusqlite::Error) -> &'static str {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DiskFull) => {
+            ". Free some space, then run the same command again: what the journal holds is kept"
+        }
+        _ => "",
+    }
 }
 
 fn sqlite(path: &Path) -> impl FnOnce(rusqlite::Error) -> JournalError + '_ {
@@ -494,9 +504,13 @@ pub struct Journal {
     log_end: u64,
     checked_to: u64,
     /// Whether space is still set aside ahead of the log (not where the file system
-    /// cannot), and whether it could not be: the disk is nearly full.
+    /// cannot), whether some is now, and whether it could not be: the disk is nearly full.
     reserving: bool,
+    reserved: bool,
     space_low: bool,
+    /// Tests: the free space [`Journal::reserve`] sees, instead of the disk's.
+    #[cfg(test)]
+    free_space: Option<u64>,
     /// This process's hold on the journal (`None` read-only). Last, so dropped after
     /// `conn` (see [`Held`]).
     _held: Option<Held>,
@@ -517,6 +531,19 @@ struct Survey {
     first: Option<(u64, u64)>,
     unfinished: u64,
     failed: u64,
+}
+
+impl Drop for Journal {
+    /// Gives back the space set aside past the log's end (cutting a file to its own
+    /// length frees what lies past it): a run that stopped on a nearly full disk leaves
+    /// that room to the resume and to the rest of the system.
+    fn drop(&mut self) {
+        if let (true, Some(log)) = (self.reserved, &self.log) {
+            if let Ok(m) = log.metadata() {
+                let _ = log.set_len(m.len());
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Journal {
@@ -904,6 +931,9 @@ impl Journal {
             log_end: 0,
             checked_to: 0,
             reserving: true,
+            reserved: false,
+            #[cfg(test)]
+            free_space: None,
             space_low: false,
             _held: held,
         }
@@ -937,6 +967,8 @@ impl Journal {
             }
             let log = self.log.as_ref().expect("a writable journal has its log");
             let free = fstatvfs(log).map_or(0, |s| s.f_bavail.saturating_mul(s.f_frsize));
+            #[cfg(test)]
+            let free = self.free_space.unwrap_or(free);
             if free > 4 * LOG_RESERVE {
                 // Room enough: nothing set aside (on tmpfs that takes milliseconds), and
                 // the space looked at again after another MiB of log or once it is emptied.
@@ -949,7 +981,10 @@ impl Journal {
                 self.log_end,
                 more + LOG_RESERVE,
             ) {
-                Ok(()) => self.checked_to = end + LOG_RESERVE / 2,
+                Ok(()) => {
+                    self.checked_to = end + LOG_RESERVE / 2;
+                    self.reserved = true;
+                }
                 Err(Errno::NOSPC | Errno::FBIG | Errno::DQUOT) => self.space_low = true,
                 // The file system cannot set space aside: the log goes unguarded.
                 Err(_) => self.reserving = false,
@@ -965,6 +1000,7 @@ impl Journal {
     fn log_cut(&mut self, len: u64) {
         self.log_end = len;
         self.checked_to = len;
+        self.reserved = false;
     }
 
     /// Opens an existing journal for writing, checking its format.
@@ -1995,6 +2031,57 @@ mod tests {
 
     fn lines(entries: &[Entry]) -> Vec<u8> {
         entries.iter().flat_map(|e| e.output.clone()).collect()
+    }
+
+    /// On a disk getting full (as the journal is told here), space is set aside ahead of
+    /// the log, given back when the log is emptied and when the journal is closed, and
+    /// what is read of the log is unchanged by it.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn space_is_set_aside_ahead_of_the_log_on_a_disk_getting_full_and_given_back() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let allocated = || std::fs::metadata(log_path(&path)).unwrap().blocks() * 512;
+        let size = || std::fs::metadata(log_path(&path)).unwrap().len();
+        let entries: Vec<Entry> = (1..=6).map(|l| entry(l, None)).collect();
+
+        // Room enough: nothing set aside.
+        let mut j = Journal::create(&path, meta()).unwrap();
+        j.append(&Chunk::of(&entries[..2])).unwrap();
+        assert!(allocated() < LOG_RESERVE / 2, "{}", allocated());
+        drop(j);
+
+        let mut j = Journal::open(&path).unwrap();
+        j.free_space = Some(LOG_RESERVE);
+        j.append(&Chunk::of(&entries[2..4])).unwrap();
+        assert!(allocated() >= LOG_RESERVE, "{}", allocated());
+        assert!(size() < 4096, "the log's length is its chunks': {}", size());
+        assert!(!j.space_low());
+        // Its readers see the chunks only.
+        assert_eq!(
+            Journal::open_read_only(&path)
+                .unwrap()
+                .status()
+                .unwrap()
+                .succeeded,
+            4
+        );
+        j.checkpoint().unwrap();
+        assert_eq!(allocated(), 0, "emptied, and what was set aside given back");
+        j.append(&Chunk::of(&entries[4..])).unwrap();
+        assert!(allocated() >= LOG_RESERVE);
+        let logged = size();
+        drop(j);
+        assert!(
+            allocated() < LOG_RESERVE / 2,
+            "given back on close: {}",
+            allocated()
+        );
+        assert_eq!(size(), logged);
+        let j = Journal::open(&path).unwrap();
+        assert_eq!((j.rows(), j.unsynced()), (6, 0));
+        assert_eq!(j.status().unwrap().succeeded, 6);
     }
 
     #[test]
