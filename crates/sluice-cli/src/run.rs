@@ -236,6 +236,41 @@ pub async fn run(mut args: RunArgs) -> u8 {
 /// A usage error: printed, and the run exits with [`exit::BAD_INPUT`].
 struct Usage(String);
 
+/// Why a run was refused before it sent anything, and its exit code: bad usage or input
+/// ([`exit::BAD_INPUT`]), or a journal that could not be read or written (a full disk, an
+/// I/O error: [`exit::ERROR`]).
+struct Refused {
+    message: String,
+    code: u8,
+}
+
+/// A refusal for bad usage or input.
+fn bad_usage(message: String) -> Refused {
+    Usage(message).into()
+}
+
+impl From<Usage> for Refused {
+    fn from(Usage(message): Usage) -> Refused {
+        Refused {
+            message,
+            code: exit::BAD_INPUT,
+        }
+    }
+}
+
+/// A journal's error, as a refusal: [`exit::ERROR`] when the disk or the file system
+/// failed, [`exit::BAD_INPUT`] when the journal is not usable or not this run's.
+fn journal_refused(e: JournalError) -> Refused {
+    Refused {
+        code: if e.is_io() {
+            exit::ERROR
+        } else {
+            exit::BAD_INPUT
+        },
+        message: e.to_string(),
+    }
+}
+
 async fn run_inner(args: RunArgs) -> anyhow::Result<u8> {
     // The simulator starts first: the catalog's targets are pointed at its address.
     let sim = if args.sim {
@@ -252,9 +287,9 @@ async fn run_inner(args: RunArgs) -> anyhow::Result<u8> {
     match prepare(&args, sim.as_ref()) {
         Ok(Some(prepared)) => execute(args, prepared, sim).await,
         Ok(None) => Ok(exit::BAD_INPUT),
-        Err(Usage(msg)) => {
-            eprintln!("error: {msg}");
-            Ok(exit::BAD_INPUT)
+        Err(Refused { message, code }) => {
+            eprintln!("error: {message}");
+            Ok(code)
         }
     }
 }
@@ -305,7 +340,10 @@ impl InputFile {
 }
 
 /// Checks settings and input. `Ok(None)`: bad lines were listed and the run must not start.
-fn prepare(args: &RunArgs, sim: Option<&sluice_sim::SimHandle>) -> Result<Option<Prepared>, Usage> {
+fn prepare(
+    args: &RunArgs,
+    sim: Option<&sluice_sim::SimHandle>,
+) -> Result<Option<Prepared>, Refused> {
     let mut builder = EngineConfig::builder()
         .concurrency(args.concurrency)
         .max_attempts(args.max_attempts)
@@ -368,7 +406,10 @@ fn prepare(args: &RunArgs, sim: Option<&sluice_sim::SimHandle>) -> Result<Option
     } else {
         let p = PathBuf::from(&args.input);
         if !p.is_file() {
-            return Err(Usage(format!("input file {} does not exist", p.display())));
+            return Err(bad_usage(format!(
+                "input file {} does not exist",
+                p.display()
+            )));
         }
         InputFile::Path(p)
     };
@@ -395,16 +436,16 @@ fn prepare(args: &RunArgs, sim: Option<&sluice_sim::SimHandle>) -> Result<Option
     }
     let existing = match &journal_path {
         Some(p) if p.exists() => Some(
-            Journal::open(p).map_err(|e| Usage(e.to_string()))?,
+            Journal::open(p).map_err(journal_refused)?,
         ),
         Some(p) if args.resume => {
-            return Err(Usage(format!(
+            return Err(bad_usage(format!(
                 "--resume: there is no journal at {} to resume from",
                 p.display()
             )))
         }
         None if args.resume => {
-            return Err(Usage(
+            return Err(bad_usage(
                 "--resume needs a journal: give -o FILE (the journal is FILE.journal) or --journal FILE".into(),
             ))
         }
@@ -415,7 +456,7 @@ fn prepare(args: &RunArgs, sim: Option<&sluice_sim::SimHandle>) -> Result<Option
     if let (None, Some(out), false) = (&existing, args.output.as_deref(), args.fresh) {
         let holds_lines = std::fs::metadata(out).is_ok_and(|m| m.is_file() && m.len() > 0);
         if holds_lines {
-            return Err(Usage(format!(
+            return Err(bad_usage(format!(
                 "the output {} already holds outcomes and there is no journal to resume them from; nothing was sent. Pass --fresh to write over it, or choose another -o",
                 out.display()
             )));
@@ -425,14 +466,10 @@ fn prepare(args: &RunArgs, sim: Option<&sluice_sim::SimHandle>) -> Result<Option
     let mut done = match &mut existing {
         // A session went on with another input (forced): the rows' lines may be an earlier
         // input's, so their requests are known by custom_id.
-        Some(j) if j.meta().by_custom_id => Done::Ids(
-            j.done_ids(args.retry_failed)
-                .map_err(|e| Usage(e.to_string()))?,
-        ),
-        Some(j) => Done::Lines(
-            j.done_lines(args.retry_failed)
-                .map_err(|e| Usage(e.to_string()))?,
-        ),
+        Some(j) if j.meta().by_custom_id => {
+            Done::Ids(j.done_ids(args.retry_failed).map_err(journal_refused)?)
+        }
+        Some(j) => Done::Lines(j.done_lines(args.retry_failed).map_err(journal_refused)?),
         None => Done::Nothing,
     };
     let read = |done: &Done| {
@@ -447,16 +484,13 @@ fn prepare(args: &RunArgs, sim: Option<&sluice_sim::SimHandle>) -> Result<Option
         if then.input != scan.fingerprint {
             let change = durable::input_change(&then.input, &scan.fingerprint);
             if !args.force {
-                return Err(Usage(format!(
+                return Err(bad_usage(format!(
                     "the input changed since the journal {} was made ({change}); nothing was sent. Pass --force to resume anyway (requests whose custom_id already has an outcome are skipped), {fresh_hint}",
                     j.path().display()
                 )));
             }
             eprintln!("warning: the input changed since the journal was made ({change}); resuming by custom_id (--force)");
-            done = Done::Ids(
-                j.done_ids(args.retry_failed)
-                    .map_err(|e| Usage(e.to_string()))?,
-            );
+            done = Done::Ids(j.done_ids(args.retry_failed).map_err(journal_refused)?);
             scan = read(&done)?;
         }
         // Another model changes what the answers are; another target (a new port, a proxy)
@@ -472,7 +506,7 @@ fn prepare(args: &RunArgs, sim: Option<&sluice_sim::SimHandle>) -> Result<Option
         };
         if !refused.is_empty() {
             if !args.force {
-                return Err(Usage(format!(
+                return Err(bad_usage(format!(
                     "the settings changed since the journal {} was made ({}); nothing was sent. Pass --force to resume with the new settings, {fresh_hint}",
                     j.path().display(),
                     words(&refused)
@@ -497,20 +531,16 @@ fn prepare(args: &RunArgs, sim: Option<&sluice_sim::SimHandle>) -> Result<Option
                         out.display(),
                         have + 1
                     );
-                    j.truncate_rows(have).map_err(|e| Usage(e.to_string()))?;
+                    j.truncate_rows(have).map_err(journal_refused)?;
                     done = match done {
-                        Done::Ids(_) => Done::Ids(
-                            j.done_ids(args.retry_failed)
-                                .map_err(|e| Usage(e.to_string()))?,
-                        ),
-                        _ => Done::Lines(
-                            j.done_lines(args.retry_failed)
-                                .map_err(|e| Usage(e.to_string()))?,
-                        ),
+                        Done::Ids(_) => {
+                            Done::Ids(j.done_ids(args.retry_failed).map_err(journal_refused)?)
+                        }
+                        _ => Done::Lines(j.done_lines(args.retry_failed).map_err(journal_refused)?),
                     };
                     scan = read(&done)?;
                 }
-                Err(e) => return Err(Usage(e.to_string())),
+                Err(e) => return Err(journal_refused(e)),
             }
         }
     }
@@ -534,7 +564,7 @@ fn prepare(args: &RunArgs, sim: Option<&sluice_sim::SimHandle>) -> Result<Option
     if config.budget_usd.is_some() {
         let unpriced = router.unpriced_models();
         if !unpriced.is_empty() {
-            return Err(Usage(format!(
+            return Err(bad_usage(format!(
                 "--budget needs a price for every model, and the catalog has none for {}; add input_per_mtok and output_per_mtok for it in a --model-config file",
                 unpriced.join(", ")
             )));

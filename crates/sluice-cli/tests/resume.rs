@@ -270,6 +270,25 @@ async fn a_journal_that_cannot_grow_stops_the_run_and_loses_nothing_paid_for() {
         "each request sent has its outcome in the output"
     );
 
+    // A resume whose journal cannot be written (a limit of 50 or 100 kB, under the
+    // journal's own size) is an I/O error (exit 4), not bad usage, and changes nothing.
+    let journal = dir.path().join("out.jsonl.journal");
+    let before = std::fs::read(&journal).unwrap();
+    let out = run(with_file_size_limit(
+        &run_against(&sim, &input, &output),
+        100,
+    ))
+    .await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains("out.jsonl.journal") && err.contains("the same command again"),
+        "{err}"
+    );
+    assert_eq!(sim.stats().requests, first.len() as u64, "nothing sent");
+    assert_eq!(read_output(&output), first);
+    assert_eq!(std::fs::read(&journal).unwrap(), before);
+
     let out = run(run_against(&sim, &input, &output)).await;
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(0), "{err}");

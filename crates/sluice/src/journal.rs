@@ -168,11 +168,30 @@ pub fn hold(path: &Path) -> Result<Held, JournalError> {
     Ok(Held(file))
 }
 
-/// What to do when SQLite found the disk full.
+impl JournalError {
+    /// Whether the disk or the file system failed (full, unreadable, not writable), rather
+    /// than the journal being unusable or not this run's.
+    pub fn is_io(&self) -> bool {
+        use rusqlite::ErrorCode::*;
+        match self {
+            JournalError::Io(_) => true,
+            JournalError::Sqlite { source, .. } => matches!(
+                source.sqlite_error_code(),
+                Some(DiskFull | SystemIoFailure | CannotOpen | PermissionDenied | ReadOnly)
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// What to do when SQLite found the disk full, or could not read or write it.
 fn disk_full_hint(e: &rusqlite::Error) -> &'static str {
     match e.sqlite_error_code() {
         Some(rusqlite::ErrorCode::DiskFull) => {
             ". Free some space, then run the same command again: what the journal holds is kept"
+        }
+        Some(rusqlite::ErrorCode::SystemIoFailure) => {
+            " (a full disk, or the file size limit, `ulimit -f`?). Run the same command again once the journal can be written: what it holds is kept"
         }
         _ => "",
     }
