@@ -523,9 +523,8 @@ pub struct Journal {
     log_end: u64,
     checked_to: u64,
     /// Whether space is still set aside ahead of the log (not where the file system
-    /// cannot), whether some is now, and whether it could not be: the disk is nearly full.
+    /// cannot), and whether it could not be: the disk is nearly full.
     reserving: bool,
-    reserved: bool,
     space_low: bool,
     /// Tests: the free space [`Journal::reserve`] sees, instead of the disk's.
     #[cfg(test)]
@@ -557,7 +556,7 @@ impl Drop for Journal {
     /// length frees what lies past it): a run that stopped on a nearly full disk leaves
     /// that room to the resume and to the rest of the system.
     fn drop(&mut self) {
-        if let (true, Some(log)) = (self.reserved, &self.log) {
+        if let Some(log) = &self.log {
             if let Ok(m) = log.metadata() {
                 let _ = log.set_len(m.len());
             }
@@ -950,7 +949,6 @@ impl Journal {
             log_end: 0,
             checked_to: 0,
             reserving: true,
-            reserved: false,
             #[cfg(test)]
             free_space: None,
             space_low: false,
@@ -1000,10 +998,7 @@ impl Journal {
                 self.log_end,
                 more + LOG_RESERVE,
             ) {
-                Ok(()) => {
-                    self.checked_to = end + LOG_RESERVE / 2;
-                    self.reserved = true;
-                }
+                Ok(()) => self.checked_to = end + LOG_RESERVE / 2,
                 Err(Errno::NOSPC | Errno::FBIG | Errno::DQUOT) => self.space_low = true,
                 // The file system cannot set space aside: the log goes unguarded.
                 Err(_) => self.reserving = false,
@@ -1019,7 +1014,6 @@ impl Journal {
     fn log_cut(&mut self, len: u64) {
         self.log_end = len;
         self.checked_to = len;
-        self.reserved = false;
     }
 
     /// Opens an existing journal for writing, checking its format.
