@@ -527,7 +527,7 @@ pub struct Journal {
     reserving: bool,
     space_low: bool,
     /// Tests: the free space [`Journal::reserve`] sees, instead of the disk's.
-    #[cfg(test)]
+    #[cfg(all(test, target_os = "linux"))]
     free_space: Option<u64>,
     /// This process's hold on the journal (`None` read-only). Last, so dropped after
     /// `conn` (see [`Held`]).
@@ -949,7 +949,7 @@ impl Journal {
             log_end: 0,
             checked_to: 0,
             reserving: true,
-            #[cfg(test)]
+            #[cfg(all(test, target_os = "linux"))]
             free_space: None,
             space_low: false,
             _held: held,
