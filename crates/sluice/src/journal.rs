@@ -172,16 +172,22 @@ impl JournalError {
     /// Whether the disk or the file system failed (full, unreadable, not writable), rather
     /// than the journal being unusable or not this run's.
     pub fn is_io(&self) -> bool {
-        use rusqlite::ErrorCode::*;
         match self {
             JournalError::Io(_) => true,
-            JournalError::Sqlite { source, .. } => matches!(
-                source.sqlite_error_code(),
-                Some(DiskFull | SystemIoFailure | CannotOpen | PermissionDenied | ReadOnly)
-            ),
+            JournalError::Sqlite { source, .. } => sqlite_io(source),
             _ => false,
         }
     }
+}
+
+/// Whether SQLite failed for the disk or the file system (full, unreadable, not
+/// writable), not for what the file holds.
+fn sqlite_io(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::*;
+    matches!(
+        e.sqlite_error_code(),
+        Some(DiskFull | SystemIoFailure | CannotOpen | PermissionDenied | ReadOnly)
+    )
 }
 
 /// What to do when SQLite found the disk full, or could not read or write it.
@@ -1037,6 +1043,12 @@ impl Journal {
             path: path.to_path_buf(),
             reason,
         };
+        // What SQLite says of the file: damage, unless the disk failed (then the file
+        // may be sound, and must not be called unusable).
+        let unread = |e: rusqlite::Error| match sqlite_io(&e) {
+            true => sqlite(path)(e),
+            false => corrupt(e.to_string()),
+        };
         // Held before SQLite opens it: replaying the log writes.
         let held = if read_only { None } else { Some(hold(path)?) };
         let flags = if read_only {
@@ -1046,7 +1058,7 @@ impl Journal {
         };
         let conn = Connection::open_with_flags(path, flags).map_err(sqlite(path))?;
         if !read_only {
-            configure(&conn).map_err(|e| corrupt(e.to_string()))?;
+            configure(&conn).map_err(unread)?;
         }
         let version: Option<String> = conn
             .query_row(
@@ -1055,7 +1067,7 @@ impl Journal {
                 |r| r.get(0),
             )
             .optional()
-            .map_err(|e| corrupt(e.to_string()))?;
+            .map_err(unread)?;
         let version = version.ok_or_else(|| corrupt("it has no format version".into()))?;
         let found: u32 = version
             .parse()
@@ -1063,7 +1075,7 @@ impl Journal {
         let run: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE key = 'run'", [], |r| r.get(0))
             .optional()
-            .map_err(|e| corrupt(e.to_string()))?;
+            .map_err(unread)?;
         let run = run.ok_or_else(|| corrupt("it has no run record".into()))?;
         if found != SCHEMA_VERSION {
             let written_by = serde_json::from_str::<serde_json::Value>(&run)
@@ -1087,11 +1099,11 @@ impl Journal {
                 [],
                 |r| r.get(0),
             )
-            .map_err(|e| corrupt(e.to_string()))?;
+            .map_err(unread)?;
         if n != 1 {
             return Err(corrupt("it has no `segments` table".into()));
         }
-        let rows = max_seq(&conn).map_err(|e| corrupt(e.to_string()))?;
+        let rows = max_seq(&conn).map_err(unread)?;
         if read_only {
             let mut j = Journal::assemble(conn, path, meta, rows, None, None);
             // A live run's log may be appended to as it is read: a chunk cut short is
