@@ -270,13 +270,13 @@ async fn a_journal_that_cannot_grow_stops_the_run_and_loses_nothing_paid_for() {
         "each request sent has its outcome in the output"
     );
 
-    // A resume whose journal cannot be written (a limit of 50 or 100 kB, under the
-    // journal's own size) is an I/O error (exit 4), not bad usage, and changes nothing.
+    // A resume whose journal cannot be written (a limit of 25 or 50 kB, under one of its
+    // 64 KiB pages) is an I/O error (exit 4), not bad usage, and changes nothing.
     let journal = dir.path().join("out.jsonl.journal");
     let before = std::fs::read(&journal).unwrap();
     let out = run(with_file_size_limit(
         &run_against(&sim, &input, &output),
-        100,
+        50,
     ))
     .await;
     let err = stderr(&out);
