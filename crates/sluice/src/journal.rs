@@ -65,13 +65,13 @@ pub const SCHEMA_VERSION: u32 = 3;
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
     /// SQLite failed.
-    #[error("journal {path}: {source}{}", disk_full_hint(source))]
+    #[error("journal {path}: {sqlite}{}", disk_full_hint(sqlite))]
     Sqlite {
         /// The journal.
         path: PathBuf,
-        /// What SQLite said.
-        #[source]
-        source: rusqlite::Error,
+        /// What SQLite said (in the message, and not a `source()` as well: printed as a
+        /// chain, it would be said twice, after the advice).
+        sqlite: rusqlite::Error,
     },
     /// The file is not a sluice journal, or it is damaged.
     #[error("journal {path} is not a usable sluice journal: {reason}. Nothing was changed; move it away to start afresh, or point --journal elsewhere")]
@@ -174,7 +174,7 @@ impl JournalError {
     pub fn is_io(&self) -> bool {
         match self {
             JournalError::Io(_) => true,
-            JournalError::Sqlite { source, .. } => sqlite_io(source),
+            JournalError::Sqlite { sqlite, .. } => sqlite_io(sqlite),
             _ => false,
         }
     }
@@ -182,7 +182,7 @@ impl JournalError {
 
 /// Whether SQLite failed for the disk or the file system (full, unreadable, not
 /// writable), not for what the file holds.
-fn sqlite_io(e: &rusqlite::Error) -> bool {
+pub(crate) fn sqlite_io(e: &rusqlite::Error) -> bool {
     use rusqlite::ErrorCode::*;
     matches!(
         e.sqlite_error_code(),
@@ -204,9 +204,9 @@ fn disk_full_hint(e: &rusqlite::Error) -> &'static str {
 }
 
 fn sqlite(path: &Path) -> impl FnOnce(rusqlite::Error) -> JournalError + '_ {
-    move |source| JournalError::Sqlite {
+    move |sqlite| JournalError::Sqlite {
         path: path.to_path_buf(),
-        source,
+        sqlite,
     }
 }
 
