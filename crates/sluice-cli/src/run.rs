@@ -665,7 +665,11 @@ async fn execute(
             }
             Err(e) => {
                 eprintln!("error: {e}");
-                return Ok(exit::BAD_INPUT);
+                return Ok(if e.is_io() {
+                    exit::ERROR
+                } else {
+                    exit::BAD_INPUT
+                });
             }
         },
     };

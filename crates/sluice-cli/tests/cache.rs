@@ -264,6 +264,39 @@ async fn read_only_and_no_cache() {
     }
 }
 
+/// A cache the disk cannot write (here a file size limit under one of its pages) is an
+/// I/O error, exit 4, said as such: not "not a sluice response cache" (which would invite
+/// deleting a sound cache) nor bad usage. Nothing is sent or made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_the_disk_cannot_write_is_an_io_error_not_a_bad_cache() {
+    let sim = sim(SimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_input(dir.path(), &prompts(200));
+    let cache = dir.path().join("cache.sqlite");
+    let mut cmd = run_against(&sim, &input, &dir.path().join("a.jsonl"));
+    cmd.arg("--cache").arg(&cache);
+    assert_eq!(run(cmd).await.status.code(), Some(0));
+    let sent = sim.stats().requests;
+
+    let output = dir.path().join("b.jsonl");
+    let mut cmd = run_against(&sim, &input, &output);
+    cmd.arg("--cache").arg(&cache);
+    let out = run(with_file_size_limit(&cmd, 50)).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("cache.sqlite"), "{err}");
+    assert!(!err.contains("not a sluice response cache"), "{err}");
+    assert_eq!(sim.stats().requests, sent, "nothing sent");
+    assert!(!output.exists() && !dir.path().join("b.jsonl.journal").exists());
+
+    // The cache is sound: without the limit every request is answered from it.
+    let mut cmd = run_against(&sim, &input, &output);
+    cmd.arg("--cache").arg(&cache);
+    assert_eq!(run(cmd).await.status.code(), Some(0));
+    assert_eq!(sim.stats().requests, sent);
+    assert!(read_output(&output).iter().all(|l| l["cached"] == true));
+}
+
 /// Two runs sharing one cache at the same time (each storing more than one batch) lose
 /// nothing of each other's: a third run over both inputs is answered wholly from the
 /// cache, with the answers each run got.

@@ -222,24 +222,6 @@ async fn interrupted_runs_resume_and_send_nothing_twice() {
     }
 }
 
-/// `cmd` run by `sh` under a file size limit (`ulimit -f`) of `blocks` (512 or 1024 bytes
-/// each, by the shell).
-fn with_file_size_limit(cmd: &std::process::Command, blocks: u32) -> std::process::Command {
-    let mut c = std::process::Command::new("sh");
-    c.arg("-c")
-        .arg(format!("ulimit -f {blocks} && exec \"$@\""))
-        .arg("sh")
-        .arg(cmd.get_program())
-        .args(cmd.get_args());
-    for (k, v) in cmd.get_envs() {
-        match v {
-            Some(v) => c.env(k, v),
-            None => c.env_remove(k),
-        };
-    }
-    c
-}
-
 /// A journal that cannot grow (its disk nearly full; here the file size limit, under which
 /// the space it sets aside ahead of its log does not fit) stops the run: the outcomes of
 /// the requests already sent, paid for, are journaled and written out, and the resume

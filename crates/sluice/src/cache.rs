@@ -77,6 +77,18 @@ pub enum CacheError {
     },
 }
 
+impl CacheError {
+    /// Whether the disk or the file system failed (full, unreadable, not writable), rather
+    /// than the file not being a cache this version reads.
+    pub fn is_io(&self) -> bool {
+        match self {
+            CacheError::Sqlite { source, .. } => crate::journal::sqlite_io(source),
+            CacheError::Data { .. } => true,
+            CacheError::Incompatible { .. } => false,
+        }
+    }
+}
+
 /// A response as a row holds it.
 enum Stored {
     /// JSON text.
@@ -1165,7 +1177,11 @@ impl Cache {
                 |r| r.get(0),
             )
             .optional()
-            .map_err(|e| incompatible(e.to_string()))
+            // Not a cache, unless the disk failed (then the file may be sound).
+            .map_err(|e| match crate::journal::sqlite_io(&e) {
+                true => sql(e),
+                false => incompatible(e.to_string()),
+            })
         };
         let data_error = |source| CacheError::Data {
             path: path.to_path_buf(),

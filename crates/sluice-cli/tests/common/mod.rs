@@ -131,3 +131,21 @@ pub async fn signal_once_answered(
     signal(child.id(), signal_name);
     (at_signal, finished(child).await)
 }
+
+/// `cmd` run by `sh` under a file size limit (`ulimit -f`) of `blocks` (512 or 1024 bytes
+/// each, by the shell).
+pub fn with_file_size_limit(cmd: &Command, blocks: u32) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(format!("ulimit -f {blocks} && exec \"$@\""))
+        .arg("sh")
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c
+}
