@@ -305,8 +305,6 @@ pub struct Chunk {
     records: Vec<u8>,
     lines: Vec<u8>,
     count: u32,
-    /// Of which, outcomes of requests that were sent (attempted at least once).
-    sent: u32,
 }
 
 impl Chunk {
@@ -330,7 +328,6 @@ impl Chunk {
         }
         .encode(&mut self.records);
         self.count += 1;
-        self.sent += u32::from(outcome.attempts > 0);
     }
 
     /// Adds an entry (its record and output line).
@@ -338,7 +335,6 @@ impl Chunk {
         RecordRef::of(e).encode(&mut self.records);
         self.lines.extend_from_slice(&e.output);
         self.count += 1;
-        self.sent += u32::from(e.attempts > 0);
     }
 
     /// The entries of `entries`, in order.
@@ -360,9 +356,11 @@ impl Chunk {
         self.count == 0
     }
 
-    /// How many of them are outcomes of requests that were sent.
+    /// How many of them are outcomes of requests that were sent (read back from their
+    /// records: wanted only when journaling them failed).
     pub fn sent(&self) -> usize {
-        self.sent as usize
+        Record::decode_all(&self.records)
+            .map_or(0, |rs| rs.iter().filter(|r| r.attempts > 0).count())
     }
 
     /// Their output lines, in order.
@@ -375,7 +373,6 @@ impl Chunk {
         self.records.clear();
         self.lines.clear();
         self.count = 0;
-        self.sent = 0;
     }
 }
 
@@ -2056,6 +2053,19 @@ mod tests {
 
     fn lines(entries: &[Entry]) -> Vec<u8> {
         entries.iter().flat_map(|e| e.output.clone()).collect()
+    }
+
+    /// A chunk says how many of its outcomes are of requests that were sent (a request
+    /// never sent, a bad line or a cache hit, has no attempt).
+    #[test]
+    fn a_chunk_counts_the_outcomes_of_requests_that_were_sent() {
+        let mut entries: Vec<Entry> = (1..=5).map(|l| entry(l, None)).collect();
+        entries[1].attempts = 0;
+        entries[3].attempts = 0;
+        let mut chunk = Chunk::of(&entries);
+        assert_eq!((chunk.len(), chunk.sent()), (5, 3));
+        chunk.clear();
+        assert_eq!(chunk.sent(), 0);
     }
 
     /// On a disk getting full (as the journal is told here), space is set aside ahead of
