@@ -422,6 +422,9 @@ fn prepare(
     // A budget needs every request's output bounded by the provider, not only reserved.
     parser.enforce_output_bound = config.budget_usd.is_some();
     parser.router = Some(router.clone());
+    // With a cache, the parser writes the form each request's key hashes as it reads the
+    // line, so the key does not read the body a second time.
+    parser.key_forms = args.cache.is_some() && !args.no_cache;
 
     let journal_path = if args.no_journal {
         None

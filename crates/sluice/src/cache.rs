@@ -182,10 +182,41 @@ fn key_input(target: &str, request: &Request, canon: &mut Canon, out: &mut Vec<u
     out.push(0);
     out.extend_from_slice(request.model.as_bytes());
     out.push(0);
+    if let Some(form) = &request.key_form {
+        let head = out.len();
+        match form {
+            KeyForm::Body(len) => {
+                out.extend_from_slice(&request.body[..*len as usize]);
+                out.push(b'}');
+            }
+            KeyForm::Apart(form) => out.extend_from_slice(form),
+        }
+        // What the input parser wrote is what reading the body gives (every test run
+        // holds it to that).
+        #[cfg(debug_assertions)]
+        {
+            let mut read = Vec::new();
+            key_body(&request.body, canon, &mut read);
+            assert!(
+                read == out[head..],
+                "the key form of line {} is not its body's",
+                request.line
+            );
+        }
+        #[cfg(not(debug_assertions))]
+        let _ = head;
+        return;
+    }
+    key_body(&request.body, canon, out);
+}
+
+/// Appends to `out` the canonical form of `body` (less its non-semantic fields), or the
+/// body itself when it is not a JSON object.
+fn key_body(body: &[u8], canon: &mut Canon, out: &mut Vec<u8>) {
     let head = out.len();
-    if canon.text(&request.body, out).is_none() {
+    if canon.text(body, out).is_none() {
         out.truncate(head);
-        match serde_json::from_slice::<Value>(&request.body) {
+        match serde_json::from_slice::<Value>(body) {
             Ok(Value::Object(mut body)) => {
                 for field in NON_SEMANTIC_FIELDS {
                     body.remove(*field);
@@ -193,7 +224,7 @@ fn key_input(target: &str, request: &Request, canon: &mut Canon, out: &mut Vec<u
                 canonical(&Value::Object(body), out);
             }
             // Bodies are JSON objects by construction; anything else is keyed by its bytes.
-            _ => out.extend_from_slice(&request.body),
+            _ => out.extend_from_slice(body),
         }
     }
 }
@@ -332,6 +363,7 @@ impl Canon {
             from: i,
             members: &mut self.members,
             scratch: &mut self.scratch,
+            renumbered: false,
         };
         let end = w.object(i, CANON_DEPTH, true)?;
         if crate::json::skip_ws(text, end) != text.len() {
@@ -340,6 +372,384 @@ impl Canon {
         w.flush(end);
         Some(())
     }
+}
+
+impl Canon {
+    /// The canonical form of the one JSON value that is all of `text` (no space around
+    /// it), whose values are allowed `depth` more levels; and whether a number in it was
+    /// written otherwise (its value is the same to anyone who reads it as an `f64`).
+    fn value(&mut self, text: &[u8], depth: u32, out: &mut Vec<u8>) -> Option<bool> {
+        if text.len() >= u32::MAX as usize {
+            return None;
+        }
+        self.members.clear();
+        let mut w = Writer {
+            b: text,
+            base: out.len(),
+            out,
+            from: 0,
+            members: &mut self.members,
+            scratch: &mut self.scratch,
+            renumbered: false,
+        };
+        if w.value(0, depth)? != text.len() {
+            return None;
+        }
+        w.flush(text.len());
+        Some(w.renumbered)
+    }
+}
+
+/// The form a key hashes (see [`key`]) of a chat body's `messages`, written as the input
+/// parser reads them: each message's members as they come, then its end.
+pub(crate) struct MessagesForm<'a> {
+    /// The line read.
+    line: &'a [u8],
+    /// The members of the message being read: the name (without quotes or escapes), the
+    /// value as written and whether it is written as its form writes it.
+    members: arrayvec::ArrayVec<(&'a str, &'a [u8], bool), MESSAGE_MEMBERS>,
+    /// The messages read so far, in their form, with commas between.
+    out: Vec<u8>,
+    /// Whether one is written.
+    any: bool,
+    /// A number in them is written otherwise in their form.
+    renumbered: bool,
+    /// A message was not one this reads (the key then reads the body).
+    failed: bool,
+}
+
+/// The most members a message read by [`MessagesForm`] has.
+const MESSAGE_MEMBERS: usize = 12;
+
+thread_local! {
+    /// The buffer of [`MessagesForm`], kept between lines.
+    static MESSAGES_FORM: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+impl Drop for MessagesForm<'_> {
+    fn drop(&mut self) {
+        MESSAGES_FORM.set(std::mem::take(&mut self.out));
+    }
+}
+
+impl<'a> MessagesForm<'a> {
+    /// An empty form of messages read from `line`, in the thread's buffer.
+    pub(crate) fn new(line: &'a str) -> Self {
+        let mut out = MESSAGES_FORM.take();
+        out.clear();
+        MessagesForm {
+            line: line.as_bytes(),
+            members: arrayvec::ArrayVec::new(),
+            out,
+            any: false,
+            renumbered: false,
+            failed: false,
+        }
+    }
+
+    /// Forgets what was read.
+    pub(crate) fn clear(&mut self) {
+        self.out.clear();
+        self.members.clear();
+        self.any = false;
+        self.renumbered = false;
+        self.failed = false;
+    }
+
+    /// A member of the message being read (its name written without escapes), and
+    /// whether its value is written as its form writes it.
+    #[inline]
+    pub(crate) fn member(&mut self, name: &'a str, value: &'a str, plain: bool) {
+        if self
+            .members
+            .try_push((name, value.as_bytes(), plain))
+            .is_err()
+        {
+            self.failed = true;
+        }
+    }
+
+    /// The message being read has ended: it is written, its members in order.
+    pub(crate) fn message_end(&mut self) {
+        let members = &mut self.members;
+        let mut order = arrayvec::ArrayVec::<u128, MESSAGE_MEMBERS>::new();
+        order.extend(members.iter().enumerate().map(|(n, m)| head_of(m.0, n)));
+        if self.failed || name_order(&mut order, |n| members[n].0).is_none() {
+            self.failed = true;
+            return;
+        }
+        let out = &mut self.out;
+        if std::mem::replace(&mut self.any, true) {
+            out.push(b',');
+        }
+        out.push(b'{');
+        for (n, &at) in order.iter().enumerate() {
+            let (name, value, plain) = members[at as u8 as usize];
+            if n > 0 {
+                out.push(b',');
+            }
+            // The body, `messages`, the message: three levels down.
+            match member_form(self.line, name, value, plain, CANON_DEPTH - 3, out) {
+                Some(renumbered) => self.renumbered |= renumbered,
+                None => {
+                    self.failed = true;
+                    return;
+                }
+            }
+        }
+        out.push(b'}');
+        members.clear();
+    }
+
+    /// The messages' form (without the brackets), unless one could not be read; and
+    /// whether a number in it is written otherwise.
+    fn form(&self) -> Option<(&[u8], bool)> {
+        (!self.failed && self.members.is_empty()).then_some((&self.out[..], self.renumbered))
+    }
+}
+
+/// How the input parser wrote a body for the response cache (see
+/// [`crate::request::LineParser::key_forms`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyForm {
+    /// The body is written in its canonical form, its non-semantic members last: what the
+    /// key hashes is its first this many bytes, then `}`.
+    Body(u32),
+    /// What the key hashes, written apart (the body is as the line has it).
+    Apart(Vec<u8>),
+}
+
+/// Writes a chat body for a run with a response cache, from what the input parser has read
+/// of the line: the body's top-level `members` (name, value as written, valid JSON, and
+/// whether it is written as its canonical form writes it; the names without escapes, at
+/// most 32 that are not [`NON_SEMANTIC_FIELDS`]) and the [`MessagesForm`] of its
+/// `messages`, when it has one. So a chat body's text is not walked a second time for its
+/// key.
+///
+/// The body is written in its canonical form when that changes nothing but the order of
+/// its members and the space between them ([`KeyForm::Body`]): the same JSON to whoever
+/// reads it, less the bytes the key would otherwise copy out of it. Otherwise (a number
+/// written otherwise than the form writes it, `1.0` or `0.7`), the body is written as the
+/// line has it and the key's form apart ([`KeyForm::Apart`]). `None` (nothing written)
+/// when a name is given twice or a value is one [`Canon`] does not read; the key then
+/// reads the body.
+pub(crate) fn write_body<'m>(
+    line: &str,
+    members: impl Iterator<Item = (&'m str, &'m [u8], bool)> + Clone,
+    messages: Option<&MessagesForm<'_>>,
+    out: &mut Vec<u8>,
+) -> Option<KeyForm> {
+    let line = line.as_bytes();
+    let messages = messages.and_then(MessagesForm::form);
+    let mut kept = arrayvec::ArrayVec::<_, 32>::new();
+    let mut order = arrayvec::ArrayVec::<u128, 32>::new();
+    let mut left_out = false;
+    for (name, value, plain) in members.clone() {
+        if non_semantic(name.as_bytes()) {
+            left_out = true;
+        } else {
+            order.try_push(head_of(name, kept.len())).ok()?;
+            kept.try_push((name, value, plain)).ok()?;
+        }
+    }
+    name_order(&mut order, |n| kept[n].0)?;
+    let head = out.len();
+    out.push(b'{');
+    let mut renumbered = false;
+    for (n, &at) in order.iter().enumerate() {
+        let (name, value, plain) = kept[at as u8 as usize];
+        if n > 0 {
+            out.push(b',');
+        }
+        match messages {
+            Some((form, messages_renumbered)) if name == "messages" => {
+                member_name(name, out);
+                out.push(b'[');
+                out.extend_from_slice(form);
+                out.push(b']');
+                renumbered |= messages_renumbered;
+            }
+            _ => renumbered |= member_form(line, name, value, plain, CANON_DEPTH - 1, out)?,
+        }
+    }
+    if !renumbered {
+        let form = out.len() - head;
+        if left_out {
+            for (name, value, _) in members.filter(|m| non_semantic(m.0.as_bytes())) {
+                if out.len() > head + 1 {
+                    out.push(b',');
+                }
+                member_name(name, out);
+                out.extend_from_slice(value);
+            }
+        }
+        out.push(b'}');
+        return Some(KeyForm::Body(form as u32));
+    }
+    // The key's form apart, and the body as the line has it.
+    out.push(b'}');
+    let form = out.split_off(head);
+    out.push(b'{');
+    for (name, value, _) in members {
+        if out.len() > head + 1 {
+            out.push(b',');
+        }
+        member_name(name, out);
+        out.extend_from_slice(value);
+    }
+    out.push(b'}');
+    Some(KeyForm::Apart(form))
+}
+
+/// Puts members in order of their names: `order` holds for each its [`head_of`], and
+/// `name` gives its name. An insertion sort (there are few), of the heads, then of the
+/// names of those whose heads are alike; `None` if a name is given twice.
+#[inline]
+fn name_order<'n>(order: &mut [u128], name: impl Fn(usize) -> &'n str) -> Option<()> {
+    for n in 1..order.len() {
+        let key = order[n];
+        let mut at = n;
+        while at > 0 && order[at - 1] > key {
+            order[at] = order[at - 1];
+            at -= 1;
+        }
+        order[at] = key;
+    }
+    let head = |key: u128| (key >> 64) as u64;
+    let index = |key: u128| key as u8 as usize;
+    let mut n = 1;
+    while n < order.len() {
+        if head(order[n]) != head(order[n - 1]) {
+            n += 1;
+            continue;
+        }
+        // Names alike in their first 8 bytes (or the same name).
+        let from = n - 1;
+        let mut to = n + 1;
+        while to < order.len() && head(order[to]) == head(order[from]) {
+            to += 1;
+        }
+        let run = &mut order[from..to];
+        run.sort_unstable_by(|x, y| name(index(*x)).cmp(name(index(*y))));
+        if run
+            .windows(2)
+            .any(|w| name(index(w[0])) == name(index(w[1])))
+        {
+            return None;
+        }
+        n = to;
+    }
+    Some(())
+}
+
+/// What [`name_order`] sorts a name by: its [`Member::head`] above the member's index.
+#[inline]
+fn head_of(name: &str, index: usize) -> u128 {
+    let mut head = [0u8; 8];
+    let n = name.len().min(8);
+    head[..n].copy_from_slice(&name.as_bytes()[..n]);
+    (u128::from(u64::from_be_bytes(head)) << 64) | index as u128
+}
+
+/// `"name":`, for a name written without escapes.
+#[inline]
+fn member_name(name: &str, out: &mut Vec<u8>) {
+    out.push(b'"');
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\":");
+}
+
+/// Appends `"name":` and the canonical form of `value` (`plain` when it is written so);
+/// when the line has them one after the other, they are copied from it at once. Returns
+/// whether a number was written otherwise (see [`Canon::value`]).
+#[inline(always)]
+fn member_form(
+    line: &[u8],
+    name: &str,
+    value: &[u8],
+    plain: bool,
+    depth: u32,
+    out: &mut Vec<u8>,
+) -> Option<bool> {
+    if plain {
+        match written_member(line, name, value) {
+            Some(written) => out.extend_from_slice(written),
+            None => {
+                member_name(name, out);
+                out.extend_from_slice(value);
+            }
+        }
+        return Some(false);
+    }
+    member_name(name, out);
+    value_form(value, depth, out)
+}
+
+/// `"name":value` in `line`, when `name` and `value` are parts of it written so.
+#[inline]
+fn written_member<'l>(line: &'l [u8], name: &str, value: &[u8]) -> Option<&'l [u8]> {
+    let base = line.as_ptr() as usize;
+    let at = (name.as_ptr() as usize).checked_sub(base)?;
+    let value_at = (value.as_ptr() as usize).checked_sub(base)?;
+    let end = value_at.checked_add(value.len())?;
+    // The name and the value lie in the line (so are its bytes there), with only `":`
+    // between them and a quote before.
+    let joined = at >= 1
+        && value_at == at + name.len() + 2
+        && end <= line.len()
+        && line[at - 1] == b'"'
+        && line[at + name.len()] == b'"'
+        && line[at + name.len() + 1] == b':';
+    joined.then(|| &line[at - 1..end])
+}
+
+/// Appends the canonical form of the JSON value `value` (valid JSON, as written, with no
+/// space around it), whose values are allowed `depth` more levels: a string without
+/// escapes, a small whole number or a literal as it is, anything else as [`Canon`] reads
+/// it. Returns whether a number was written otherwise (see [`Canon::value`]).
+fn value_form(value: &[u8], depth: u32, out: &mut Vec<u8>) -> Option<bool> {
+    let plain = match value.first()? {
+        b'"' => !has_backslash(value),
+        b't' | b'f' | b'n' => true,
+        b'0'..=b'9' | b'-' => crate::json::plain_int(value),
+        _ => false,
+    };
+    if plain {
+        out.extend_from_slice(value);
+        return Some(false);
+    }
+    thread_local! {
+        /// The buffers of the values read by [`Canon`].
+        static CANON: std::cell::RefCell<Canon> = Default::default();
+    }
+    CANON.with_borrow_mut(|canon| canon.value(value, depth, out))
+}
+
+/// Whether `text` holds a `\\`: sixteen bytes at a time with SSE2 (part of every x86-64
+/// processor).
+#[inline]
+fn has_backslash(text: &[u8]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{
+            _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_set1_epi8,
+        };
+        let mut chunks = text.chunks_exact(16);
+        for chunk in &mut chunks {
+            // SAFETY: `chunk` is 16 bytes, and the load needs no alignment; the rest is
+            // arithmetic on registers.
+            let hits = unsafe {
+                let v = _mm_loadu_si128(chunk.as_ptr().cast());
+                _mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8)))
+            };
+            if hits != 0 {
+                return true;
+            }
+        }
+        chunks.remainder().contains(&b'\\')
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    text.contains(&b'\\')
 }
 
 /// One body being written by [`Canon`].
@@ -354,6 +764,8 @@ struct Writer<'a> {
     from: usize,
     members: &'a mut Vec<Member>,
     scratch: &'a mut Vec<u8>,
+    /// A number was written otherwise than the text has it.
+    renumbered: bool,
 }
 
 impl Writer<'_> {
@@ -417,13 +829,13 @@ impl Writer<'_> {
             _ => {
                 let end = number_end(b, i).ok()?;
                 let v = &b[i..end];
-                let digits = v.strip_prefix(b"-").unwrap_or(v);
                 // A whole number that an f64 holds exactly is written as it is; any other
                 // as `canonical` writes it.
-                if !(digits.len() <= 15 && digits.iter().all(u8::is_ascii_digit) && v != b"-0") {
+                if !crate::json::plain_int(v) {
                     self.flush(i);
                     let n: serde_json::Number = serde_json::from_slice(v).ok()?;
                     canonical(&Value::Number(n), self.out);
+                    self.renumbered = true;
                     self.from = end;
                 }
                 Some(end)
@@ -2171,6 +2583,177 @@ mod tests {
             "c396924923a17741bd3d978a2ac2f8216e6bdbb20c2279a33d7b93565620cfcc",
         ),
     ];
+
+    /// A chat line with random members, values and spacing (a plain body with a
+    /// `custom_id`, or an OpenAI Batch line), for [`the_parsers_key_forms_are_the_bodies`].
+    fn chat_line(rng: &mut rand::rngs::SmallRng, n: usize) -> String {
+        use rand::Rng;
+        let ws = |rng: &mut rand::rngs::SmallRng| ["", "", "", " ", "\n "][rng.random_range(0..5)];
+        let pick = |rng: &mut rand::rngs::SmallRng, from: &[&'static str]| {
+            from[rng.random_range(0..from.len())]
+        };
+        let contents = [
+            "\"Question: summarise the plot.\"",
+            "\"\"",
+            "\"two\\nlines and a \\\"quote\\\" and a \\\\ and a\\ttab\"",
+            "\"\\u00e9t\\u00e9\"",
+            "\"a \\/ slash\"",
+            "\"é日本\"",
+            "[{\"type\":\"text\",\"text\":\"hi\"}]",
+            "[ {\"text\": \"hi\", \"type\": \"text\"} ]",
+            "[{\"type\":\"image_url\",\"image_url\":{\"url\":\"x\",\"detail\":\"low\"}}]",
+            "null",
+            "7",
+        ];
+        let message = |rng: &mut rand::rngs::SmallRng| {
+            let mut members = vec![format!(
+                "\"role\":{}",
+                pick(rng, &["\"user\"", "\"system\"", "\"assistant\""])
+            )];
+            members.push(format!("\"content\":{}{}", ws(rng), pick(rng, &contents)));
+            if rng.random_bool(0.2) {
+                members.push(format!("\"name\":{}", pick(rng, &["\"bob\"", "\"x y\""])));
+            }
+            if rng.random_bool(0.1) {
+                members.push("\"weight\":0.5".into());
+            }
+            if rng.random_bool(0.02) {
+                // Given twice: the key reads the body.
+                members.push("\"name\":\"again\"".into());
+                members.push("\"name\":\"again\"".into());
+            }
+            // Mostly role first, as people write it; the form is in order of the names.
+            if rng.random_bool(0.3) {
+                members.reverse();
+            }
+            let sep = format!(",{}", ws(rng));
+            format!("{{{}{}}}", ws(rng), members.join(&sep))
+        };
+        let mut body: Vec<String> = Vec::new();
+        let count = rng.random_range(1..4);
+        let messages: Vec<String> = (0..count).map(|_| message(rng)).collect();
+        body.push(format!("\"messages\":{}[{}]", ws(rng), messages.join(",")));
+        if rng.random_bool(0.8) {
+            body.push(format!(
+                "\"model\":{}",
+                pick(rng, &["\"gpt-4.1-mini\"", "\"gpt-4o\""])
+            ));
+        }
+        let others = [
+            "\"max_tokens\":64",
+            "\"max_completion_tokens\":128",
+            "\"temperature\":0",
+            "\"temperature\":0.7",
+            "\"temperature\":1.0",
+            "\"top_p\":1e-1",
+            "\"seed\":-5",
+            "\"seed\":-0",
+            "\"n\":12345678901234567",
+            "\"stop\":[\"\\n\", \"END\"]",
+            "\"stop\":[]",
+            "\"logit_bias\":{}",
+            "\"response_format\":{\"type\":\"json_schema\",\"json_schema\":{\"name\":\"a\",\"strict\":true}}",
+            "\"response_format\": { \"type\" : \"text\" }",
+            "\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"f\",\"parameters\":{\"type\":\"object\",\"properties\":{\"x\":{\"type\":\"number\",\"minimum\":1.5}}}}}]",
+            "\"user\":\"u1\"",
+            "\"stream\":false",
+            "\"store\":true",
+            "\"service_tier\":\"flex\"",
+            "\"a_very_long_member_name_indeed\":1",
+            "\"a_very_long_member_name\":2",
+        ];
+        for _ in 0..rng.random_range(0..5) {
+            let member = pick(rng, &others);
+            let name = &member[..member.find(':').unwrap()];
+            if !body.iter().any(|m| m.starts_with(name)) {
+                body.push(member.to_string());
+            }
+        }
+        // In any order.
+        for i in (1..body.len()).rev() {
+            body.swap(i, rng.random_range(0..=i));
+        }
+        let sep = format!(",{}", ws(rng));
+        let body = format!("{{{}{}{}}}", ws(rng), body.join(&sep), ws(rng));
+        if rng.random_bool(0.3) {
+            format!(
+                "{{\"custom_id\":\"r{n}\",\"method\":\"POST\",\"url\":\"/v1/chat/completions\",\"body\":{body}}}"
+            )
+        } else {
+            let rest = body.strip_prefix('{').unwrap();
+            let sep = if rest.trim_start() == "}" { "" } else { "," };
+            format!("{{\"custom_id\":\"r{n}\"{sep}{rest}")
+        }
+    }
+
+    /// With [`LineParser::key_forms`] on, the parser writes each request's key form as it
+    /// reads the line: the key is the one the body gives without it, the body sent is the
+    /// same JSON, and the form is written for most lines (so the key does not read the
+    /// body again).
+    #[test]
+    fn the_parsers_key_forms_are_the_bodies() {
+        use rand::SeedableRng;
+        let mut with = LineParser::new(Some("gpt-4.1-mini".into()));
+        with.count_tokens = false;
+        with.key_forms = true;
+        let mut without = with.clone();
+        without.key_forms = false;
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+        let (mut in_body, mut apart, mut none) = (0, 0, 0);
+        for n in 0..20_000 {
+            let line = chat_line(&mut rng, n);
+            let (Ok(a), Ok(b)) = (with.parse(1, &line), without.parse(1, &line)) else {
+                panic!("{line}");
+            };
+            assert!(b.key_form.is_none());
+            // The key is the body's (and `key` holds the form to the body in this build).
+            assert_eq!(key("openai", &a), key("openai", &b), "{line}");
+            let json = |r: &Request| serde_json::from_slice::<Value>(&r.body).unwrap();
+            assert_eq!(json(&a), json(&b), "{line}");
+            match &a.key_form {
+                Some(KeyForm::Body(_)) => in_body += 1,
+                Some(KeyForm::Apart(_)) => {
+                    // Written as the line has it.
+                    assert_eq!(a.body, b.body, "{line}");
+                    apart += 1;
+                }
+                None => {
+                    assert_eq!(a.body, b.body, "{line}");
+                    none += 1;
+                }
+            }
+        }
+        // Most lines are written in the form; those with a number written otherwise keep
+        // their own bytes; a name given twice is left to the key.
+        assert!(in_body > 8_000, "{in_body} {apart} {none}");
+        assert!(apart > 2_000, "{in_body} {apart} {none}");
+        assert!(none > 0 && none < 1_500, "{in_body} {apart} {none}");
+    }
+
+    /// The body a run with a cache sends for a plain chat line: its members in order of
+    /// their names, the non-semantic ones last, the values as the line has them.
+    #[test]
+    fn a_body_in_its_key_form_keeps_its_values() {
+        let mut p = LineParser::new(Some("gpt-4.1-mini".into()));
+        p.count_tokens = false;
+        p.key_forms = true;
+        let line = r#"{"custom_id":"a","stream":false,"model":"gpt-4o","messages":[{"role":"user", "content":"hi\nthere"}],"max_tokens":64,"user":"u"}"#;
+        let r = p.parse(1, line).unwrap();
+        let body = r#"{"max_tokens":64,"messages":[{"content":"hi\nthere","role":"user"}],"model":"gpt-4o","stream":false,"user":"u"}"#;
+        assert_eq!(std::str::from_utf8(&r.body).unwrap(), body);
+        let form = r#"{"max_tokens":64,"messages":[{"content":"hi\nthere","role":"user"}],"model":"gpt-4o"}"#;
+        assert_eq!(r.key_form, Some(KeyForm::Body(form.len() as u32 - 1)));
+        // A number the form writes otherwise: the body is the line's, the form apart.
+        let line =
+            r#"{"custom_id":"a","temperature":0.7,"messages":[{"role":"user","content":"hi"}]}"#;
+        let r = p.parse(1, line).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&r.body).unwrap(),
+            r#"{"model":"gpt-4.1-mini","temperature":0.7,"messages":[{"role":"user","content":"hi"}]}"#
+        );
+        let form = r#"{"messages":[{"content":"hi","role":"user"}],"model":"gpt-4.1-mini","temperature":7e-1}"#;
+        assert_eq!(r.key_form, Some(KeyForm::Apart(form.as_bytes().to_vec())));
+    }
 
     #[test]
     fn keys_are_what_earlier_versions_computed() {

@@ -322,6 +322,27 @@ pub fn walk_with<'t>(
     depth: usize,
     mut item: impl FnMut(usize, Option<&'t str>, &'t str),
 ) -> Result<&'t str, JsonError> {
+    walk_plain(text, strict, depth, |depth, name, value, _| {
+        item(depth, name, value)
+    })
+}
+
+/// Whether a number as written is written as a key's canonical form writes it: a whole
+/// number an `f64` holds exactly (at most 15 digits), not `-0`.
+pub(crate) fn plain_int(v: &[u8]) -> bool {
+    let digits = v.strip_prefix(b"-").unwrap_or(v);
+    digits.len() <= 15 && digits.iter().all(u8::is_ascii_digit) && v != b"-0"
+}
+
+/// [`walk_with`], also telling each item whether its value is written as the response
+/// cache's key form writes it: a string without escapes, a [`plain_int`], a literal, an
+/// empty object or array without space inside (anything else, `false`).
+pub(crate) fn walk_plain<'t>(
+    text: &'t str,
+    strict: bool,
+    depth: usize,
+    mut item: impl FnMut(usize, Option<&'t str>, &'t str, bool),
+) -> Result<&'t str, JsonError> {
     assert!(
         depth <= MAX_WALK_DEPTH,
         "walks go {MAX_WALK_DEPTH} deep at most"
@@ -336,6 +357,8 @@ pub fn walk_with<'t>(
     let (name, item_start) = (&mut names[..=depth], &mut starts[..=depth]);
     let start = skip_ws(b, 0);
     let mut i = start;
+    // Whether the value that ended last is written plain.
+    let mut plain;
     // Reads the member name at `i` (after `{` or `,` and whitespace) and its colon;
     // returns the name and where its value starts.
     let member = |i: usize| -> Result<(&'t str, usize), JsonError> {
@@ -356,6 +379,7 @@ pub fn walk_with<'t>(
             Some(b'{') => {
                 let j = skip_ws(b, i + 1);
                 if b.get(j) == Some(&b'}') {
+                    plain = j == i + 1;
                     i = j + 1;
                 } else {
                     open.push(b'{');
@@ -370,6 +394,7 @@ pub fn walk_with<'t>(
             Some(b'[') => {
                 let j = skip_ws(b, i + 1);
                 if b.get(j) == Some(&b']') {
+                    plain = j == i + 1;
                     i = j + 1;
                 } else {
                     open.push(b'[');
@@ -380,12 +405,17 @@ pub fn walk_with<'t>(
                     continue 'value;
                 }
             }
-            Some(b'"') => i = string_end(b, i)?,
+            Some(b'"') => {
+                let (end, escaped) = string_end_escaped(b, i)?;
+                plain = !escaped;
+                i = end;
+            }
             Some(b'-' | b'0'..=b'9') => {
                 let end = number_end(b, i)?;
                 if strict && huge(&b[i..end]) {
                     return fail(i, "number too big for an f64");
                 }
+                plain = plain_int(&b[i..end]);
                 i = end;
             }
             Some(&c @ (b't' | b'f' | b'n')) => {
@@ -397,6 +427,7 @@ pub fn walk_with<'t>(
                 if !b[i..].starts_with(word) {
                     return fail(i, "expected a value");
                 }
+                plain = true;
                 i += word.len();
             }
             Some(_) => return fail(i, "expected a value"),
@@ -405,7 +436,7 @@ pub fn walk_with<'t>(
         loop {
             let at = open.len();
             if let Some(Some(from)) = item_start.get_mut(at).map(Option::take) {
-                item(at, name[at].take(), &text[from..i]);
+                item(at, name[at].take(), &text[from..i], plain);
             }
             i = skip_ws(b, i);
             match open.last() {
@@ -426,6 +457,7 @@ pub fn walk_with<'t>(
                     }
                     Some(b']') => {
                         open.pop();
+                        plain = false;
                         i += 1;
                     }
                     _ => return fail(i, "expected `,` or `]`"),
@@ -441,6 +473,7 @@ pub fn walk_with<'t>(
                     }
                     Some(b'}') => {
                         open.pop();
+                        plain = false;
                         i += 1;
                     }
                     _ => return fail(i, "expected `,` or `}`"),

@@ -25,6 +25,7 @@ use serde_json::{Map, Value};
 use std::fmt;
 use std::sync::Arc;
 
+use crate::cache::MessagesForm;
 use crate::catalog::{Route, Router};
 use crate::cost::Price;
 use crate::provider::{ChatTranslation, ProviderKind};
@@ -90,6 +91,10 @@ pub struct Request {
     /// when the line is read: the engine moves to it when this model cannot serve the
     /// request (not found, context too long, circuit open).
     pub fallback: Option<Box<Request>>,
+    /// How the parser wrote `body` for the response cache's key (in its canonical form, or
+    /// with the key's form apart) as it read the line, when [`LineParser::key_forms`] is
+    /// on: the key then does not read the body again. Whoever changes `body` must clear it.
+    pub key_form: Option<crate::cache::KeyForm>,
 }
 
 impl Request {
@@ -146,6 +151,11 @@ pub struct LineParser {
     /// Models to fall back to, in order, for lines that name no model (so use
     /// `default_model`).
     pub fallback_models: Vec<String>,
+    /// Write each request's [`Request::key_form`] (for a run with a response cache): most
+    /// chat lines, which the parser reads member by member anyway, then cost the cache's
+    /// key no second reading. Their bodies are then sent in the key's canonical form when
+    /// that changes only the order of members and the space between them.
+    pub key_forms: bool,
     estimator: TokenEstimator,
 }
 
@@ -168,6 +178,7 @@ impl LineParser {
             enforce_output_bound: false,
             router: None,
             fallback_models: Vec::new(),
+            key_forms: false,
             estimator: TokenEstimator::new(),
         }
     }
@@ -512,6 +523,7 @@ impl LineParser {
             max_output_tokens,
             metadata,
             fallback: None,
+            key_form: None,
         };
         Ok((request, defaulted))
     }
@@ -537,7 +549,8 @@ impl LineParser {
         if full && self.count_tokens {
             return None; // the token estimator walks the messages as JSON values
         }
-        let (top, top_roles) = Members::of_line(text)?;
+        let mut form = (full && self.key_forms).then(|| MessagesForm::new(text));
+        let (top, top_roles) = Members::of_line(text, form.as_mut())?;
         let custom_id = match top.get("custom_id") {
             None | Some("null") => LineParser::derived_custom_id(line),
             Some(raw) => string_value(raw).filter(|s| !s.is_empty())?,
@@ -579,7 +592,12 @@ impl LineParser {
         }
         let roles = match plain {
             true => body.get("messages").is_some() && top_roles,
-            false => roles_checked(body.get("messages")?),
+            false => {
+                if let Some(f) = form.as_mut() {
+                    f.clear();
+                }
+                roles_checked(body.get("messages")?, form.as_mut())
+            }
         };
         if !roles {
             return None;
@@ -603,41 +621,52 @@ impl LineParser {
             }
         }
         let max_output_tokens = given.unwrap_or(self.assumed_output_tokens);
+        let mut key_form = None;
         let body = if full {
-            let mut out = Vec::with_capacity(text.len() + route.model.len());
-            out.push(b'{');
-            let mut model_written = false;
-            let member = |out: &mut Vec<u8>, key: &str, value: &[u8]| {
-                if out.len() > 1 {
-                    out.push(b',');
-                }
-                serde_json::to_writer(&mut *out, key).expect("a string serialises");
-                out.push(b':');
-                out.extend_from_slice(value);
-            };
             let model = serde_json::to_string(&route.model).expect("a string serialises");
-            if body.get("model").is_none() {
-                member(&mut out, "model", model.as_bytes());
-                model_written = true;
+            let bound = (self.enforce_output_bound && given.is_none())
+                .then(|| max_output_tokens.to_string());
+            // The body's members: the model first when the line names none (the route's
+            // in place of the line's when it does), the output bound last.
+            let members = || {
+                // With whether each value is written as the key form writes it (the model
+                // is when serde_json escaped nothing in it).
+                let model_plain = model.len() == route.model.len() + 2;
+                let model = model.as_bytes();
+                let head = (body.get("model").is_none()).then_some(("model", model, model_plain));
+                head.into_iter()
+                    .chain(
+                        body.0
+                            .iter()
+                            .filter_map(move |&(key, raw, written)| match key {
+                                "custom_id" | "metadata" if plain => None,
+                                "model" => Some((key, model, model_plain)),
+                                _ => Some((key, raw.as_bytes(), written)),
+                            }),
+                    )
+                    .chain(
+                        bound
+                            .as_deref()
+                            .map(|b| ("max_completion_tokens", b.as_bytes(), true)),
+                    )
+            };
+            let mut out = Vec::with_capacity(text.len() + route.model.len());
+            if let Some(form) = &form {
+                key_form = crate::cache::write_body(text, members(), Some(form), &mut out);
             }
-            for (key, raw) in &body.0 {
-                match *key {
-                    "custom_id" | "metadata" if plain => {}
-                    "model" if !model_written => {
-                        member(&mut out, key, model.as_bytes());
-                        model_written = true;
+            if key_form.is_none() {
+                out.clear();
+                out.push(b'{');
+                for (key, value, _) in members() {
+                    if out.len() > 1 {
+                        out.push(b',');
                     }
-                    _ => member(&mut out, key, raw.as_bytes()),
+                    serde_json::to_writer(&mut out, key).expect("a string serialises");
+                    out.push(b':');
+                    out.extend_from_slice(value);
                 }
+                out.push(b'}');
             }
-            if self.enforce_output_bound && given.is_none() {
-                member(
-                    &mut out,
-                    "max_completion_tokens",
-                    max_output_tokens.to_string().as_bytes(),
-                );
-            }
-            out.push(b'}');
             Bytes::from(out)
         } else {
             Bytes::new()
@@ -655,40 +684,71 @@ impl LineParser {
             max_output_tokens,
             metadata,
             fallback: None,
+            key_form,
         };
         Some((request, defaulted))
     }
 }
 
-/// A JSON object's members in order, each value's text borrowed from the line.
-struct Members<'a>(Vec<(&'a str, &'a str)>);
+/// A JSON object's members in order, each value's text borrowed from the line, and whether
+/// it is written as the cache's key form writes it (see [`crate::json::walk_plain`]).
+struct Members<'a>(Vec<(&'a str, &'a str, bool)>);
 
 impl<'a> Members<'a> {
     /// The members of `text` when it is a JSON object whose member names are written
     /// without escapes and are all different (the full road reads the rest).
     fn of(text: &'a str) -> Option<Members<'a>> {
-        Members::checked(crate::json::members(text).ok()??)
+        let mut members = Vec::with_capacity(8);
+        crate::json::walk_plain(text, false, 1, |depth, name, value, plain| {
+            if let (1, Some(name)) = (depth, name) {
+                members.push((name, value, plain));
+            }
+        })
+        .ok()?
+        .starts_with('{')
+        .then_some(())?;
+        Members::checked(members)
     }
 
     /// [`Members::of`] for a whole line, strict about numbers (the JSON tree refuses one
     /// too big for an f64, the walker need not), and in the same walk whether a top-level
     /// `messages` passes [`roles_checked`].
-    fn of_line(text: &'a str) -> Option<(Members<'a>, bool)> {
+    /// When `form` is given, it gets the messages of a top-level `messages`.
+    fn of_line(
+        text: &'a str,
+        mut form: Option<&mut MessagesForm<'a>>,
+    ) -> Option<(Members<'a>, bool)> {
         let mut members = Vec::with_capacity(8);
         let mut roles = Roles::default();
         let mut checked = false;
-        crate::json::walk_with(text, true, 3, |depth, name, value| match (depth, name) {
-            // Inside a top-level member: the members of its elements, then its elements.
-            (3, Some(name)) => roles.member(name, value),
-            (2, None) => roles.message(value),
-            (1, Some(name)) => {
-                if name == "messages" {
-                    checked = roles.passed(value);
+        crate::json::walk_plain(text, true, 3, |depth, name, value, plain| {
+            match (depth, name) {
+                // Inside a top-level member: the members of its elements, then its elements.
+                (3, Some(name)) => {
+                    roles.member(name, value);
+                    if let Some(f) = form.as_deref_mut() {
+                        f.member(name, value, plain);
+                    }
                 }
-                members.push((name, value));
-                roles = Roles::default();
+                (2, None) => {
+                    roles.message(value);
+                    if let Some(f) = form.as_deref_mut() {
+                        f.message_end();
+                    }
+                }
+                (1, Some(name)) => {
+                    if name == "messages" {
+                        checked = roles.passed(value);
+                        // Kept: what comes after is not the messages'.
+                        form = None;
+                    } else if let Some(f) = form.as_deref_mut() {
+                        f.clear();
+                    }
+                    members.push((name, value, plain));
+                    roles = Roles::default();
+                }
+                _ => {}
             }
-            _ => {}
         })
         .ok()?
         .starts_with('{')
@@ -697,14 +757,17 @@ impl<'a> Members<'a> {
         Some((m, checked))
     }
 
-    fn checked(m: Vec<(&'a str, &'a str)>) -> Option<Members<'a>> {
-        let plain = m.iter().all(|(k, _)| !k.contains('\\'));
-        let unique = (1..m.len()).all(|i| m[..i].iter().all(|(k, _)| *k != m[i].0));
+    fn checked(m: Vec<(&'a str, &'a str, bool)>) -> Option<Members<'a>> {
+        let plain = m.iter().all(|(k, _, _)| !k.contains('\\'));
+        let unique = (1..m.len()).all(|i| m[..i].iter().all(|(k, _, _)| *k != m[i].0));
         (plain && unique).then_some(Members(m))
     }
 
     fn get(&self, key: &str) -> Option<&'a str> {
-        self.0.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+        self.0
+            .iter()
+            .find(|(k, _, _)| *k == key)
+            .map(|(_, v, _)| *v)
     }
 }
 
@@ -720,12 +783,25 @@ fn string_value(raw: &str) -> Option<String> {
 
 /// Whether a `messages` array's text is not empty and every element is an object with one
 /// `role` (written without escapes) that is a string.
-fn roles_checked(raw: &str) -> bool {
+/// When `form` is given, it gets the messages.
+fn roles_checked<'a>(raw: &'a str, mut form: Option<&mut MessagesForm<'a>>) -> bool {
     let mut roles = Roles::default();
-    let walked = crate::json::walk(raw, |depth, name, value| match (depth, name) {
-        (2, Some(name)) => roles.member(name, value),
-        (1, None) => roles.message(value),
-        _ => {}
+    let walked = crate::json::walk_plain(raw, false, 2, |depth, name, value, plain| {
+        match (depth, name) {
+            (2, Some(name)) => {
+                roles.member(name, value);
+                if let Some(f) = form.as_deref_mut() {
+                    f.member(name, value, plain);
+                }
+            }
+            (1, None) => {
+                roles.message(value);
+                if let Some(f) = form.as_deref_mut() {
+                    f.message_end();
+                }
+            }
+            _ => {}
+        }
     });
     walked.is_ok_and(|v| roles.passed(v))
 }
