@@ -130,11 +130,26 @@ pub fn keys(target: &str, requests: &[Request]) -> Vec<CacheKey> {
         for request in requests.iter().take(PREFETCH_AHEAD) {
             prefetch_text(&request.body);
         }
+        // The prefix of the request before, copied whole when the next one's is the same
+        // (most often: one endpoint and model).
+        let mut prefix: Option<(&Request, std::ops::Range<usize>)> = None;
         for (n, request) in requests.iter().enumerate() {
             if let Some(ahead) = requests.get(n + PREFETCH_AHEAD) {
                 prefetch_text(&ahead.body);
             }
-            key_input(target, request, canon, bytes);
+            let start = bytes.len();
+            match &prefix {
+                Some((before, at))
+                    if before.endpoint == request.endpoint && before.model == request.model =>
+                {
+                    bytes.extend_from_within(at.clone());
+                }
+                _ => {
+                    key_prefix(target, request, bytes);
+                    prefix = Some((request, start..bytes.len()));
+                }
+            }
+            key_rest(request, canon, bytes);
             ends.push(bytes.len());
         }
         let mut from = 0;
@@ -173,8 +188,17 @@ fn prefetch_text(text: &[u8]) {
 }
 
 /// Appends to `out` what the key of `request` hashes: the key version, the target, the
-/// endpoint, the model, and the canonical form of the body.
+/// endpoint, the model, and the canonical form of the body ([`keys`] writes it in two
+/// parts).
+#[cfg(test)]
 fn key_input(target: &str, request: &Request, canon: &mut Canon, out: &mut Vec<u8>) {
+    key_prefix(target, request, out);
+    key_rest(request, canon, out);
+}
+
+/// The start of what the key of `request` hashes: the key version, the target, the
+/// endpoint and the model.
+fn key_prefix(target: &str, request: &Request, out: &mut Vec<u8>) {
     out.extend_from_slice(b"sluice-cache-v1\0");
     out.extend_from_slice(target.as_bytes());
     out.push(0);
@@ -182,6 +206,11 @@ fn key_input(target: &str, request: &Request, canon: &mut Canon, out: &mut Vec<u
     out.push(0);
     out.extend_from_slice(request.model.as_bytes());
     out.push(0);
+}
+
+/// The rest of what the key of `request` hashes after [`key_prefix`]: the canonical form
+/// of its body.
+fn key_rest(request: &Request, canon: &mut Canon, out: &mut Vec<u8>) {
     if let Some(form) = &request.key_form {
         let head = out.len();
         match form {
@@ -471,6 +500,10 @@ impl<'a> MessagesForm<'a> {
 
     /// The message being read has ended: it is written, its members in order.
     pub(crate) fn message_end(&mut self) {
+        if !self.failed && self.two_written() {
+            self.members.clear();
+            return;
+        }
         let members = &mut self.members;
         let mut order = arrayvec::ArrayVec::<u128, MESSAGE_MEMBERS>::new();
         order.extend(members.iter().enumerate().map(|(n, m)| head_of(m.0, n)));
@@ -499,6 +532,37 @@ impl<'a> MessagesForm<'a> {
         }
         out.push(b'}');
         members.clear();
+    }
+
+    /// [`MessagesForm::message_end`] of the most usual message: two members (`role` and
+    /// `content`) whose names differ in their first 8 bytes, each written in the line as
+    /// its form writes it. Whether it was one.
+    #[inline]
+    fn two_written(&mut self) -> bool {
+        let [(a, a_value, true), (b, b_value, true)] = self.members[..] else {
+            return false;
+        };
+        let (a_head, b_head) = (head_of(a, 0) >> 64, head_of(b, 0) >> 64);
+        if a_head == b_head {
+            return false;
+        }
+        let (Some(a), Some(b)) = (
+            written_member(self.line, a, a_value),
+            written_member(self.line, b, b_value),
+        ) else {
+            return false;
+        };
+        let (first, second) = if a_head < b_head { (a, b) } else { (b, a) };
+        let out = &mut self.out;
+        if std::mem::replace(&mut self.any, true) {
+            out.push(b',');
+        }
+        out.push(b'{');
+        out.extend_from_slice(first);
+        out.push(b',');
+        out.extend_from_slice(second);
+        out.push(b'}');
+        true
     }
 
     /// The messages' form (without the brackets), unless one could not be read; and
@@ -1059,7 +1123,9 @@ pub struct Batch {
 impl Batch {
     /// A batch for about `responses` responses at a time: its buffer is sized by the
     /// first response (up to [`BATCH_RESERVE_MAX`]), not grown (copied, and its fresh
-    /// memory zeroed) as they come.
+    /// memory zeroed) as they come. Twice the first response's size a response: responses
+    /// vary, and a batch takes a few more than `responses` before it is stored (room set
+    /// aside and never written takes no memory).
     pub fn with_capacity(responses: usize) -> Batch {
         Batch {
             buf: Vec::new(),
@@ -1071,7 +1137,7 @@ impl Batch {
     pub fn push(&mut self, s: &Store<'_>) {
         if self.buf.capacity() == 0 {
             let record = RECORD_HEADER + s.model.len() + s.response.get().len() + RECORD_TRAILER;
-            let room = self.records.capacity().max(1) * (record + record / 4);
+            let room = self.records.capacity().max(1) * 2 * record;
             self.buf.reserve(room.min(BATCH_RESERVE_MAX));
         }
         self.records.push((short(&s.key), self.buf.len()));
