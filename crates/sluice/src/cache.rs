@@ -593,10 +593,10 @@ pub enum KeyForm {
 /// The body is written in its canonical form when that changes nothing but the order of
 /// its members and the space between them ([`KeyForm::Body`]): the same JSON to whoever
 /// reads it, less the bytes the key would otherwise copy out of it. Otherwise (a number
-/// written otherwise than the form writes it, `1.0` or `0.7`), the body is written as the
-/// line has it and the key's form apart ([`KeyForm::Apart`]). `None` (nothing written)
-/// when a name is given twice or a value is one [`Canon`] does not read; the key then
-/// reads the body.
+/// written otherwise than the form writes it, `1.0` or `0.7`), the key's form is returned
+/// apart ([`KeyForm::Apart`]) and the caller writes the body as the line has it, as it does
+/// when this returns `None` (a name given twice, or a value [`Canon`] does not read: the
+/// key then reads the body); in both cases the caller empties `out` first.
 pub(crate) fn write_body<'m>(
     line: &str,
     members: impl Iterator<Item = (&'m str, &'m [u8], bool)> + Clone,
@@ -650,19 +650,9 @@ pub(crate) fn write_body<'m>(
         out.push(b'}');
         return Some(KeyForm::Body(form as u32));
     }
-    // The key's form apart, and the body as the line has it.
+    // The key's form apart (and the body is for the caller to write as the line has it).
     out.push(b'}');
-    let form = out.split_off(head);
-    out.push(b'{');
-    for (name, value, _) in members {
-        if out.len() > head + 1 {
-            out.push(b',');
-        }
-        member_name(name, out);
-        out.extend_from_slice(value);
-    }
-    out.push(b'}');
-    Some(KeyForm::Apart(form))
+    Some(KeyForm::Apart(out.split_off(head)))
 }
 
 /// Puts members in order of their names: `order` holds for each its [`head_of`], and

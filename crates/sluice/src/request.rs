@@ -25,7 +25,7 @@ use serde_json::{Map, Value};
 use std::fmt;
 use std::sync::Arc;
 
-use crate::cache::MessagesForm;
+use crate::cache::{KeyForm, MessagesForm};
 use crate::catalog::{Route, Router};
 use crate::cost::Price;
 use crate::provider::{ChatTranslation, ProviderKind};
@@ -654,7 +654,7 @@ impl LineParser {
             if let Some(form) = &form {
                 key_form = crate::cache::write_body(text, members(), Some(form), &mut out);
             }
-            if key_form.is_none() {
+            if !matches!(key_form, Some(KeyForm::Body(_))) {
                 out.clear();
                 out.push(b'{');
                 for (key, value, _) in members() {
