@@ -724,18 +724,8 @@ impl<'a> Members<'a> {
         crate::json::walk_plain(text, true, 3, |depth, name, value, plain| {
             match (depth, name) {
                 // Inside a top-level member: the members of its elements, then its elements.
-                (3, Some(name)) => {
-                    roles.member(name, value);
-                    if let Some(f) = form.as_deref_mut() {
-                        f.member(name, value, plain);
-                    }
-                }
-                (2, None) => {
-                    roles.message(value);
-                    if let Some(f) = form.as_deref_mut() {
-                        f.message_end();
-                    }
-                }
+                (3, Some(name)) => roles.member_to(form.as_deref_mut(), name, value, plain),
+                (2, None) => roles.message_to(form.as_deref_mut(), value),
                 (1, Some(name)) => {
                     if name == "messages" {
                         checked = roles.passed(value);
@@ -788,18 +778,8 @@ fn roles_checked<'a>(raw: &'a str, mut form: Option<&mut MessagesForm<'a>>) -> b
     let mut roles = Roles::default();
     let walked = crate::json::walk_plain(raw, false, 2, |depth, name, value, plain| {
         match (depth, name) {
-            (2, Some(name)) => {
-                roles.member(name, value);
-                if let Some(f) = form.as_deref_mut() {
-                    f.member(name, value, plain);
-                }
-            }
-            (1, None) => {
-                roles.message(value);
-                if let Some(f) = form.as_deref_mut() {
-                    f.message_end();
-                }
-            }
+            (2, Some(name)) => roles.member_to(form.as_deref_mut(), name, value, plain),
+            (1, None) => roles.message_to(form.as_deref_mut(), value),
             _ => {}
         }
     });
@@ -845,6 +825,31 @@ impl Roles {
         self.ok &= value.starts_with('{') && self.roles == 1 && self.string;
         self.messages += 1;
         (self.roles, self.string) = (0, false);
+    }
+
+    /// [`Roles::member`], and the member to `form` when one is written (`plain`: see
+    /// [`MessagesForm::member`]).
+    #[inline]
+    fn member_to<'a>(
+        &mut self,
+        form: Option<&mut MessagesForm<'a>>,
+        name: &'a str,
+        value: &'a str,
+        plain: bool,
+    ) {
+        self.member(name, value);
+        if let Some(f) = form {
+            f.member(name, value, plain);
+        }
+    }
+
+    /// [`Roles::message`], and the message's end to `form` when one is written.
+    #[inline]
+    fn message_to(&mut self, form: Option<&mut MessagesForm<'_>>, value: &str) {
+        self.message(value);
+        if let Some(f) = form {
+            f.message_end();
+        }
     }
 
     /// Whether the array `value` whose messages were fed passes.
