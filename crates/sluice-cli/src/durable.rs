@@ -134,8 +134,14 @@ pub const COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(2
 
 /// The journal checkpoints (output flushed, records committed to SQLite, log emptied) at
 /// every [`Sink::flush`] (each second), or sooner once this many records wait, which
-/// bounds the log and the records held in memory.
+/// bounds the records held in memory...
 pub const CHECKPOINT_ROWS: u64 = 65_536;
+
+/// ...or once its log holds this many bytes. The log is written over from its start after
+/// each (see `Journal::checkpoint_reusing_log`), so this bounds the pages it takes: a log
+/// that kept growing until the next second cost the kernel a page's allocation and
+/// freeing for every 4 KiB of output lines.
+pub const CHECKPOINT_BYTES: u64 = 4 << 20;
 
 /// Responses are stored in the cache this many at a time (or at the next flush, every
 /// second): one write to its data file and one small transaction (see
@@ -298,7 +304,7 @@ impl Sink {
                 sluice::journal::LOG_RESERVE >> 20
             ));
         }
-        let full = journal.unsynced() >= CHECKPOINT_ROWS;
+        let full = journal.unsynced() >= CHECKPOINT_ROWS || journal.log_len() >= CHECKPOINT_BYTES;
         if self.output_failed {
             // In the log only: a resume writes them out.
             self.batch.clear();
@@ -337,7 +343,7 @@ impl Sink {
             return;
         }
         if let Some(j) = self.journal.as_mut() {
-            if let Err(e) = j.checkpoint() {
+            if let Err(e) = j.checkpoint_reusing_log() {
                 self.error = Some(anyhow::Error::new(e).context(
                     "committing outcomes to the journal failed (they are in its log and the output: run again to resume)",
                 ));
