@@ -642,18 +642,29 @@ struct LogChunk {
     lines_at: u64,
 }
 
+/// What part of the log file [`read_log`] reads, and how.
+#[derive(Clone, Copy)]
+enum LogView {
+    /// The whole file, which no one writes (a journal being opened).
+    Whole,
+    /// Its first bytes, as many as this journal knows to be its valid part.
+    Upto(u64),
+    /// The whole file, which a live run may be writing over from its start as it is read:
+    /// chunks of later rows than the next are ones written after the reader went past the
+    /// start, and end what it reads.
+    Live,
+}
+
 /// Reads the log's chunks in order, checking each one's CRC, and returns them with the
 /// length of the valid part: the first chunk that is short or does not check out (a write
 /// cut by a crash) ends the log, as does one of rows before those already read (a chunk
 /// written before the log was last reused, see [`Journal::checkpoint_reusing_log`]).
-/// Otherwise chunks must follow one another row by row. Reads the first `limit` bytes at
-/// most (`None`: the whole file).
-fn read_log(
-    path: &Path,
-    f: &File,
-    limit: Option<u64>,
-) -> Result<(Vec<LogChunk>, u64), JournalError> {
-    let len = f.metadata()?.len().min(limit.unwrap_or(u64::MAX));
+/// Otherwise chunks must follow one another row by row.
+fn read_log(path: &Path, f: &File, view: LogView) -> Result<(Vec<LogChunk>, u64), JournalError> {
+    let len = match view {
+        LogView::Upto(n) => f.metadata()?.len().min(n),
+        LogView::Whole | LogView::Live => f.metadata()?.len(),
+    };
     let mut r = io::BufReader::with_capacity(1 << 16, f);
     r.seek(SeekFrom::Start(0))?;
     let mut chunks: Vec<LogChunk> = Vec::new();
@@ -705,7 +716,8 @@ fn read_log(
             break;
         }
         if let Some(last) = chunks.last() {
-            if first_seq < last.first_seq + last.records.len() as u64 {
+            let next = last.first_seq + last.records.len() as u64;
+            if first_seq < next || (first_seq > next && matches!(view, LogView::Live)) {
                 break;
             }
             if last.first_seq + last.records.len() as u64 != first_seq {
@@ -1116,11 +1128,11 @@ impl Journal {
         let rows = max_seq(&conn).map_err(unread)?;
         if read_only {
             let mut j = Journal::assemble(conn, path, meta, rows, None, None);
-            // A live run's log may be appended to as it is read: a chunk cut short is
-            // one not yet written.
+            // A live run's log may be written as it is read: a chunk cut short is one
+            // not yet written, and one of later rows than the next, of a checkpoint since.
             match File::open(log_path(path)) {
                 Ok(f) => {
-                    let (chunks, _) = read_log(path, &f, None)?;
+                    let (chunks, _) = read_log(path, &f, LogView::Live)?;
                     if let Some(first) = chunks.first() {
                         if first.first_seq <= rows + 1 {
                             j.log_first = first.first_seq;
@@ -1145,7 +1157,7 @@ impl Journal {
     /// output may lack them.
     fn replay_log(&mut self) -> Result<(), JournalError> {
         let log = self.log.as_ref().expect("a writable journal has its log");
-        let (chunks, valid) = read_log(&self.path, log, None)?;
+        let (chunks, valid) = read_log(&self.path, log, LogView::Whole)?;
         if log.metadata()?.len() > valid {
             log.set_len(valid)?;
         }
@@ -1349,7 +1361,7 @@ impl Journal {
         let Some(log) = self.log.as_ref() else {
             return Ok(());
         };
-        let (chunks, _) = read_log(&self.path, log, Some(self.log_end))?;
+        let (chunks, _) = read_log(&self.path, log, LogView::Upto(self.log_end))?;
         let mut r = io::BufReader::with_capacity(1 << 16, log);
         let mut line = Vec::new();
         for chunk in chunks {
@@ -1585,7 +1597,7 @@ impl Journal {
             io::BufReader::with_capacity(1 << 16, f)
         };
         let log = self.log.as_ref().expect("a writable journal has its log");
-        let (chunks, _) = read_log(&self.path, log, Some(self.log_end))?;
+        let (chunks, _) = read_log(&self.path, log, LogView::Upto(self.log_end))?;
         let mut from_log = io::BufReader::with_capacity(1 << 16, log.try_clone()?);
         if let Some(c) = chunks.first() {
             from_log.seek(SeekFrom::Start(c.lines_at))?;
@@ -1638,7 +1650,7 @@ impl Journal {
             .open(output)?;
         let len = f.metadata()?.len();
         let log = self.log.as_ref().expect("a writable journal has its log");
-        let (chunks, _) = read_log(&self.path, log, Some(self.log_end))?;
+        let (chunks, _) = read_log(&self.path, log, LogView::Upto(self.log_end))?;
         let mut from_log = io::BufReader::with_capacity(1 << 16, log.try_clone()?);
         let mut tail = io::BufReader::with_capacity(1 << 16, f.try_clone()?);
         tail.seek(SeekFrom::Start(keep_bytes))?;
@@ -2311,6 +2323,9 @@ mod tests {
             matches!(&err, JournalError::Corrupt { reason, .. } if reason.contains("skips from line 3 to line 9")),
             "{err}"
         );
+        // Read as a live run's log (`sluice status`), it is one written over from its
+        // start as it was read: the rows before the skip.
+        assert_eq!(Journal::open_read_only(&path).unwrap().rows(), 2);
     }
 
     #[test]
