@@ -720,13 +720,10 @@ fn read_log(path: &Path, f: &File, view: LogView) -> Result<(Vec<LogChunk>, u64)
             if first_seq < next || (first_seq > next && matches!(view, LogView::Live)) {
                 break;
             }
-            if last.first_seq + last.records.len() as u64 != first_seq {
+            if first_seq != next {
                 return Err(JournalError::Corrupt {
                     path: path.to_path_buf(),
-                    reason: format!(
-                        "its outcome log skips from line {} to line {first_seq}",
-                        last.first_seq + last.records.len() as u64
-                    ),
+                    reason: format!("its outcome log skips from line {next} to line {first_seq}"),
                 });
             }
         }
