@@ -959,6 +959,12 @@ impl Journal {
         log: Option<File>,
         held: Option<Held>,
     ) -> Journal {
+        // Until the log is read, all of it: a journal dropped before then (its log found
+        // corrupt) cuts nothing.
+        let log_end = log
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map_or(0, |m| m.len());
         Journal {
             conn,
             path: path.to_path_buf(),
@@ -971,7 +977,7 @@ impl Journal {
             unsynced_bytes: 0,
             overlay: Vec::new(),
             survey: None,
-            log_end: 0,
+            log_end,
             checked_to: 0,
             reserving: true,
             #[cfg(all(test, target_os = "linux"))]
@@ -1629,6 +1635,9 @@ impl Journal {
         drop(f);
         std::fs::rename(&tmp, &log_file)?;
         self.log = Some(open_log(&self.path, false)?);
+        // All of the new log, until it is read (dropped before then, the journal cuts
+        // nothing of it).
+        self.log_cut(LOG_HEADER as u64 + records.len() as u64 + lines_len);
         self.replay_log()
     }
 
@@ -2319,6 +2328,11 @@ mod tests {
         assert!(
             matches!(&err, JournalError::Corrupt { reason, .. } if reason.contains("skips from line 3 to line 9")),
             "{err}"
+        );
+        assert_eq!(
+            std::fs::read(log_path(&path)).unwrap(),
+            log,
+            "a log refused is left as it was"
         );
         // Read as a live run's log (`sluice status`), it is one written over from its
         // start as it was read: the rows before the skip.
