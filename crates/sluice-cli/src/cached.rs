@@ -18,12 +18,71 @@ struct Follower {
     metadata: Option<Box<serde_json::value::RawValue>>,
 }
 
+/// The requests sent and not yet answered, by key, each with the requests waiting for it.
+///
+/// The lookups (on the engine's side) and the sink (on the writer's) run on different
+/// processors, and a table both write has each of its lines fetched from the other's cache:
+/// in a profile of a run of misses, the sink's removing of the answered keys waited on that
+/// for two thirds of its time. So the sink leaves the table alone unless someone waits: a
+/// request sent carries its key to its outcome ([`Request::cache_key`]), the sink queues
+/// the keys answered (`answered`), and the lookups take them out of the table, under the
+/// same lock, before they next read it. While any request waits (`followed` is not 0), the
+/// sink takes each answered key out itself, so that no request waits for one already
+/// answered. (Counting the waiting by key, in a table the sink read for each answer, cost
+/// as much as the removing it saved.)
 #[derive(Default)]
 struct Dedup {
-    /// The key of every request sent and not yet answered, by input line.
-    leaders: FxHashMap<u64, CacheKey>,
-    /// Requests waiting on each of them.
-    waiting: FxHashMap<CacheKey, Vec<Follower>>,
+    sent: FxHashMap<CacheKey, Vec<Follower>>,
+    /// Keys answered whose entries in `sent` are still to be taken out.
+    answered: Vec<CacheKey>,
+    /// How many keys of `sent` have requests waiting for them.
+    followed: usize,
+}
+
+impl Dedup {
+    /// Takes the keys the sink answered out of `sent`.
+    fn forget_answered(&mut self) {
+        for key in self.answered.drain(..) {
+            let waited = self.sent.remove(&key);
+            debug_assert!(
+                waited.is_some_and(|w| w.is_empty()),
+                "only keys no one waits for are queued"
+            );
+        }
+    }
+
+    /// Adds a request not in the cache: true when it is to be sent (no identical request
+    /// is in flight), else it waits, as `follower()`. The caller forgot the answered keys
+    /// first ([`Dedup::forget_answered`]).
+    fn lead_or_wait(&mut self, key: CacheKey, follower: impl FnOnce() -> Follower) -> bool {
+        match self.sent.entry(key) {
+            Entry::Occupied(mut waiting) => {
+                if waiting.get().is_empty() {
+                    self.followed += 1;
+                }
+                waiting.get_mut().push(follower());
+                false
+            }
+            Entry::Vacant(none) => {
+                none.insert(Vec::new());
+                true
+            }
+        }
+    }
+
+    /// Takes `key`, answered, out of `sent`, and returns the requests that waited for it.
+    fn answer(&mut self, key: CacheKey) -> Vec<Follower> {
+        if self.followed == 0 {
+            // No one waits for it: left for the lookups to take out.
+            self.answered.push(key);
+            return Vec::new();
+        }
+        let waited = self.sent.remove(&key).unwrap_or_default();
+        if !waited.is_empty() {
+            self.followed -= 1;
+        }
+        waited
+    }
 }
 
 /// What the lookups and the sink share, behind one lock: a profile of a run of misses had
@@ -92,6 +151,7 @@ impl CacheLayer {
         let mut answered = Vec::new();
         let mut shared = self.shared.lock().expect("not poisoned");
         let Shared { cache, dedup } = &mut *shared;
+        dedup.forget_answered();
         // The first thing each lookup reads, most often not in the processor's cache, asked
         // for all at once: the fetches overlap rather than each lookup waiting on its own
         // (in a profile of a run of misses, that wait was most of the lookup).
@@ -125,24 +185,19 @@ impl CacheLayer {
                     cost_usd: Some(0.0),
                     cached: true,
                     line: request.line,
+                    cache_key: None,
                 });
                 return false;
             }
-            match dedup.waiting.entry(key) {
-                Entry::Occupied(mut waiting) => {
-                    waiting.get_mut().push(Follower {
-                        custom_id: std::mem::take(&mut request.custom_id),
-                        line: request.line,
-                        metadata: request.metadata.take(),
-                    });
-                    false
-                }
-                Entry::Vacant(none) => {
-                    none.insert(Vec::new());
-                    dedup.leaders.insert(request.line, key);
-                    true
-                }
+            let lead = dedup.lead_or_wait(key, || Follower {
+                custom_id: std::mem::take(&mut request.custom_id),
+                line: request.line,
+                metadata: request.metadata.take(),
+            });
+            if lead {
+                request.cache_key = Some(key);
             }
+            lead
         });
         (batch, answered)
     }
@@ -159,7 +214,7 @@ impl CacheLayer {
         let mut shared = self.shared.lock().expect("not poisoned");
         let dedup = &mut shared.dedup;
         for outcome in outcomes {
-            let Some(key) = dedup.leaders.remove(&outcome.line) else {
+            let Some(key) = outcome.cache_key else {
                 continue;
             };
             if let (Status::Succeeded, Some(response)) = (outcome.status, &outcome.response) {
@@ -170,7 +225,7 @@ impl CacheLayer {
                     usage: outcome.usage,
                 });
             }
-            let waited = dedup.waiting.remove(&key).unwrap_or_default();
+            let waited = dedup.answer(key);
             // A request the run's stop cut short answers nothing: those that waited for it
             // are cut short too (a resume sends them), not answered by it.
             let answers = sluice::journal::is_final(outcome.error.as_ref().map(|e| e.kind));
@@ -187,6 +242,7 @@ impl CacheLayer {
                 cost_usd: Some(0.0),
                 cached: answers,
                 line: f.line,
+                cache_key: None,
             }));
         }
     }
@@ -296,6 +352,7 @@ mod tests {
             cost_usd: None,
             cached: false,
             line: request.line,
+            cache_key: request.cache_key,
         }
     }
 
@@ -367,6 +424,90 @@ mod tests {
             assert_eq!(f.cached, answered, "{kind}");
             assert_eq!((f.attempts, f.cost_usd), (0, Some(0.0)));
             assert!(pending.is_empty(), "a failure is not cached");
+        }
+    }
+
+    /// A request identical to one already answered (its answer not yet stored) is sent
+    /// again, not held for an answer that has gone by: the sink queued the key, and the
+    /// next lookups took it out of the table of requests in flight first.
+    #[test]
+    fn a_request_identical_to_one_answered_is_sent_not_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = layer(dir.path());
+        let mut twins = twins();
+        let second = twins.pop().unwrap();
+        let (send, _) = layer.sort(twins);
+        assert_eq!(send.len(), 1);
+        let mut pending = Pending::with_capacity(1);
+        let mut followers = Vec::new();
+        layer.answered(
+            &[failed(&send[0], ErrorKind::ServerError)],
+            &mut pending,
+            &mut followers,
+        );
+        assert!(followers.is_empty());
+        let (send, hits) = layer.sort(vec![second]);
+        assert!(hits.is_empty());
+        assert_eq!(send.len(), 1, "sent, not waiting");
+        assert_eq!(send[0].custom_id, "c2");
+        let shared = layer.shared.lock().unwrap();
+        assert_eq!(shared.dedup.sent.len(), 1, "only the second is in flight");
+        assert!(shared.dedup.answered.is_empty());
+    }
+
+    /// The table of requests in flight, against a plain model of it, through a seeded
+    /// random run of sends and answers over a few keys (so that keys with and without
+    /// followers are answered side by side, and the sink's taking out of keys goes from
+    /// one way to the other): every request waiting is answered once, by the request it
+    /// waited for, and none is left behind.
+    #[test]
+    fn the_requests_in_flight_are_answered_as_a_plain_table_would() {
+        use rand::{Rng, SeedableRng};
+        for seed in 0..20u64 {
+            let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+            let mut dedup = Dedup::default();
+            // The model: each key in flight, with the lines waiting for it.
+            let mut model: std::collections::HashMap<CacheKey, Vec<u64>> = Default::default();
+            let mut line = 0;
+            for _ in 0..2000 {
+                if rng.random_bool(0.55) {
+                    dedup.forget_answered();
+                    for _ in 0..rng.random_range(1..4) {
+                        let mut key = [0u8; 32];
+                        key[31] = rng.random_range(0..24);
+                        line += 1;
+                        let lead = dedup.lead_or_wait(key, || Follower {
+                            custom_id: format!("c{line}"),
+                            line,
+                            metadata: None,
+                        });
+                        match model.entry(key) {
+                            std::collections::hash_map::Entry::Occupied(mut e) => {
+                                assert!(!lead, "seed {seed}: a twin of one in flight waits");
+                                e.get_mut().push(line);
+                            }
+                            std::collections::hash_map::Entry::Vacant(e) => {
+                                assert!(lead, "seed {seed}: sent");
+                                e.insert(Vec::new());
+                            }
+                        }
+                    }
+                } else if !model.is_empty() {
+                    let mut keys: Vec<CacheKey> = model.keys().copied().collect();
+                    keys.sort();
+                    let key = keys[rng.random_range(0..keys.len())];
+                    let want = model.remove(&key).unwrap();
+                    let got: Vec<u64> = dedup.answer(key).iter().map(|f| f.line).collect();
+                    assert_eq!(got, want, "seed {seed}");
+                }
+            }
+            for (key, want) in model.drain() {
+                let got: Vec<u64> = dedup.answer(key).iter().map(|f| f.line).collect();
+                assert_eq!(got, want, "seed {seed}");
+            }
+            dedup.forget_answered();
+            assert!(dedup.sent.is_empty(), "seed {seed}");
+            assert_eq!(dedup.followed, 0, "seed {seed}");
         }
     }
 }

@@ -428,6 +428,7 @@ mod tests {
             metadata: None,
             cached: false,
             line,
+            cache_key: None,
         }
     }
 

@@ -1069,6 +1069,7 @@ impl Scheduler {
         };
         let mut next = *next;
         next.metadata = live.request.metadata.take();
+        next.cache_key = live.request.cache_key;
         live.request = next;
         live.failures = 0;
         Progress::add(&self.progress.fallbacks, 1);
@@ -1232,6 +1233,7 @@ impl Scheduler {
                     metadata: live.request.metadata,
                     cached: false,
                     line: live.request.line,
+                    cache_key: live.request.cache_key,
                 };
                 self.emit(seq, outcome);
             }
@@ -1486,6 +1488,7 @@ fn failed_outcome(
         metadata: request.metadata,
         cached: false,
         line: request.line,
+        cache_key: request.cache_key,
     }
 }
 

@@ -2421,6 +2421,7 @@ mod tests {
             metadata: None,
             cached: line == 2,
             line,
+            cache_key: None,
         };
         let outcomes = [
             outcome(1, None),

@@ -173,6 +173,9 @@ pub struct Outcome {
     /// 1-based input line (0 when not from a file). Not written to the output.
     #[serde(skip)]
     pub line: u64,
+    /// The request's [`crate::Request::cache_key`]. Not written to the output.
+    #[serde(skip)]
+    pub cache_key: Option<crate::cache::CacheKey>,
 }
 
 impl Outcome {
@@ -198,6 +201,7 @@ impl Outcome {
             metadata: None,
             cached: false,
             line: bad.line,
+            cache_key: None,
         }
     }
 
@@ -305,6 +309,7 @@ mod tests {
             metadata: raw(r#"{"k":[1,"two"]}"#),
             cached: false,
             line: 4,
+            cache_key: None,
         };
         let mut cached = ok.clone();
         cached.cached = true;

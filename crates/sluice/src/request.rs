@@ -95,6 +95,11 @@ pub struct Request {
     /// with the key's form apart) as it read the line, when [`LineParser::key_forms`] is
     /// on: the key then does not read the body again. Whoever changes `body` must clear it.
     pub key_form: Option<crate::cache::KeyForm>,
+    /// The key the response cache keeps this request's answer under, set by the cache
+    /// layer that looked it up and sent it on (see [`crate::cache::keys`]). The engine
+    /// passes it to the outcome (also from a fallback model's request), so the answer is
+    /// stored without a table from requests in flight to their keys.
+    pub cache_key: Option<crate::cache::CacheKey>,
 }
 
 impl Request {
@@ -524,6 +529,7 @@ impl LineParser {
             metadata,
             fallback: None,
             key_form: None,
+            cache_key: None,
         };
         Ok((request, defaulted))
     }
@@ -685,6 +691,7 @@ impl LineParser {
             metadata,
             fallback: None,
             key_form,
+            cache_key: None,
         };
         Some((request, defaulted))
     }

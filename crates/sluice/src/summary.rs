@@ -277,6 +277,7 @@ mod tests {
             cost_usd: None,
             cached: false,
             line: 1,
+            cache_key: None,
         }
     }
 

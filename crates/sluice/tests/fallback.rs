@@ -71,12 +71,14 @@ async fn run(
     parser.fallback_models = chain[1..].iter().map(|m| m.to_string()).collect();
     let requests: Vec<Request> = (0..n)
         .map(|i| {
-            parser
+            let mut request = parser
                 .parse(
                     i as u64 + 1,
                     &format!(r#"{{"prompt":"q{i}","metadata":{{"i":{i}}}}}"#),
                 )
-                .unwrap()
+                .unwrap();
+            request.cache_key = Some(key_of(i));
+            request
         })
         .collect();
     let mut run = Engine::new(config, fake.clone()).run(futures::stream::iter(requests));
@@ -89,6 +91,11 @@ async fn run(
     outcomes.sort_by_key(|o| o.line);
     let attempts = fake.attempts.lock().unwrap().clone();
     (outcomes, attempts, progress.snapshot().fallbacks)
+}
+
+/// The cache key given to the `i`th request (the engine passes it to the outcome).
+fn key_of(i: usize) -> [u8; 32] {
+    [i as u8 + 1; 32]
 }
 
 fn quick() -> EngineConfig {
@@ -115,6 +122,11 @@ async fn a_404_or_a_too_long_context_moves_the_request_to_the_next_model() {
         assert_eq!(o.status, Status::Succeeded, "{o:?}");
         assert_eq!(o.model, "c", "the output says which model answered");
         assert_eq!(o.attempts, 3);
+        assert_eq!(
+            o.cache_key,
+            Some(key_of(i)),
+            "the first model's key, where the cache layer waits for the answer"
+        );
         assert_eq!(
             o.metadata.as_ref().unwrap().get(),
             format!(r#"{{"i":{i}}}"#)
@@ -149,6 +161,7 @@ async fn other_errors_do_not_fall_back_and_the_last_model_fails() {
         ErrorKind::NotFound
     );
     assert_eq!((outcomes[0].model.as_str(), outcomes[0].attempts), ("b", 2));
+    assert_eq!(outcomes[0].cache_key, Some(key_of(0)), "on failure too");
 }
 
 #[tokio::test(start_paused = true)]
