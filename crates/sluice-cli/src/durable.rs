@@ -179,6 +179,20 @@ pub struct Sink {
     pub uncached: usize,
 }
 
+/// How many of the output lines in `held` (what an output's buffer held when it failed)
+/// are of requests that were sent. The first may be cut (its start written before the
+/// failure) and unreadable: it is counted, since whether it was sent cannot be told.
+fn sent_lines(held: &[u8]) -> usize {
+    #[derive(serde::Deserialize)]
+    struct Attempts {
+        attempts: u32,
+    }
+    held.split(|&b| b == b'\n')
+        .filter(|line| !line.is_empty())
+        .filter(|line| serde_json::from_slice::<Attempts>(line).map_or(true, |a| a.attempts > 0))
+        .count()
+}
+
 impl Sink {
     /// A sink writing to `writer`, journaling to `journal` and caching in `cache` when
     /// given.
@@ -232,6 +246,9 @@ impl Sink {
             if self.output_failed {
                 self.lost += usize::from(outcome.attempts > 0);
             } else if let Err(e) = self.writer.write_all(&outcome.to_json_line()) {
+                // Neither written nor held in the buffer (a write that fails buffers
+                // nothing): lost, as are the lines the buffer held.
+                self.lost += usize::from(outcome.attempts > 0);
                 self.output_error(e, "writing outcomes failed");
             }
             return;
@@ -247,9 +264,21 @@ impl Sink {
     }
 
     /// The output failed: nothing more is written to it. Keeps the first error.
+    ///
+    /// With no journal, the lines its buffer still holds have nowhere else to go: they are
+    /// dropped (not tried again when the output is dropped, so that its end stays where the
+    /// failure left it) and those of requests that were sent are counted as lost.
     fn output_error(&mut self, e: io::Error, what: &'static str) {
         if self.error.is_none() {
             self.error = Some(anyhow::Error::new(e).context(what));
+        }
+        if !self.output_failed && self.journal.is_none() {
+            let writer = std::mem::replace(
+                &mut self.writer,
+                BufWriter::with_capacity(0, Box::new(io::sink())),
+            );
+            let (_, held) = writer.into_parts();
+            self.lost += sent_lines(&held.unwrap_or_else(|p| p.into_inner()));
         }
         self.output_failed = true;
     }
@@ -476,8 +505,9 @@ mod tests {
         assert_eq!(std::fs::read(&output).unwrap(), expected);
     }
 
-    /// With no journal, the outcomes that arrive after the output failed have nowhere to
-    /// go: each of a request that was sent is counted as lost (and said), none written.
+    /// With no journal, the outcomes the output did not take whole have nowhere to go:
+    /// those after it failed, the one whose writing failed, and those its buffer held. Each
+    /// of a request that was sent is counted as lost (and said), none written.
     #[test]
     fn with_no_journal_the_outcomes_after_the_output_fails_are_counted_as_lost() {
         let dir = tempfile::tempdir().unwrap();
@@ -487,26 +517,39 @@ mod tests {
             left: 10_000,
         };
         let mut sink = Sink::new(Box::new(writer), None, None);
+        // Every tenth never sent (a bad line, a cache hit): nothing paid, not counted.
+        let outcome = |line| Outcome {
+            attempts: u32::from(line % 10 != 0),
+            ..outcome(line)
+        };
         let mut failed_at = None;
         for line in 1..=1000 {
-            let mut o = outcome(line);
-            // Every tenth never sent (a bad line, a cache hit): nothing paid, not counted.
-            o.attempts = u32::from(line % 10 != 0);
-            sink.add_unsent(&o);
+            sink.add_unsent(&outcome(line));
             if sink.error.is_some() && failed_at.is_none() {
                 failed_at = Some(line);
             }
         }
-        let failed_at = failed_at.expect("the output failed");
-        let after = (failed_at + 1..=1000).filter(|l| l % 10 != 0).count();
-        assert_eq!(sink.lost, after);
-        assert!(after > 0);
+        failed_at.expect("the output failed");
         let size = std::fs::metadata(&output).unwrap().len();
         sink.flush();
-        assert_eq!(
-            std::fs::metadata(&output).unwrap().len(),
-            size,
-            "nothing more written"
+        drop(sink.writer);
+        let written = std::fs::read(&output).unwrap();
+        assert_eq!(written.len() as u64, size, "nothing more written");
+        // The output holds lines 1 to `whole` whole, then part of the next (the first the
+        // buffer held when the write failed), which is counted whether or not it was sent.
+        let whole = written.iter().filter(|&&b| b == b'\n').count() as u64;
+        let expected: Vec<u8> = (1..=whole)
+            .flat_map(|l| outcome(l).to_json_line())
+            .collect();
+        assert!(written.starts_with(&expected), "the lines in order");
+        let cut = written.len() > expected.len();
+        let lost = (whole + 1..=1000)
+            .filter(|&l| l % 10 != 0 || (cut && l == whole + 1))
+            .count();
+        assert_eq!(sink.lost, lost);
+        assert!(
+            lost > (1000 - whole as usize) / 2,
+            "most of the lines the output did not take are counted"
         );
     }
 

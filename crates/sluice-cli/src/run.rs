@@ -1027,7 +1027,7 @@ async fn execute(
             "{n} outcomes of requests that were sent (and paid for) are in neither the journal nor the output: a resume sends those requests again"
         ),
         (n, None) => eprintln!(
-            "{n} outcomes of requests that were sent (and paid for) arrived after the output failed, and are lost with the lines it did not take: with --no-journal, nothing else holds them"
+            "{n} outcomes of requests that were sent (and paid for) are not in the output: it failed before taking them, and its last line may be cut short. With --no-journal, nothing else holds them"
         ),
     }
     if let Some(e) = sink.error {

@@ -536,3 +536,40 @@ async fn output_dash_is_stdout() {
         .collect();
     assert!(made.is_empty(), "files made: {made:?}");
 }
+
+/// With `--no-journal`, an output that fails part way (here a file size limit) holds no
+/// one else's copy of what it did not take: the run stops, and every request answered is
+/// either a whole line of the output or counted in the message, those still in the output's
+/// buffer when it failed included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_journal_every_answer_the_output_did_not_take_is_counted() {
+    let sim = sim(SimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_input(dir.path(), &prompts(2000));
+    let output = dir.path().join("out.jsonl");
+    let mut cmd = run_against(&sim, &input, &output);
+    cmd.arg("--no-journal");
+    // 100 blocks: 50 or 100 kB, a few hundred lines, and more than one buffer of them.
+    let out = run(with_file_size_limit(&cmd, 100)).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    let lost: u64 = err
+        .lines()
+        .find_map(|l| {
+            l.split_once(
+                " outcomes of requests that were sent (and paid for) are not in the output",
+            )
+            .and_then(|(n, _)| n.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("the lost outcomes are said: {err}"));
+    let written = std::fs::read(&output).unwrap();
+    let whole = written.iter().filter(|&&b| b == b'\n').count() as u64;
+    assert!(whole > 0 && lost > 0, "{whole} {lost}");
+    let stats = sim.stats();
+    assert_eq!(
+        whole + lost,
+        stats.ok,
+        "each answer is in the output or counted: {stats:?}"
+    );
+    sim.shutdown().await;
+}
