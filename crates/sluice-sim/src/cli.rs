@@ -65,6 +65,11 @@ pub struct SimArgs {
     /// Default embedding dimensions (a request's `dimensions` overrides it).
     #[arg(long, default_value_t = 1536)]
     pub embedding_dims: usize,
+    /// Bill an answer whose client went away while it was generated (killed, or timed
+    /// out), as a provider that goes on generating does: it counts in the stats' `ok` and
+    /// tokens.
+    #[arg(long)]
+    pub bill_abandoned: bool,
     /// Allow binding a non-loopback address (the simulator has no real security).
     #[arg(long)]
     pub allow_remote: bool,
@@ -91,6 +96,7 @@ impl Default for SimArgs {
             output_tokens: "16-128".into(),
             burst_seconds: 1.0,
             embedding_dims: 1536,
+            bill_abandoned: false,
             allow_remote: false,
         }
     }
@@ -175,6 +181,7 @@ impl SimArgs {
             output_tokens,
             burst_seconds: self.burst_seconds,
             embedding_dims: self.embedding_dims,
+            bill_abandoned: self.bill_abandoned,
         })
     }
 

@@ -161,6 +161,10 @@ pub struct SimConfig {
     pub burst_seconds: f64,
     /// Default embedding dimensions (default 1536), overridden by `dimensions`.
     pub embedding_dims: usize,
+    /// Bill a successful answer whose client went away before it came (counted in `ok`
+    /// and the tokens), as a provider that goes on generating does. Default false: a
+    /// request dropped while waiting out its latency is not counted.
+    pub bill_abandoned: bool,
 }
 
 impl std::fmt::Debug for SimConfig {
@@ -182,6 +186,7 @@ impl std::fmt::Debug for SimConfig {
             .field("output_tokens", &self.output_tokens)
             .field("burst_seconds", &self.burst_seconds)
             .field("embedding_dims", &self.embedding_dims)
+            .field("bill_abandoned", &self.bill_abandoned)
             .finish()
     }
 }
@@ -205,6 +210,7 @@ impl Default for SimConfig {
             output_tokens: (16, 128),
             burst_seconds: 1.0,
             embedding_dims: 1536,
+            bill_abandoned: false,
         }
     }
 }

@@ -243,6 +243,35 @@ impl Drop for Slot {
     }
 }
 
+/// Counts a successful answer: `ok`, its tokens, and whether it answers a request (by its
+/// fingerprint) answered before.
+fn count_ok(sim: &Sim, fingerprint: u64, prompt: u64, completion: u64) {
+    inc(&sim.stats.ok);
+    sim.stats.tokens(prompt, completion);
+    let first = {
+        let mut seen = lock(&sim.seen);
+        let s = seen.entry(fingerprint).or_default();
+        s.oks += 1;
+        s.oks == 1
+    };
+    if !first {
+        inc(&sim.stats.ok_duplicates);
+    }
+}
+
+/// While a successful answer waits out its latency: dropped (the client went away), it
+/// counts the answer as billed ([`SimConfig::bill_abandoned`]); forgotten once the wait is
+/// over.
+struct Abandoned(Option<(Arc<Sim>, u64, u64, u64)>);
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if let Some((sim, fingerprint, prompt, completion)) = self.0.take() {
+            count_ok(&sim, fingerprint, prompt, completion);
+        }
+    }
+}
+
 /// Everything a response needs to carry until its body is finished.
 struct Guards {
     _in_flight: InFlight,
@@ -547,20 +576,21 @@ async fn api(sim: Arc<Sim>, req: Request<Incoming>) -> Response<Body> {
     match fault {
         None => {
             if !generated.stream || latency.is_zero() {
+                // Billed even if the client goes away meanwhile (this future dropped), when
+                // so configured.
+                let abandoned = Abandoned(sim.config.bill_abandoned.then(|| {
+                    (
+                        sim.clone(),
+                        fingerprint,
+                        generated.prompt,
+                        generated.completion,
+                    )
+                }));
                 tokio::time::sleep(latency).await;
+                std::mem::forget(abandoned);
             }
             settle(&sim, &parsed, cost, &generated);
-            inc(&sim.stats.ok);
-            sim.stats.tokens(generated.prompt, generated.completion);
-            let first = {
-                let mut seen = lock(&sim.seen);
-                let s = seen.entry(fingerprint).or_default();
-                s.oks += 1;
-                s.oks == 1
-            };
-            if !first {
-                inc(&sim.stats.ok_duplicates);
-            }
+            count_ok(&sim, fingerprint, generated.prompt, generated.completion);
             let limits = limit_view(&sim);
             let body = if generated.stream && !latency.is_zero() {
                 paced_body(generated.segments, latency, false, guards)

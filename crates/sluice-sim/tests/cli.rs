@@ -37,9 +37,12 @@ fn flags_become_config() {
         per_token_ms: 0.5,
         faults: vec!["500=0.1".into(), "hang=0.05".into()],
         output_tokens: "4-8".into(),
+        bill_abandoned: true,
         ..Default::default()
     };
     let c = args.to_config().unwrap();
+    assert!(c.bill_abandoned);
+    assert!(!SimArgs::default().to_config().unwrap().bill_abandoned);
     assert_eq!(c.rpm, Some(100));
     assert_eq!(c.latency, std::time::Duration::from_millis(20));
     assert_eq!(c.per_token_latency, std::time::Duration::from_micros(500));

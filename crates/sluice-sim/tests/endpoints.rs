@@ -6,6 +6,7 @@ use base64::Engine as _;
 use common::*;
 use serde_json::{json, Value};
 use sluice_sim::SimConfig;
+use std::time::Duration;
 
 #[tokio::test]
 async fn chat_completion_shape_and_usage() {
@@ -649,4 +650,40 @@ async fn streaming_latency_is_spread_over_chunks() {
     assert_eq!(r.status(), 200);
     assert!(t.elapsed() >= std::time::Duration::from_millis(260));
     h.shutdown().await;
+}
+
+/// A client that goes away while its answer is generated: not billed by default, billed
+/// (`ok` and the tokens) with `bill_abandoned`, as a provider that goes on generating bills.
+#[tokio::test]
+async fn an_abandoned_answer_is_billed_only_when_so_configured() {
+    for bill in [false, true] {
+        let h = sim(SimConfig {
+            latency: Duration::from_millis(400),
+            jitter: 0.0,
+            bill_abandoned: bill,
+            ..Default::default()
+        })
+        .await;
+        let c = reqwest::Client::builder()
+            .timeout(Duration::from_millis(100))
+            .build()
+            .unwrap();
+        let r = c
+            .post(format!("{}/chat/completions", h.base_url()))
+            .json(&chat_body("x"))
+            .send()
+            .await;
+        assert!(r.unwrap_err().is_timeout());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while h.stats().in_flight > 0 || h.stats().requests == 0 {
+            assert!(std::time::Instant::now() < deadline, "{:?}", h.stats());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Past the latency, had the answer still been generated.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let s = h.stats();
+        assert_eq!(s.ok, u64::from(bill), "bill_abandoned {bill}: {s:?}");
+        assert_eq!(s.prompt_tokens > 0, bill, "bill_abandoned {bill}: {s:?}");
+        h.shutdown().await;
+    }
 }
