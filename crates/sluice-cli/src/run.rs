@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use futures::{FutureExt, StreamExt};
 use sluice::catalog::{Router, RouterOptions};
-use sluice::engine::{EngineConfig, Order, StopReason};
+use sluice::engine::{EngineConfig, ExposureGate, Order, StopReason};
 use sluice::input::{self, Done};
 use sluice::journal::{Journal, JournalError, JournalMeta, JournalStatus};
 use sluice::summary::Summary;
@@ -698,6 +698,8 @@ async fn execute(
         .as_ref()
         .map_or("-".to_string(), |p| p.display().to_string());
     let resumed = matches!(journal, JournalPlan::Resume(_));
+    // The cost of the journal's outcomes as this session begins, when there is a budget.
+    let mut journaled_usd = 0.0;
     let journal = match journal {
         JournalPlan::None => None,
         JournalPlan::Create(path) => {
@@ -715,10 +717,16 @@ async fn execute(
             Some(Journal::create(&path, meta)?)
         }
         JournalPlan::Resume(mut j) => {
+            // What a killed session may have spent with no outcome kept counts from now on
+            // as spent.
+            j.settle_exposure()?;
             // --budget is the run's, over all its sessions: what the earlier ones spent
-            // (the requests a resume sends again included) comes off it.
+            // (the requests a resume sends again included, and at most what was on the
+            // wire when one was killed) comes off it.
             if let Some(budget) = config.budget_usd.filter(|_| scan.good() > 0) {
-                let spent = j.status()?.cost_usd;
+                let status = j.status()?;
+                journaled_usd = status.cost_usd;
+                let spent = status.cost_usd + status.unrecorded_usd;
                 let left = budget - spent;
                 if left <= 0.0 {
                     eprintln!(
@@ -729,6 +737,12 @@ async fn execute(
                 if spent > 0.0 {
                     eprintln!(
                         "budget: the earlier sessions spent ${spent:.4} of ${budget}; this one may spend ${left:.4}"
+                    );
+                }
+                if status.unrecorded_usd > 0.0 {
+                    eprintln!(
+                        "  (of which up to ${:.4} is what killed sessions may have spent with no outcome kept: requests on the wire, or answered and not yet journaled)",
+                        status.unrecorded_usd
                     );
                 }
                 config.budget_usd = Some(left);
@@ -846,6 +860,26 @@ async fn execute(
         }
     };
 
+    // With a budget, a bound on what this session may have spent (what is on the wire at
+    // its worst included) is recorded before an attempt goes out that would pass it: a
+    // crash cannot hide from the next session's budget what was on the wire, or answered
+    // and not yet journaled.
+    let exposure = match (&journal, config.budget_usd) {
+        (Some(j), Some(_)) if good_lines > 0 => {
+            let recorder = Arc::new(j.exposure_recorder(journaled_usd)?);
+            let failed: Arc<Mutex<Option<JournalError>>> = Arc::default();
+            let (r, f) = (recorder.clone(), failed.clone());
+            config.exposure = Some(ExposureGate::new(move |usd| match r.record(usd) {
+                Ok(()) => true,
+                Err(e) => {
+                    *f.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                    false
+                }
+            }));
+            Some((recorder, failed))
+        }
+        _ => None,
+    };
     let engine = Engine::new(config.clone(), Arc::new(transport));
     let started = Instant::now();
     let mut run = engine.run(requests);
@@ -981,6 +1015,18 @@ async fn execute(
         end.stopped = Some(StopReason::Failed);
     }
     sink.flush();
+    // Nothing is on the wire now: unless outcomes could not be kept (their requests go
+    // again, and the bound stays for the next session to count), none is left unrecorded.
+    let mut exposure_error = None;
+    if let Some((recorder, failed)) = &exposure {
+        exposure_error = failed.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if sink.error.is_none() && exposure_error.is_none() {
+            if let Err(e) = recorder.record(0.0) {
+                // Only cautious: the next session counts the bound as spent.
+                eprintln!("warning: {e}");
+            }
+        }
+    }
     view.finish();
     let summary: Summary = std::mem::take(&mut sink.summary).finish(
         &progress,
@@ -1032,6 +1078,11 @@ async fn execute(
     }
     if let Some(e) = sink.error {
         return Err(e);
+    }
+    if let Some(e) = exposure_error {
+        return Err(anyhow::Error::new(e).context(
+            "cannot record in the journal what is on the wire, which --budget needs; nothing more was sent",
+        ));
     }
     if let Some(e) = read_error.lock().expect("not poisoned").take() {
         bail!("reading the input failed part-way: {e}");

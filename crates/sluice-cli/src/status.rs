@@ -72,6 +72,12 @@ pub fn run(args: StatusArgs) -> u8 {
             "attempts {}, tokens {} in, {} out, cost ${:.4} (of outcomes with a known price)",
             status.attempts, status.prompt_tokens, status.completion_tokens, status.cost_usd
         );
+        if status.unrecorded_usd > 0.0 {
+            println!(
+                "up to ${:.4} more may have been billed with no outcome here: requests on the wire, or answered and not yet journaled, when a session was killed (or in a session running now); a resume's --budget counts it as spent",
+                status.unrecorded_usd
+            );
+        }
         for e in &status.errors {
             println!("  {}: {} (latest: {})", e.kind, e.count, e.example);
         }

@@ -469,6 +469,104 @@ async fn a_budget_holds_over_all_the_sessions_of_a_run() {
     sim.shutdown().await;
 }
 
+/// `--budget` holds over sessions killed with requests on the wire, against a provider
+/// that bills an answer whose client went away: what a killed session may have spent
+/// beyond its journaled outcomes (by a bound recorded before its attempts went out)
+/// counts as spent when the run resumes. Without it, each kill let the resumed run spend
+/// again what the killed one had on the wire or had answered and not yet journaled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_holds_over_sessions_killed_with_requests_on_the_wire() {
+    let sim = sim(SimConfig {
+        latency: Duration::from_millis(150),
+        bill_abandoned: true,
+        seed: 9,
+        ..SimConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let n = 1_000;
+    let input = write_input(dir.path(), &prompts(n));
+    let output = dir.path().join("out.jsonl");
+    let journal = dir.path().join("out.jsonl.journal");
+    // About 600 of the 1,000 requests' worth (gpt-4.1-mini, at most 32 tokens out each).
+    let budget = 0.032;
+    let session = || {
+        let mut cmd = run_against(&sim, &input, &output);
+        cmd.args(["--rpm", "60000", "--concurrency", "32"])
+            .args(["--budget", &budget.to_string()]);
+        cmd
+    };
+    // What the provider billed: gpt-4.1-mini at $0.40 / $1.60 per million tokens.
+    let billed = || {
+        let s = sim.stats();
+        (s.prompt_tokens as f64 * 0.40 + s.completion_tokens as f64 * 1.60) / 1e6
+    };
+    let mut rng = SmallRng::seed_from_u64(7);
+    for kill in 0..4 {
+        let mut cmd = session();
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        let mut child = cmd.spawn().unwrap();
+        let start = sim.stats().requests;
+        let wait_for = rng.random_range(60..120u64);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while sim.stats().requests < start + wait_for || sim.stats().in_flight < 16 {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "kill {kill}: ended first"
+            );
+            assert!(Instant::now() < deadline, "kill {kill}: no progress");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        wait_quiet(&sim).await;
+        let unrecorded = status_json(&journal)["status"]["unrecorded_usd"]
+            .as_f64()
+            .unwrap();
+        assert!(
+            unrecorded > 0.0,
+            "kill {kill}: the bound on the wire is kept"
+        );
+    }
+    let before = billed();
+    let out = run(session()).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "the budget stopped it: {err}");
+    assert!(
+        err.contains("killed sessions may have spent with no outcome kept"),
+        "{err}"
+    );
+    assert!(billed() > before, "the last session sent: {err}");
+    assert!(
+        billed() <= budget,
+        "billed ${} > budget ${budget}: {:?}\n{err}",
+        billed(),
+        sim.stats()
+    );
+    assert!(
+        billed() > budget * 0.6,
+        "the budget was mostly used: ${}",
+        billed()
+    );
+    let lines = read_output(&output);
+    assert_eq!(
+        (lines.len(), by_id(&lines).len()),
+        (n, n),
+        "one line a request"
+    );
+    // Nothing on the wire at its end: the last session leaves no bound.
+    let unrecorded_before = status_json(&journal)["status"]["unrecorded_usd"]
+        .as_f64()
+        .unwrap();
+    let out = run(session()).await;
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(
+        status_json(&journal)["status"]["unrecorded_usd"].as_f64(),
+        Some(unrecorded_before)
+    );
+    sim.shutdown().await;
+}
+
 /// An output that holds outcomes, with no journal to resume them from (deleted, or a
 /// run with `--no-journal`), is some earlier run's paid-for answers: a run refuses to
 /// write over it, sending nothing, unless told `--fresh`.

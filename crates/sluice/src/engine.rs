@@ -93,6 +93,12 @@ pub struct EngineConfig {
     /// flight, the run stops with [`StopReason::BudgetExhausted`]. Requests of models
     /// without a price count as free.
     pub budget_usd: Option<f64>,
+    /// With a budget, where a bound on what the run may have spent, the worst case of its
+    /// attempts in flight included, is made durable before any attempt goes out that
+    /// would pass the last bound recorded. After a crash, neither what was on the wire nor
+    /// the answers not yet kept by the caller are known to have cost nothing: a resume
+    /// counts the bound as spent (see [`ExposureGate`]). `None`: nothing is recorded.
+    pub exposure: Option<ExposureGate>,
     /// One circuit breaker per model: while a model's circuit is open its requests move
     /// to their fallback model ([`Request::fallback`]) or wait for the probe. `None`: no
     /// breakers (a request still falls back on a model-specific permanent error).
@@ -107,6 +113,38 @@ pub struct EngineConfig {
     /// response that arrived since the last. `None`: each response wakes the process
     /// (the default; the CLI installs one).
     pub wake_grid: Option<WakeGrid>,
+}
+
+/// Records, durably, a bound on what a run may have spent: the cost of its answers and the
+/// worst case of its attempts in flight (as the budget reserves it). The engine calls it
+/// before an attempt would take that past the bound recorded before, with the new bound;
+/// false when it could not be recorded (the run then stops, [`StopReason::Failed`]).
+/// Each new bound has room for a quarter more than is in flight, or a 64th of the
+/// budget, whichever is more ([`exposure_bound`]): a run records some dozens at most.
+#[derive(Clone)]
+pub struct ExposureGate(Arc<dyn Fn(f64) -> bool + Send + Sync>);
+
+impl ExposureGate {
+    /// A gate that records a bound with `record`.
+    pub fn new(record: impl Fn(f64) -> bool + Send + Sync + 'static) -> Self {
+        ExposureGate(Arc::new(record))
+    }
+}
+
+impl std::fmt::Debug for ExposureGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExposureGate")
+    }
+}
+
+/// The bound an [`ExposureGate`] is asked to record when `spent` and the worst case of the
+/// attempts in flight (`in_flight`, the next one's included) would pass the last: room
+/// for a quarter more in flight, or a 64th of the `budget` if more, and never past it.
+pub fn exposure_bound(spent: f64, in_flight: f64, budget: f64) -> f64 {
+    let need = spent + in_flight;
+    (need + (in_flight / 4.0).max(budget / 64.0))
+        .min(budget)
+        .max(need)
 }
 
 /// The input-token estimate (tiktoken's `o200k_base`) times this is what a budget
@@ -139,6 +177,7 @@ impl Default for EngineConfig {
             seed: 0,
             send_quantum: Duration::from_millis(100),
             budget_usd: None,
+            exposure: None,
             breaker: None,
             learn_limits: false,
             wake_grid: None,
@@ -294,6 +333,12 @@ impl EngineConfigBuilder {
         self.config.learn_limits = on;
         self
     }
+    /// Record the bound on the cost in flight with `gate` (see [`EngineConfig::exposure`]).
+    pub fn exposure(mut self, gate: ExposureGate) -> Self {
+        self.config.exposure = Some(gate);
+        self
+    }
+
     /// Drive the runtime's park hook `grid` (see [`EngineConfig::wake_grid`]).
     pub fn wake_grid(mut self, grid: WakeGrid) -> Self {
         self.config.wake_grid = Some(grid);
@@ -518,6 +563,7 @@ impl Engine {
             report_rx,
             spent_usd: 0.0,
             reserved_usd: 0.0,
+            exposure_usd: 0.0,
             breakers: FxHashMap::default(),
             halted: None,
             interrupted: false,
@@ -706,6 +752,8 @@ struct Scheduler {
     spent_usd: f64,
     /// Worst-case cost of the attempts in flight.
     reserved_usd: f64,
+    /// The bound on `spent_usd + reserved_usd` last recorded by [`EngineConfig::exposure`].
+    exposure_usd: f64,
     /// Circuit breakers by model, when [`EngineConfig::breaker`] is set.
     breakers: FxHashMap<String, CircuitBreaker>,
     /// Quota exhausted or budget reached: nothing more is sent; the rest of the input is
@@ -1029,6 +1077,17 @@ impl Scheduler {
                         }
                         // Otherwise an answer may come in cheaper than reserved.
                         return LaneHeld::Budget;
+                    }
+                    if let Some(gate) = self.config.exposure.as_ref() {
+                        let in_flight = self.reserved_usd + cost;
+                        if self.spent_usd + in_flight > self.exposure_usd {
+                            let bound = exposure_bound(self.spent_usd, in_flight, budget);
+                            if !(gate.0)(bound) {
+                                self.halt(StopReason::Failed);
+                                return LaneHeld::Budget;
+                            }
+                            self.exposure_usd = bound;
+                        }
                     }
                     cost
                 }

@@ -488,6 +488,11 @@ pub struct JournalStatus {
     pub completion_tokens: u64,
     /// Cost of the outcomes whose cost is known.
     pub cost_usd: f64,
+    /// The most that attempts with no outcome here may have cost: those on the wire, or
+    /// answered and not yet journaled, when a session with a budget was killed (a
+    /// resume's budget counts it as spent), and those of a session running now. A bound
+    /// (their worst case), not a bill.
+    pub unrecorded_usd: f64,
 }
 
 /// Failures of one kind in the journal.
@@ -1254,6 +1259,50 @@ impl Journal {
         Ok(())
     }
 
+    /// Makes what the last session may have spent beyond the outcomes it journaled (by
+    /// the bound it recorded, [`ExposureRecorder`]) part of what the run may have spent
+    /// without an outcome to show ([`JournalStatus::unrecorded_usd`]): called when a
+    /// session begins. A session that ended with nothing on the wire left nothing there.
+    pub fn settle_exposure(&mut self) -> Result<(), JournalError> {
+        let live = meta_usd(&self.conn, EXPOSURE_LIVE, &self.path)?;
+        if live == 0.0 {
+            return Ok(());
+        }
+        let lost = meta_usd(&self.conn, EXPOSURE_LOST, &self.path)?
+            + self.unjournaled(live, self.status()?.cost_usd)?;
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .map_err(sqlite(&self.path))?;
+        set_meta_usd(&tx, EXPOSURE_LOST, lost).map_err(sqlite(&self.path))?;
+        set_meta_usd(&tx, EXPOSURE_LIVE, 0.0).map_err(sqlite(&self.path))?;
+        tx.commit().map_err(sqlite(&self.path))
+    }
+
+    /// Of the bound `live` on what the session recorded with it may have spent, what is
+    /// not in the journal's outcomes (`cost_usd` now, of all sessions).
+    fn unjournaled(&self, live: f64, cost_usd: f64) -> Result<f64, JournalError> {
+        let base = meta_usd(&self.conn, EXPOSURE_BASE, &self.path)?;
+        Ok((live - (cost_usd - base)).max(0.0))
+    }
+
+    /// A recorder of this session's bound on what it may spend ([`ExposureRecorder`]), on
+    /// a connection of its own (it is called from the engine, not from where outcomes are
+    /// journaled). `spent_usd`: the cost of the journal's outcomes as the session begins.
+    pub fn exposure_recorder(&self, spent_usd: f64) -> Result<ExposureRecorder, JournalError> {
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .and_then(|c| configure(&c).map(|()| c))
+        .and_then(|c| set_meta_usd(&c, EXPOSURE_BASE, spent_usd).map(|()| c))
+        .map_err(sqlite(&self.path))?;
+        Ok(ExposureRecorder {
+            conn: std::sync::Mutex::new(conn),
+            path: self.path.clone(),
+        })
+    }
+
     /// Journals the outcomes of `chunk`, numbered after the rows already there, as one
     /// chunk of the log (one `writev()`): the caller writes their output lines, in this
     /// order, only after this returns. Their records reach SQLite at the next
@@ -1866,7 +1915,65 @@ impl Journal {
         s.orphans = self.meta.orphans.min(s.outcomes);
         s.done = s.outcomes - s.orphans;
         s.pending = s.requests.saturating_sub(s.done);
+        let live = meta_usd(&self.conn, EXPOSURE_LIVE, &self.path)?;
+        s.unrecorded_usd = meta_usd(&self.conn, EXPOSURE_LOST, &self.path)?
+            + self.unjournaled(live, s.cost_usd)?;
         Ok(s)
+    }
+}
+
+/// The key of `meta` holding the bound on what the present (or last) session may have
+/// spent, its attempts in flight at their worst included, in dollars: not 0 while a
+/// session runs with a budget, or after one was killed.
+const EXPOSURE_LIVE: &str = "exposure_live";
+/// The key of `meta` holding the cost of the journal's outcomes when that session began:
+/// of its bound, what the journal's outcomes now cost beyond this is accounted for.
+const EXPOSURE_BASE: &str = "exposure_base";
+/// The key of `meta` holding the sum of the bounds of sessions that ended with attempts
+/// on the wire (killed, or abandoned by a second Ctrl-C).
+const EXPOSURE_LOST: &str = "exposure_lost";
+
+/// A number of dollars kept in `meta`; 0 when it is not there.
+fn meta_usd(conn: &Connection, key: &str, path: &Path) -> Result<f64, JournalError> {
+    let v: Option<String> = conn
+        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+        .map_err(sqlite(path))?;
+    match v {
+        None => Ok(0.0),
+        Some(v) => match v.parse::<f64>() {
+            Ok(usd) if usd.is_finite() && usd >= 0.0 => Ok(usd),
+            _ => Err(JournalError::Corrupt {
+                path: path.to_path_buf(),
+                reason: format!("its {key} is {v:?}, not a number of dollars"),
+            }),
+        },
+    }
+}
+
+fn set_meta_usd(conn: &Connection, key: &str, usd: f64) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+        params![key, usd.to_string()],
+    )
+    .map(|_| ())
+}
+
+/// Records, in the journal, the bound on what a session may have spent, its attempts in
+/// flight at their worst included (the engine's [`ExposureGate`](crate::ExposureGate)),
+/// so that a resume after a crash counts as spent what of it has no outcome journaled.
+/// Each record is a commit of its own: written to the operating system, so it outlives
+/// the process, before the attempts it covers go out.
+pub struct ExposureRecorder {
+    conn: std::sync::Mutex<Connection>,
+    path: PathBuf,
+}
+
+impl ExposureRecorder {
+    /// Records `usd` as the bound; 0 when the session ends with every outcome journaled.
+    pub fn record(&self, usd: f64) -> Result<(), JournalError> {
+        let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        set_meta_usd(&conn, EXPOSURE_LIVE, usd).map_err(sqlite(&self.path))
     }
 }
 
@@ -2088,6 +2195,67 @@ mod tests {
         drop(first);
         let again = Journal::open(&path).expect("free once the first is closed");
         assert_eq!(again.meta(), &meta());
+    }
+
+    /// The bound a session records on what it may have spent shows, less what its
+    /// journaled outcomes cost, in the status while it runs; it stays when the session is
+    /// killed, and what of it has no outcome journaled is added up over the sessions that
+    /// left one, by each session that begins. One that ended with every outcome journaled
+    /// (recorded 0) leaves nothing.
+    #[test]
+    fn what_killed_sessions_may_have_spent_unjournaled_is_kept_and_added_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let unrecorded = || {
+            Journal::open_read_only(&path)
+                .unwrap()
+                .status()
+                .unwrap()
+                .unrecorded_usd
+        };
+        let costing = |line: u64, usd: f64| Entry {
+            cost_usd: Some(usd),
+            ..entry(line, None)
+        };
+        let mut j = Journal::create(&path, meta()).unwrap();
+        assert_eq!(j.status().unwrap().unrecorded_usd, 0.0);
+        let recorder = j.exposure_recorder(0.0).unwrap();
+        recorder.record(0.25).unwrap();
+        recorder.record(0.5).unwrap();
+        assert_eq!(unrecorded(), 0.5, "a running session's bound");
+        j.append(&Chunk::of(&[costing(1, 0.125)])).unwrap();
+        assert_eq!(unrecorded(), 0.375, "less what its outcomes cost");
+        // Killed: nothing records 0.
+        drop((recorder, j));
+        let mut j = Journal::open(&path).unwrap();
+        j.settle_exposure().unwrap();
+        assert_eq!(j.status().unwrap().unrecorded_usd, 0.375);
+        j.settle_exposure().unwrap();
+        assert_eq!(unrecorded(), 0.375, "settled once");
+        let recorder = j.exposure_recorder(0.125).unwrap();
+        recorder.record(0.25).unwrap();
+        j.append(&Chunk::of(&[costing(2, 0.0625)])).unwrap();
+        drop((recorder, j));
+        let mut j = Journal::open(&path).unwrap();
+        j.settle_exposure().unwrap();
+        assert_eq!(unrecorded(), 0.5625, "two killed sessions");
+        assert_eq!(j.status().unwrap().cost_usd, 0.1875);
+        // A session that ends with every outcome journaled.
+        let recorder = j.exposure_recorder(0.1875).unwrap();
+        recorder.record(1.0).unwrap();
+        recorder.record(0.0).unwrap();
+        drop((recorder, j));
+        let mut j = Journal::open(&path).unwrap();
+        j.settle_exposure().unwrap();
+        assert_eq!(j.status().unwrap().unrecorded_usd, 0.5625);
+        // Not a number: an error, never read as nothing spent.
+        j.conn
+            .execute(
+                "UPDATE meta SET value = 'x' WHERE key = ?1",
+                [EXPOSURE_LOST],
+            )
+            .unwrap();
+        assert!(matches!(j.status(), Err(JournalError::Corrupt { .. })));
     }
 
     fn entry(line: u64, kind: Option<ErrorKind>) -> Entry {

@@ -52,8 +52,8 @@ pub mod wake;
 pub use catalog::{Catalog, Router};
 pub use cost::Price;
 pub use engine::{
-    Engine, EngineConfig, EngineConfigBuilder, EngineEvent, Order, Progress, ProgressSnapshot, Run,
-    RunEnd, StopReason, Stopper,
+    Engine, EngineConfig, EngineConfigBuilder, EngineEvent, ExposureGate, Order, Progress,
+    ProgressSnapshot, Run, RunEnd, StopReason, Stopper,
 };
 pub use outcome::{ErrorInfo, ErrorKind, Outcome, Status, Usage};
 pub use provider::ProviderKind;

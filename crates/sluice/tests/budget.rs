@@ -3,7 +3,10 @@
 //! concurrency, latencies, output lengths, 429s, 5xx and truncated (billed) bodies. Each
 //! asserts that what the provider billed never exceeds the budget, that the run's own
 //! account of its spending is within the budget and not below what was billed, and that
-//! every request has exactly one outcome.
+//! every request has exactly one outcome. Most schedules also record a bound on what the
+//! run may have spent ([`ExposureGate`]): what the answers so far were billed and the
+//! worst case of the attempts on the wire never pass the bound last recorded, and a gate
+//! that fails stops the run cleanly.
 //!
 //! `SLUICE_BUDGET_SCHEDULES` sets how many schedules run (default 300).
 
@@ -16,9 +19,11 @@ use http::HeaderMap;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use sluice::catalog::{Catalog, Router, RouterOptions};
-use sluice::engine::StopReason;
+use sluice::engine::{worst_case_cost, StopReason};
 use sluice::provider::{AttemptFuture, HttpResponse, Transport};
-use sluice::{Engine, EngineConfig, ErrorKind, LineParser, Price, Request, RetryPolicy, Usage};
+use sluice::{
+    Engine, EngineConfig, ErrorKind, ExposureGate, LineParser, Price, Request, RetryPolicy, Usage,
+};
 
 struct Fake {
     rng: Mutex<SmallRng>,
@@ -27,6 +32,9 @@ struct Fake {
     billed: Mutex<f64>,
     p_truncated: f64,
     p_error: f64,
+    /// The worst case of the attempts on the wire, what the answers that came back were
+    /// billed, and the bound last recorded by the exposure gate (`None`: no gate).
+    exposure: Arc<Mutex<(f64, f64, Option<f64>)>>,
 }
 
 impl Transport for Fake {
@@ -52,6 +60,21 @@ impl Transport for Fake {
             r#"{{"id":"x","usage":{{"prompt_tokens":{prompt},"completion_tokens":{completion},"total_tokens":{}}}}}"#,
             prompt + completion
         );
+        let worst = worst_case_cost(request);
+        {
+            let mut e = self.exposure.lock().unwrap();
+            e.0 += worst;
+            if let Some(bound) = e.2 {
+                assert!(
+                    e.1 + e.0 <= bound + 1e-9,
+                    "{} billed and {} on the wire, past the bound recorded, {bound}",
+                    e.1,
+                    e.0
+                );
+            }
+        }
+        let exposure = self.exposure.clone();
+        let mut bill = 0.0;
         let (status, body) = if roll < self.p_error / 2.0 {
             (
                 429,
@@ -60,14 +83,20 @@ impl Transport for Fake {
         } else if roll < self.p_error {
             (500, r#"{"error":{"message":"boom"}}"#.to_string())
         } else if roll < self.p_error + self.p_truncated {
-            *self.billed.lock().unwrap() += self.price.cost(&usage);
+            bill = self.price.cost(&usage);
             (200, body[..body.len() / 2].to_string())
         } else {
-            *self.billed.lock().unwrap() += self.price.cost(&usage);
+            bill = self.price.cost(&usage);
             (200, body)
         };
+        *self.billed.lock().unwrap() += bill;
         Box::pin(async move {
             tokio::time::sleep(latency).await;
+            {
+                let mut e = exposure.lock().unwrap();
+                e.0 -= worst;
+                e.1 += bill;
+            }
             Ok(HttpResponse {
                 status,
                 headers: HeaderMap::new(),
@@ -103,8 +132,14 @@ async fn schedule(seed: u64) -> bool {
         billed: Mutex::new(0.0),
         p_truncated: rng.random_range(0.0..0.2),
         p_error: rng.random_range(0.0..0.3),
+        exposure: Arc::default(),
     });
-    let config = EngineConfig::builder()
+    // Most schedules record the bound; one in five of those has the gate fail at its
+    // third bound.
+    let gated = !seed.is_multiple_of(4);
+    let fails_at = if seed.is_multiple_of(5) { 3 } else { u32::MAX };
+    let gate_failed = Arc::new(Mutex::new(false));
+    let mut config = EngineConfig::builder()
         .concurrency(concurrency)
         .budget_usd(budget)
         .seed(seed)
@@ -116,6 +151,25 @@ async fn schedule(seed: u64) -> bool {
         })
         .build()
         .unwrap();
+    if gated {
+        fake.exposure.lock().unwrap().2 = Some(0.0);
+        let (exposure, failed) = (fake.exposure.clone(), gate_failed.clone());
+        let calls = Mutex::new(0u32);
+        config.exposure = Some(ExposureGate::new(move |usd| {
+            let mut calls = calls.lock().unwrap();
+            *calls += 1;
+            if *calls >= fails_at {
+                *failed.lock().unwrap() = true;
+                return false;
+            }
+            assert!(
+                usd <= budget + 1e-9,
+                "a bound {usd} past the budget {budget}"
+            );
+            exposure.lock().unwrap().2 = Some(usd);
+            true
+        }));
+    }
     let mut run = Engine::new(config, fake.clone()).run(futures::stream::iter(requests));
     let mut outcomes = Vec::new();
     while let Some(o) = run.next().await {
@@ -151,7 +205,10 @@ async fn schedule(seed: u64) -> bool {
                 .is_some_and(|e| e.kind == ErrorKind::NotAttempted)
         })
         .count();
+    let gate_failed = *gate_failed.lock().unwrap();
     match end.stopped {
+        Some(StopReason::Failed) if gate_failed => {}
+        _ if gate_failed => panic!("seed {seed}: the gate failed, the run ended {end:?}"),
         Some(StopReason::BudgetExhausted) => {}
         None => assert_eq!(unsent, 0, "seed {seed}: not attempted without a stop"),
         other => panic!("seed {seed}: stopped for {other:?}"),
