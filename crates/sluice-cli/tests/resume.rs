@@ -484,12 +484,12 @@ async fn a_budget_holds_over_sessions_killed_with_requests_on_the_wire() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let n = 1_000;
+    let n = 1_200;
     let input = write_input(dir.path(), &prompts(n));
     let output = dir.path().join("out.jsonl");
     let journal = dir.path().join("out.jsonl.journal");
-    // About 600 of the 1,000 requests' worth (gpt-4.1-mini, at most 32 tokens out each).
-    let budget = 0.032;
+    // About 700 of the 1,200 requests' worth (gpt-4.1-mini, at most 32 tokens out each).
+    let budget = 0.04;
     let session = || {
         let mut cmd = run_against(&sim, &input, &output);
         cmd.args(["--rpm", "60000", "--concurrency", "32"])
