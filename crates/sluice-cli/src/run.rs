@@ -728,22 +728,26 @@ async fn execute(
                 journaled_usd = status.cost_usd;
                 let spent = status.cost_usd + status.unrecorded_usd;
                 let left = budget - spent;
+                let unrecorded = || {
+                    if status.unrecorded_usd > 0.0 {
+                        eprintln!(
+                            "  (of which up to ${:.4} is what killed sessions may have spent with no outcome kept: requests on the wire, or answered and not yet journaled)",
+                            status.unrecorded_usd
+                        );
+                    }
+                };
                 if left <= 0.0 {
                     eprintln!(
                         "stopped: the earlier sessions of this run spent ${spent:.4} of --budget ${budget}; nothing was sent. Raise --budget to go on"
                     );
+                    unrecorded();
                     return Ok(exit::STOPPED);
                 }
                 if spent > 0.0 {
                     eprintln!(
                         "budget: the earlier sessions spent ${spent:.4} of ${budget}; this one may spend ${left:.4}"
                     );
-                }
-                if status.unrecorded_usd > 0.0 {
-                    eprintln!(
-                        "  (of which up to ${:.4} is what killed sessions may have spent with no outcome kept: requests on the wire, or answered and not yet journaled)",
-                        status.unrecorded_usd
-                    );
+                    unrecorded();
                 }
                 config.budget_usd = Some(left);
             }

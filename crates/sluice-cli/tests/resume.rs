@@ -528,6 +528,12 @@ async fn a_budget_holds_over_sessions_killed_with_requests_on_the_wire() {
             "kill {kill}: the bound on the wire is kept"
         );
     }
+    let text = sluice().arg("status").arg(&journal).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("more may have been billed with no outcome here"),
+        "{text}"
+    );
     let before = billed();
     let out = run(session()).await;
     let err = stderr(&out);
