@@ -1295,6 +1295,9 @@ impl Journal {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .and_then(|c| configure(&c).map(|()| c))
+        // Its commits never copy the WAL into the database (that is the journal's own
+        // connection's to do): a record is one small page written, on the engine's time.
+        .and_then(|c| c.pragma_update(None, "wal_autocheckpoint", 0).map(|()| c))
         .and_then(|c| set_meta_usd(&c, EXPOSURE_BASE, spent_usd).map(|()| c))
         .map_err(sqlite(&self.path))?;
         Ok(ExposureRecorder {
