@@ -302,7 +302,7 @@ async fn an_interrupt_sends_nothing_that_was_not_already_on_the_wire() {
     let output = dir.path().join("out.jsonl");
     // One request a second: the rest of those admitted wait for the limiter.
     let mut cmd = run_against(&sim, &input, &output);
-    cmd.args(["--rpm", "60"]);
+    cmd.args(["--rpm", "60", "--budget", "10"]);
     let (at_signal, out) = signal_once_answered(&sim, cmd, 2, "INT").await;
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(3), "{err}");
@@ -330,6 +330,12 @@ async fn an_interrupt_sends_nothing_that_was_not_already_on_the_wire() {
     assert!(
         err.contains("requests not sent are marked not_attempted"),
         "{err}"
+    );
+    // It waited for what was on the wire: nothing is left that a budget must count.
+    let journal = dir.path().join("out.jsonl.journal");
+    assert_eq!(
+        status_json(&journal)["status"]["unrecorded_usd"].as_f64(),
+        Some(0.0)
     );
 
     // The resume sends the rest, each once; the output lacked nothing.
@@ -377,8 +383,16 @@ async fn a_second_interrupt_abandons_the_requests_on_the_wire_and_says_how_many(
     let mut cmd = run_against(&slow, &input, &output);
     // A limit given: without one the run starts with one request until the first answer
     // tells it the provider's limits.
-    cmd.args(["--concurrency", "8", "--rpm", "6000", "--report"])
-        .arg(&report);
+    cmd.args([
+        "--concurrency",
+        "8",
+        "--rpm",
+        "6000",
+        "--budget",
+        "10",
+        "--report",
+    ])
+    .arg(&report);
     let child = spawn_when(&slow, cmd, |s| s.in_flight >= 8).await;
     signal(child.id(), "INT");
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -398,6 +412,13 @@ async fn a_second_interrupt_abandons_the_requests_on_the_wire_and_says_how_many(
     assert!(read_output(&output)
         .iter()
         .all(|l| l["error"]["kind"] == "not_attempted"));
+    // What it abandoned may be billed: a budget counts at least their outputs' worst case
+    // (8 requests of 32 tokens out at gpt-4.1-mini's $1.60 a million).
+    let journal = dir.path().join("out.jsonl.journal");
+    let unrecorded = status_json(&journal)["status"]["unrecorded_usd"]
+        .as_f64()
+        .unwrap();
+    assert!(unrecorded >= 8.0 * 32.0 * 1.6e-6, "{unrecorded}");
 
     // The resume (against a quick simulator: the target is not part of the job) sends all.
     let quick = sim(SimConfig::default()).await;
