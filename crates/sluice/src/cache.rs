@@ -1734,10 +1734,23 @@ impl Cache {
         // Pages of 16 KiB: SQLite writes each with a call of its own, and merging keys
         // dirties fewer of them. Only a new file takes it.
         conn.pragma_update(None, "page_size", 16384).map_err(sql)?;
+        // A new cache is made without an `fsync` (SQLite's way makes six: the switch to WAL
+        // goes through a rollback journal). They would make nothing durable: the schema is
+        // WAL frames, which synchronous=NORMAL syncs only at a checkpoint.
+        let new = conn
+            .query_row("PRAGMA page_count", [], |r| r.get::<_, i64>(0))
+            .map_err(incompatible)?
+            == 0;
+        if new {
+            conn.pragma_update(None, "synchronous", "OFF")
+                .map_err(sql)?;
+        }
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(incompatible)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(sql)?;
+        if !new {
+            conn.pragma_update(None, "synchronous", "NORMAL")
+                .map_err(sql)?;
+        }
         // The write lock from the start (waiting for it as long as the busy timeout): a
         // transaction that read first could not take it if a run already using the cache
         // wrote in between.
@@ -1790,7 +1803,12 @@ impl Cache {
             Some("3") => convert_keys(&tx).map_err(sql)?,
             _ => {}
         }
-        tx.commit().map_err(sql)
+        tx.commit().map_err(sql)?;
+        if new {
+            conn.pragma_update(None, "synchronous", "NORMAL")
+                .map_err(sql)?;
+        }
+        Ok(())
     }
 
     /// Holds the places of records stored (or found unmerged) until they are merged, and
@@ -2960,6 +2978,25 @@ mod tests {
 
         std::fs::write(dir.path().join("junk"), b"not a database").unwrap();
         assert!(Cache::open(&dir.path().join("junk"), false).is_err());
+    }
+
+    /// A new cache is made with synchronous=OFF (no `fsync`s), and then used, and opened
+    /// again, with synchronous=NORMAL: WAL frames synced at each checkpoint.
+    #[test]
+    fn a_cache_is_made_without_syncing_and_used_with_synchronous_normal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.sqlite");
+        let synchronous = |c: &Cache| -> i64 {
+            c.conn
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .unwrap()
+        };
+        let c = Cache::open(&path, false).unwrap();
+        assert_eq!(synchronous(&c), 1, "NORMAL once made");
+        assert_eq!(c.len().unwrap(), 0);
+        drop(c);
+        let c = Cache::open(&path, false).unwrap();
+        assert_eq!(synchronous(&c), 1);
     }
 
     fn body(i: usize, len: usize) -> RawJson {
