@@ -664,16 +664,7 @@ async fn an_abandoned_answer_is_billed_only_when_so_configured() {
             ..Default::default()
         })
         .await;
-        let c = reqwest::Client::builder()
-            .timeout(Duration::from_millis(100))
-            .build()
-            .unwrap();
-        let r = c
-            .post(format!("{}/chat/completions", h.base_url()))
-            .json(&chat_body("x"))
-            .send()
-            .await;
-        assert!(r.unwrap_err().is_timeout());
+        post_chat_giving_up_after(&h, Duration::from_millis(100)).await;
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while h.stats().in_flight > 0 || h.stats().requests == 0 {
             assert!(std::time::Instant::now() < deadline, "{:?}", h.stats());

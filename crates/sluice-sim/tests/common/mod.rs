@@ -17,6 +17,17 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// Posts a chat body from a client that gives up after `after`, and asserts it did.
+pub async fn post_chat_giving_up_after(h: &SimHandle, after: std::time::Duration) {
+    let c = reqwest::Client::builder().timeout(after).build().unwrap();
+    let r = c
+        .post(format!("{}/chat/completions", h.base_url()))
+        .json(&chat_body("x"))
+        .send()
+        .await;
+    assert!(r.unwrap_err().is_timeout());
+}
+
 pub fn chat_body(text: &str) -> Value {
     json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]})
 }
